@@ -1,0 +1,135 @@
+"""Token mixers: the EOS mixer (stages -> canonical tensors -> recurrence) and softmax attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lcsm import kernels
+from lcsm.spec import AttentionMixer as AttentionSpec
+from lcsm.spec import EOSMixer as EOSSpec
+from lcsm.stages.expand import Expand
+from lcsm.stages.input import Input
+from lcsm.stages.oscillation import build_oscillation
+from lcsm.stages.shrink import Shrink
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    return nn.RMSNorm(dim, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
+
+
+class EOSMixer(nn.Module):
+    """x [B,T,d] -> [B,T,d] through m_t = o_t ⊙ m_{t-1} + e_t i_tᵀ, y_t = m_tᵀ s_t per head.
+
+    Parameter names are stable (tests and checkpoints read them): input.proj.proj, expand.proj.proj,
+    oscillation.*, shrink.proj.proj, out_norm, gate_proj, D, o_proj.
+    """
+
+    def __init__(self, spec: EOSSpec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float = 1e-5):
+        super().__init__()
+        H, K, V = spec.dims(d_model, n_heads)
+        self.spec, self.H, self.K, self.V = spec, H, K, V
+        self.backend = "auto"
+        rotated = spec.oscillation.kind == "rotation"
+        self.oscillation = build_oscillation(spec.oscillation, d_model, H, K, V, layer_idx, n_layers)
+        self.input = Input(spec.input, d_model, H, V, spec.bias)
+        self.expand = Expand(spec.expand, d_model, H, K, spec.bias, rotated)
+        self.shrink = Shrink(spec.shrink, d_model, H, K, spec.bias, rotated)
+        out = spec.output
+        self.out_norm = None
+        if out.norm != "none":
+            self.out_norm = make_norm(out.norm, V if out.norm_scope == "head" else H * V, norm_eps)
+        self.gate_proj = None
+        if out.gate != "none":
+            self.gate_proj = (
+                nn.Sequential(nn.Linear(d_model, out.gate_rank, bias=False), nn.Linear(out.gate_rank, H * V, bias=True))
+                if out.gate_rank
+                else nn.Linear(d_model, H * V, bias=spec.bias)
+            )
+        self.D = nn.Parameter(torch.ones(H, V)) if out.skip else None
+        self.o_proj = nn.Linear(H * V, d_model, bias=spec.bias)
+
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        positions = torch.arange(T, device=x.device)
+        osc = self.oscillation(x, positions, lower_bound)
+        i, i_raw = self.input(x, osc)
+        e = self.expand(x, osc)
+        s = self.shrink(x, osc)
+        y, _ = kernels.eos_recurrence(s, e, i, **osc.gates(), backend=self.backend)
+        if self.D is not None:
+            y = y + self.D.to(y.dtype) * i_raw
+        return self.readout(y, x)
+
+    def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [B,T,H,V] -> norm, output gate, projection -> [B,T,d]."""
+        out = self.spec.output
+        gate = None
+        if self.gate_proj is not None:
+            gate = (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
+        if gate is not None and out.gate_first:
+            y = y * gate
+        if self.out_norm is not None:
+            y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
+        if gate is not None and not out.gate_first:
+            y = y * gate
+        return self.o_proj(y.flatten(-2))
+
+    def state_size(self) -> int:
+        """Numbers held per sequence between tokens: the K×V memories plus short-conv tails."""
+        size = self.H * self.K * self.V
+        for stage in (self.input.proj, getattr(self.expand, "proj", None), self.shrink.proj):
+            conv = getattr(stage, "conv", None)
+            if conv is not None:
+                size += (conv.size - 1) * stage.H * stage.D
+        return size
+
+    def flops_per_token(self) -> int:
+        """Recurrent-form FLOPs per token beyond the matmuls: decay, write (e iᵀ) and read (mᵀs)."""
+        decays = bool(self.spec.oscillation.kind not in ("ones", "rotation"))
+        return (2 + 2 + decays) * self.H * self.K * self.V
+
+
+def rope(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding on [B,T,H,D] (rotate-half convention)."""
+    T, D = x.shape[1], x.shape[-1]
+    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
+    ang = torch.arange(T, device=x.device, dtype=torch.float64)[:, None] * inv
+    cos, sin = torch.cos(ang).to(x.dtype)[:, None, :], torch.sin(ang).to(x.dtype)[:, None, :]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class AttentionMixer(nn.Module):
+    """Causal softmax attention through torch's scaled_dot_product_attention."""
+
+    def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.spec = spec
+        self.H = spec.heads or n_heads
+        self.Dh = d_model // self.H
+        self.q_proj = nn.Linear(d_model, d_model, bias=spec.bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=spec.bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=spec.bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=spec.bias)
+
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.spec.position == "rope":
+            q, k = rope(q, self.spec.rope_base), rope(k, self.spec.rope_base)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.o_proj(y.transpose(1, 2).flatten(-2))
+
+    def state_size(self) -> int:
+        """Per token of context: a key and a value per head (the KV cache grows with the context)."""
+        return 2 * self.H * self.Dh
+
+    def flops_per_token(self, context: int = 2048) -> int:
+        # QKᵀ and AV, 2·Dh FLOPs per (query, key) pair and head, half the context on average
+        return 2 * context * self.H * self.Dh
+
+
+def build_mixer(spec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float) -> nn.Module:
+    cls = EOSMixer if spec.kind == "eos" else AttentionMixer
+    return cls(spec, d_model, n_heads, layer_idx, n_layers, norm_eps)

@@ -1,0 +1,569 @@
+"""The EOS spec language: pydantic models of a model spec, loading and error reporting.
+
+A spec is YAML (or a dict) that declares a language model whose token mixers are either EOS
+recurrences (input, expand, oscillation and shrink stages) or causal softmax attention. Everything
+here is validation and naming; no tensors are made. See docs/spec.md for every field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+FeatureMap = Literal[
+    "identity", "relu", "sigmoid", "elu_plus_one", "silu", "elu", "relu_squared", "square"
+]
+Parametrization = Literal["sigmoid_tau", "exp_softplus", "lower_bound"]
+Slopes = Literal["alibi", "tnl", "retnet"]
+
+
+class FieldError(ValueError):
+    """A validation error about a field below the model that raised it.
+
+    `path` is relative to that model; the error formatter appends it to pydantic's location so
+    the user sees the full YAML path of the offending field.
+    """
+
+    def __init__(self, path: str | tuple, message: str):
+        self.path = (path,) if isinstance(path, str) else tuple(path)
+        super().__init__(message)
+
+
+class Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        # pydantic's extra="forbid" only says "extra inputs are not permitted"; users misspell
+        # keys, so name the key, suggest the closest field and list the allowed ones.
+        if isinstance(data, dict):
+            allowed = list(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    close = difflib.get_close_matches(str(key), allowed, n=1)
+                    hint = f"did you mean '{close[0]}'? " if close else ""
+                    raise FieldError(str(key), f"unknown key; {hint}allowed here: {', '.join(allowed)}")
+        return data
+
+
+def _set_only_with(info: ValidationInfo, field: str, allowed: tuple, what: str) -> None:
+    """Reject a field given explicitly where an earlier field makes it meaningless."""
+    value = info.data.get(field)
+    if value is not None and value not in allowed:
+        raise ValueError(f"{what} only applies with {field}: {' or '.join(allowed)} (here {field} is '{value}')")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class InputStage(Base):
+    """The input i_t (the 'value'): a projection d_model -> H*V."""
+
+    feature_map: FeatureMap = "identity"
+    conv: int | None = Field(None, ge=2, le=64, description="short causal depthwise convolution size")
+    scale_by: Literal["none", "dt"] = Field(
+        "none", description="'dt' multiplies the input by the oscillation's Δ (Mamba's Δ-scaled input)"
+    )
+
+
+class KeyStage(Base):
+    """Expand (key) or shrink (query): a vector of size K per head and token."""
+
+    source: Literal["data", "param", "fixed"] | None = Field(
+        None, description="data: projection of x; param: learned [H,K]; fixed: all ones (default data)"
+    )
+    feature_map: FeatureMap = "identity"
+    conv: int | None = Field(None, ge=2, le=64)
+    scale: Literal["none", "rsqrt_k"] | float = Field(
+        "none", description="multiply by a constant; rsqrt_k = K^-1/2 as in GLA"
+    )
+    tie: Literal["none", "one_minus_oscillation"] = Field(
+        "none", description="expand only: e = 1 - o (HGRN2); the stage then has no source of its own"
+    )
+
+    @field_validator("feature_map", "conv")
+    @classmethod
+    def _needs_a_tensor(cls, v, info: ValidationInfo):
+        if info.data.get("source") == "fixed" and v not in (None, "identity"):
+            raise ValueError("has no effect with source: fixed (the stage is all ones)")
+        return v
+
+    @field_validator("tie")
+    @classmethod
+    def _tie_replaces_source(cls, v, info: ValidationInfo):
+        if v != "none":
+            for field in ("source", "feature_map", "conv", "scale"):
+                if field in info.data and info.data[field] not in (None, "identity", "none"):
+                    raise ValueError(f"tie '{v}' replaces the stage's projection; remove '{field}'")
+        return v
+
+    @property
+    def resolved_source(self) -> str:
+        return self.source or "data"
+
+
+# --------------------------------------------------------------------------- oscillations
+
+
+class _Gated(Base):
+    """Fields shared by the oscillations whose decay is a gate (scalar, vector_k, vector_v, outer, full)."""
+
+    source: Literal["data", "param", "fixed"] = "data"
+    parametrization: Parametrization = "sigmoid_tau"
+    tau: float = Field(16.0, gt=0, description="sigmoid_tau: o = sigmoid(z)^(1/tau)")
+    lower_bound: float | Literal["layerwise"] = Field(
+        0.0, description="lower_bound: o = b + (1-b) sigmoid(z); 'layerwise' learns b per layer as HGRN2"
+    )
+    slopes: Slopes = Field("alibi", description="fixed: the hand-crafted decay per head")
+    rank: int | None = Field(None, ge=1, description="data: low-rank projection d_model -> rank -> gate")
+
+    @field_validator("parametrization")
+    @classmethod
+    def _param_needs_learned(cls, v, info: ValidationInfo):
+        if info.data.get("source") == "fixed":
+            raise ValueError("not used with source: fixed (the slopes set the decay); use source: data or param")
+        return v
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, v, info: ValidationInfo):
+        _set_only_with(info, "parametrization", ("sigmoid_tau",), "tau")
+        if info.data.get("source") == "fixed":
+            raise ValueError("not used with source: fixed")
+        return v
+
+    @field_validator("lower_bound")
+    @classmethod
+    def _lower_bound(cls, v, info: ValidationInfo):
+        if info.data.get("parametrization") != "lower_bound":
+            raise ValueError("only applies with parametrization: lower_bound")
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1) or 'layerwise' (got {v})")
+        return v
+
+    @field_validator("slopes")
+    @classmethod
+    def _slopes(cls, v, info: ValidationInfo):
+        _set_only_with(info, "source", ("fixed",), "slopes")
+        return v
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v, info: ValidationInfo):
+        _set_only_with(info, "source", ("data",), "rank")
+        return v
+
+
+class OnesOscillation(Base):
+    """o = 1: no decay (linear attention)."""
+
+    kind: Literal["ones"]
+
+
+class ScalarOscillation(_Gated):
+    """One decay per head: fixed slopes (TNL, RetNet), learned (per head) or per token (Mamba2)."""
+
+    kind: Literal["scalar"]
+
+
+class VectorKOscillation(_Gated):
+    """A decay along K broadcast over V (GLA, HGRN2)."""
+
+    kind: Literal["vector_k"]
+    source: Literal["data", "param"] = "data"
+
+
+class VectorVOscillation(_Gated):
+    """A decay along V broadcast over K."""
+
+    kind: Literal["vector_v"]
+    source: Literal["data", "param"] = "data"
+
+
+class OuterOscillation(_Gated):
+    """o = o_k ⊗ o_v, separable in log space (the LCSM default)."""
+
+    kind: Literal["outer"]
+    source: Literal["data", "param"] = "data"
+
+
+class FullOscillation(_Gated):
+    """Any K×V decay. exp_softplus: log o = Δ ⊗ A (Mamba's S6 with data, S4D with param);
+    sigmoid_tau: log o = logσ(z ⊙ P)/τ with z from data along V (or logσ(P)/τ with param)."""
+
+    kind: Literal["full"]
+    source: Literal["data", "param"] = "data"
+    parametrization: Literal["exp_softplus", "sigmoid_tau"] = "exp_softplus"
+
+
+class RotationOscillation(Base):
+    """o = e^{iθ}, run as a feature map on expand and shrink: [x cos tθ, x sin tθ] (cosFormer, LRPE).
+
+    K is the state size; the expand and shrink projections produce K/2 features each."""
+
+    kind: Literal["rotation"]
+    theta: Literal["rope", "uniform", "learned"] = Field(
+        "rope", description="rope: θ_j = base^(-2j/K); uniform: θ = π/(2·max_len) (cosFormer); learned"
+    )
+    base: float = Field(10000.0, gt=1.0)
+    max_len: int = Field(2048, ge=1, description="uniform: the cosFormer length M")
+
+
+class CumSoftmaxOscillation(Base):
+    """o_t = exp(LSE_{t-1} - LSE_t) with e scaled by 1 - o_t: a running softmax over tokens."""
+
+    kind: Literal["cumsoftmax"]
+    along: Literal["head", "k"] = Field("k", description="one score per head, or one per key feature")
+    rank: int | None = Field(None, ge=1)
+
+
+class MatrixOscillation(Base):
+    """A K×K matrix oscillation (DeltaNet-style I - β k kᵀ); rejected until a kernel exists."""
+
+    kind: Literal["matrix", "delta"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_supported(cls, data):
+        raise ValueError(
+            "K×K matrix oscillations (DeltaNet-style I - β k kᵀ) are not supported yet: the lcsm kernel "
+            "is element-wise; use one of ones, scalar, vector_k, vector_v, outer, full, rotation, cumsoftmax"
+        )
+
+
+Oscillation = Annotated[
+    Union[
+        OnesOscillation,
+        ScalarOscillation,
+        VectorKOscillation,
+        VectorVOscillation,
+        OuterOscillation,
+        FullOscillation,
+        RotationOscillation,
+        CumSoftmaxOscillation,
+        MatrixOscillation,
+    ],
+    Field(discriminator="kind"),
+]
+
+
+class OutputStage(Base):
+    """What happens to y = mᵀs before the output projection."""
+
+    norm: Literal["none", "rmsnorm", "layernorm"] = "rmsnorm"
+    norm_scope: Literal["head", "all"] = Field("head", description="normalise each head, or all heads together")
+    gate: Literal["none", "silu", "sigmoid"] = Field("none", description="y ⊙ act(W x) before the projection")
+    gate_rank: int | None = Field(None, ge=1, description="low-rank output gate (TNL)")
+    gate_first: bool = Field(False, description="gate before the norm, norm(y ⊙ act(W x)) (Mamba2's gated RMSNorm)")
+    skip: bool = Field(False, description="add D ⊙ i (Mamba's skip connection)")
+
+    @field_validator("gate_rank", "gate_first")
+    @classmethod
+    def _gate_rank(cls, v, info: ValidationInfo):
+        if info.data.get("gate") == "none":
+            raise ValueError("needs an output gate (gate: silu or sigmoid)")
+        return v
+
+
+# --------------------------------------------------------------------------- mixers
+
+
+class EOSMixer(Base):
+    """A token mixer running m_t = o_t ⊙ m_{t-1} + e_t i_tᵀ, y_t = m_tᵀ s_t per head."""
+
+    kind: Literal["eos"]
+    heads: int | None = Field(None, ge=1, description="default: the model's n_heads")
+    head_k: int | None = Field(None, ge=1, description="K per head (or use expand_k)")
+    head_v: int | None = Field(None, ge=1, description="V per head (or use expand_v)")
+    expand_k: float = Field(1.0, gt=0, description="K·heads = expand_k·d_model when head_k is not given")
+    expand_v: float = Field(1.0, gt=0, description="V·heads = expand_v·d_model when head_v is not given")
+    input: InputStage = InputStage()
+    expand: KeyStage = KeyStage()
+    oscillation: Oscillation
+    shrink: KeyStage = KeyStage()
+    output: OutputStage = OutputStage()
+    bias: bool = Field(False, description="biases on the projections")
+
+    @field_validator("expand_k", "expand_v")
+    @classmethod
+    def _ratio_or_size(cls, v, info: ValidationInfo):
+        size = "head_k" if info.field_name == "expand_k" else "head_v"
+        if info.data.get(size) is not None:
+            raise ValueError(f"give either {size} or {info.field_name}, not both")
+        return v
+
+    @field_validator("shrink")
+    @classmethod
+    def _shrink_has_no_tie(cls, v: KeyStage):
+        if v.tie != "none":
+            raise FieldError("tie", "ties apply to the expand stage only")
+        return v
+
+    @model_validator(mode="after")
+    def _ties(self):
+        osc = self.oscillation
+        if self.expand.tie == "one_minus_oscillation":
+            if osc.kind not in ("scalar", "vector_k"):
+                raise FieldError(("expand", "tie"), f"one_minus_oscillation needs oscillation kind scalar or vector_k (got {osc.kind})")
+        if self.input.scale_by == "dt":
+            ok = isinstance(osc, _Gated) and osc.parametrization == "exp_softplus" and osc.kind in ("scalar", "vector_v", "full")
+            if not ok:
+                raise FieldError(
+                    ("input", "scale_by"),
+                    "'dt' needs an oscillation with parametrization exp_softplus and kind scalar, vector_v or full "
+                    "(its Δ must run along heads or V)",
+                )
+        if osc.kind == "rotation":
+            for name in ("expand", "shrink"):
+                if getattr(self, name).resolved_source != "data" or getattr(self, name).tie != "none":
+                    raise FieldError((name, "source"), "rotation needs a data-dependent expand and shrink (source: data)")
+        return self
+
+    def dims(self, d_model: int, n_heads: int) -> tuple[int, int, int]:
+        """(H, K, V) per head, resolved against the model width."""
+        heads = self.heads or n_heads
+        k = self.head_k if self.head_k is not None else _per_head(self.expand_k * d_model, heads, "expand_k")
+        v = self.head_v if self.head_v is not None else _per_head(self.expand_v * d_model, heads, "expand_v")
+        return heads, k, v
+
+
+def _per_head(total: float, heads: int, field: str) -> int:
+    if abs(total - round(total)) > 1e-9 or round(total) % heads:
+        raise FieldError(field, f"{field}·d_model = {total:g} must be a whole multiple of heads = {heads}")
+    return round(total) // heads
+
+
+class AttentionMixer(Base):
+    """Causal softmax attention via torch's scaled_dot_product_attention: the baseline."""
+
+    kind: Literal["attention"]
+    heads: int | None = Field(None, ge=1)
+    position: Literal["rope", "none"] = "rope"
+    rope_base: float = Field(10000.0, gt=1.0)
+    bias: bool = False
+
+
+Mixer = Annotated[Union[EOSMixer, AttentionMixer], Field(discriminator="kind")]
+
+
+class GLUChannelMixer(Base):
+    """W_down(act(W_gate x) ⊙ W_up x) (SwiGLU with silu)."""
+
+    kind: Literal["glu"]
+    hidden_ratio: float = Field(8 / 3, gt=0)
+    activation: Literal["silu", "gelu", "identity"] = "silu"
+
+
+class MLPChannelMixer(Base):
+    kind: Literal["mlp"]
+    hidden_ratio: float = Field(4.0, gt=0)
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+
+
+class NoChannelMixer(Base):
+    kind: Literal["none"]
+
+
+ChannelMixer = Annotated[Union[GLUChannelMixer, MLPChannelMixer, NoChannelMixer], Field(discriminator="kind")]
+
+
+class ModelSpec(Base):
+    """A whole language model: embedding, n_layers blocks (pre-norm, token mixer, channel mixer), LM head."""
+
+    name: str | None = None
+    description: str | None = None
+    references: list[str] = []
+    vocab_size: int = Field(8192, ge=2)
+    d_model: int = Field(ge=1)
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(1, ge=1)
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = Field(1e-5, gt=0)
+    mixer: Mixer
+    channel_mixer: ChannelMixer = GLUChannelMixer(kind="glu")
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        mixer = self.mixer
+        heads = mixer.heads or self.n_heads
+        if isinstance(mixer, AttentionMixer):
+            if self.d_model % heads:
+                where = ("mixer", "heads") if mixer.heads else ("n_heads",)
+                raise FieldError(where, f"heads = {heads} must divide d_model = {self.d_model}")
+            if mixer.position == "rope" and (self.d_model // heads) % 2:
+                raise FieldError(("mixer", "position"), f"rope needs an even head size (d_model/heads = {self.d_model // heads})")
+            return self
+        if mixer.heads is None and self.d_model % heads:
+            raise FieldError(("n_heads",), f"n_heads = {heads} must divide d_model = {self.d_model}")
+        try:
+            _, k, _ = mixer.dims(self.d_model, self.n_heads)
+        except FieldError as err:
+            raise FieldError(("mixer",) + err.path, str(err)) from None
+        if mixer.oscillation.kind == "rotation" and k % 2:
+            raise FieldError(("mixer", "head_k"), f"rotation needs an even K per head (cos and sin halves); got K = {k}")
+        return self
+
+
+# --------------------------------------------------------------------------- loading and errors
+
+
+class SpecError(Exception):
+    """A spec could not be read or is invalid; str() is the message for the user."""
+
+
+def load_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
+    """Read a YAML file; returns the data and its node tree (for line numbers in errors)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise SpecError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+
+
+def parse_model_spec(data: Any, source: str = "<spec>", node: yaml.Node | None = None) -> ModelSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a model spec is a mapping of fields (got {type(data).__name__})")
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_errors(err, data, source, node)) from None
+
+
+def load_model_spec(spec: str | Path | dict | ModelSpec) -> ModelSpec:
+    """A ModelSpec from a path, a zoo name, a dict or a ModelSpec. Raises SpecError."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, dict):
+        return parse_model_spec(spec)
+    path = resolve_spec_path(spec)
+    data, node = load_yaml(path)
+    return parse_model_spec(data, str(spec), node)
+
+
+def resolve_spec_path(spec: str | Path) -> Path:
+    """A file path, or the name of a shipped zoo spec ('gla' -> recipes/models/gla.yaml)."""
+    path = Path(spec)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    from lcsm.zoo import zoo_path
+
+    found = zoo_path(str(spec))
+    if found is None:
+        from lcsm.zoo import zoo_names
+
+        raise SpecError(f"{spec}: no such file, and not a zoo model (zoo: {', '.join(zoo_names())})")
+    return found
+
+
+def format_errors(err: ValidationError, data: Any, source: str, node: yaml.Node | None = None) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = _user_loc(e["loc"], data)
+        exc = (e.get("ctx") or {}).get("error")
+        if isinstance(exc, FieldError):
+            loc = loc + list(exc.path)
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        line = _yaml_line(node, loc)
+        where = f"{source}:{line}" if line else source
+        lines.append(f"{where}: {path}: {_message(e, data, loc)}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _user_loc(loc: tuple, data: Any) -> list:
+    """pydantic's location without union tags and validator names: the path as written in YAML."""
+    out, cur = [], data
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(part, str) and (part in ("eos", "attention") or "[" in part or part == cur):
+            continue  # a discriminator tag or a validator's name
+        elif isinstance(cur, dict) and isinstance(part, str) and cur.get("kind") == part:
+            continue
+        else:
+            out.append(part)
+            cur = None
+    return out
+
+
+def _message(e: dict, data: Any, loc: list) -> str:
+    kind, ctx = e["type"], e.get("ctx") or {}
+    got = _lookup(data, loc)
+    if kind == "union_tag_invalid":
+        return f"unknown kind '{ctx.get('tag')}'; allowed: {_tags(ctx.get('expected_tags'))}"
+    if kind == "union_tag_not_found":
+        return "missing 'kind'; every mixer, oscillation and channel mixer names its kind"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        return f"'{got}' is not allowed; allowed: {_tags(ctx.get('expected'))}"
+    if kind in ("value_error", "assertion_error"):
+        msg = str(ctx.get("error", e["msg"]))
+        return msg
+    msg = e["msg"]
+    return f"{msg[0].lower()}{msg[1:]} (got {got!r})" if got is not _MISSING else msg
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, loc: list) -> Any:
+    cur = data
+    for part in loc:
+        try:
+            cur = cur[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return cur
+
+
+def _tags(expected: str | None) -> str:
+    return (expected or "").replace("'", "").replace(" or ", ", ")
+
+
+def _yaml_line(node: yaml.Node | None, loc: list) -> int | None:
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for key, value in node.value:
+                if key.value == str(part):
+                    nxt, line = value, key.start_mark.line + 1
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    return line
+
+
+def spec_json_schema() -> dict:
+    return ModelSpec.model_json_schema()

@@ -1,0 +1,189 @@
+"""Oscillation stages: x -> the canonical log decays (DESIGN §2), one module per kind.
+
+Every module returns an `OscillationOut`; the mixer passes its `gates()` to the recurrence and the
+other stages read what the ties need (Δ for the Δ-scaled input, the decay along K for HGRN2's
+e = 1 - o, the running-softmax scale of e, the rotation angles).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import Gate, fixed_log_decay, gate_dtype, param_for_log_decay
+
+
+@dataclass
+class OscillationOut:
+    g: torch.Tensor | None = None  # [B,T,H] or [H]
+    gk: torch.Tensor | None = None  # [B,T,H,K] or [H,K]
+    gv: torch.Tensor | None = None  # [B,T,H,V] or [H,V]
+    dt: torch.Tensor | None = None  # [B,T,H,V]
+    A: torch.Tensor | None = None  # [H,K,V] (with dt), else [H,K,V] or [B,T,H,K,V]
+    delta: torch.Tensor | None = None  # Δ: [B,T,H] / [B,T,H,V] / [H] / [H,V]
+    expand_scale: torch.Tensor | None = None  # multiplies e: [B,T,H,1] or [B,T,H,K]
+    angles: torch.Tensor | None = None  # rotation: [T,K/2]
+
+    def gates(self) -> dict:
+        return {k: getattr(self, k) for k in ("g", "gk", "gv", "dt", "A") if getattr(self, k) is not None}
+
+    def log_decay_k(self) -> torch.Tensor:
+        """The log decay along K, broadcastable to [B,T,H,K] (for e = 1 - o)."""
+        return self.gk if self.gk is not None else self.g[..., None]
+
+
+class Ones(nn.Module):
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+
+    def forward(self, x, positions, lower_bound=None):
+        return OscillationOut()
+
+
+class Scalar(nn.Module):
+    """g: one log decay per head, fixed / learned [H] or per token [B,T,H]."""
+
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+        self.gate = Gate(spec, d_model, (H,), layer_idx, n_layers)
+
+    def forward(self, x, positions, lower_bound=None):
+        g, delta = self.gate(x, lower_bound)
+        return OscillationOut(g=g, delta=delta)
+
+
+class VectorK(nn.Module):
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+        self.gate = Gate(spec, d_model, (H, K), layer_idx, n_layers)
+
+    def forward(self, x, positions, lower_bound=None):
+        gk, delta = self.gate(x, lower_bound)
+        return OscillationOut(gk=gk, delta=delta)
+
+
+class VectorV(nn.Module):
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+        self.gate = Gate(spec, d_model, (H, V), layer_idx, n_layers)
+
+    def forward(self, x, positions, lower_bound=None):
+        gv, delta = self.gate(x, lower_bound)
+        return OscillationOut(gv=gv, delta=delta)
+
+
+class Outer(nn.Module):
+    """o = σ(W₁x)^{1/τ} ⊗ σ(W₂x)^{1/τ}: log o = gk ⊕ gv."""
+
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+        self.gate_k = Gate(spec, d_model, (H, K), layer_idx, n_layers)
+        self.gate_v = Gate(spec, d_model, (H, V), layer_idx, n_layers)
+
+    def forward(self, x, positions, lower_bound=None):
+        (gk, _), (gv, _) = self.gate_k(x, lower_bound), self.gate_v(x, lower_bound)
+        return OscillationOut(gk=gk, gv=gv)
+
+
+class Full(nn.Module):
+    """A K×V decay. exp_softplus: log o = Δ ⊗ A with Δ = softplus(W x + b) ∈ R^V (Mamba/S6; a
+    learned Δ gives S4D), A = -exp(A_log), A_log init log(1..K) (S4D-real). sigmoid_tau:
+    log o = logσ(z ⊙ P)/τ with z = W x ∈ R^V (LCSM o_type 7), or logσ(P)/τ with source param."""
+
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+        self.spec = spec
+        if spec.parametrization == "exp_softplus":
+            self.delta = Gate(spec, d_model, (H, V), layer_idx, n_layers, own_A=False)
+            a = torch.arange(1, K + 1, dtype=torch.float32)[None, :, None].expand(H, K, V)
+            self.A_log = nn.Parameter(torch.log(a).clone())
+        else:
+            # P starts at the ALiBi decay of its head, like every data-independent gate
+            alibi = fixed_log_decay("alibi", H, layer_idx, n_layers)[:, None, None].expand(H, K, V)
+            self.P = nn.Parameter(param_for_log_decay(alibi, "sigmoid_tau", spec.tau, 0.0).float())
+            if spec.source == "data":
+                self.proj = nn.Linear(d_model, H * V, bias=True)
+                nn.init.zeros_(self.proj.weight)
+                nn.init.ones_(self.proj.bias)  # z = 1 at start: the same decay as the param form
+                self.proj._keep_init = True
+        self.H, self.V = H, V
+
+    def forward(self, x, positions, lower_bound=None):
+        dtype = gate_dtype(x)
+        if self.spec.parametrization == "exp_softplus":
+            neg_delta, delta = self.delta(x)
+            A = -torch.exp(self.A_log.to(dtype))
+            if self.spec.source == "data":
+                return OscillationOut(dt=delta, A=A, delta=delta)
+            return OscillationOut(A=delta[:, None, :] * A, delta=delta)
+        P = self.P.to(dtype)
+        if self.spec.source == "param":
+            return OscillationOut(A=F.logsigmoid(P) / self.spec.tau)
+        z = self.proj(x).to(dtype).unflatten(-1, (self.H, self.V))
+        return OscillationOut(A=F.logsigmoid(z[..., None, :] * P) / self.spec.tau)
+
+
+class Rotation(nn.Module):
+    """o = e^{iθ}: no decay; expand and shrink get [x cos tθ, x sin tθ] (K/2 frequencies)."""
+
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+        half = K // 2
+        if spec.theta == "uniform":
+            theta = torch.full((half,), math.pi / (2 * spec.max_len), dtype=torch.float64)
+        else:
+            theta = spec.base ** (-2.0 * torch.arange(half, dtype=torch.float64) / K)
+        if spec.theta == "learned":
+            self.theta = nn.Parameter(theta.float())
+        else:
+            self._theta = theta  # fp64, outside the buffers: model.half() must not round angles
+
+    def forward(self, x, positions, lower_bound=None):
+        dtype = gate_dtype(x)
+        theta = self.theta if hasattr(self, "theta") else self._theta.to(x.device)
+        return OscillationOut(angles=positions.to(dtype)[:, None] * theta.to(dtype))
+
+
+class CumSoftmax(nn.Module):
+    """o_t = exp(LSE_{t-1} - LSE_t), LSE = logcumsumexp(z); e is scaled by 1 - o_t = exp(z_t - LSE_t),
+    so m_t = Σ_s softmax_{r<=t}(z)_s e_s i_sᵀ. The first token's decay multiplies m_0 = 0 and is
+    set to 0 (log o_1 = -inf otherwise)."""
+
+    def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
+        super().__init__()
+        self.dims = (H,) if spec.along == "head" else (H, K)
+        n = math.prod(self.dims)
+        self.proj = (
+            nn.Sequential(nn.Linear(d_model, spec.rank, bias=False), nn.Linear(spec.rank, n))
+            if spec.rank
+            else nn.Linear(d_model, n)
+        )
+
+    def forward(self, x, positions, lower_bound=None):
+        z = self.proj(x).to(gate_dtype(x)).unflatten(-1, self.dims).clamp(-10.0, 10.0)
+        lse = torch.logcumsumexp(z, dim=1)
+        log_o = torch.cat([torch.zeros_like(lse[:, :1]), lse[:, :-1] - lse[:, 1:]], dim=1)
+        scale = torch.exp(z - lse)
+        if len(self.dims) == 1:
+            return OscillationOut(g=log_o, expand_scale=scale[..., None])
+        return OscillationOut(gk=log_o, expand_scale=scale)
+
+
+OSCILLATIONS = {
+    "ones": Ones,
+    "scalar": Scalar,
+    "vector_k": VectorK,
+    "vector_v": VectorV,
+    "outer": Outer,
+    "full": Full,
+    "rotation": Rotation,
+    "cumsoftmax": CumSoftmax,
+}
+
+
+def build_oscillation(spec, d_model: int, H: int, K: int, V: int, layer_idx: int, n_layers: int) -> nn.Module:
+    return OSCILLATIONS[spec.kind](spec, d_model, H, K, V, layer_idx, n_layers)
