@@ -1,0 +1,290 @@
+"""Host side of the chunked Triton kernels: buffers, grids, and the autograd Function.
+
+The backward is hand-written (kernels in triton_chunk.py); gate gradients come from the identity
+d(cumulative log gate) = q ⊙ dq - k ⊙ dk along K (o ⊙ do - v ⊙ dv along V), reverse-cumsummed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import triton_chunk as tk
+
+BT, BC = tk.BT, tk.BC
+
+
+class Layout:
+    """Chunk bookkeeping for a batch [B,T] or packed sequences (cu_seqlens, B = 1)."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device):
+        self.B, self.T, self.cu = B, T, None
+        if cu_seqlens is None:
+            self.N = B
+            self.NT = triton.cdiv(T, BT)  # chunks per sequence
+            self.n_chunks = B * self.NT
+            self.chunk_idx = self.chunk_off = None
+        else:
+            cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            lens = (cu[1:] - cu[:-1]).long()
+            per_seq = (lens + BT - 1) // BT
+            self.cu = cu
+            self.N = lens.numel()
+            self.n_chunks = int(per_seq.sum())
+            self.NT = self.n_chunks
+            self.chunk_off = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)]).to(torch.int32)
+            seq = torch.repeat_interleave(torch.arange(self.N, device=device), per_seq)
+            within = torch.arange(self.n_chunks, device=device) - self.chunk_off[:-1].long()[seq]
+            self.chunk_idx = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
+            self.lens = lens
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu is not None
+
+    def chunk_grid(self, H: int) -> tuple[int, int]:
+        """(chunks, heads·batch) for the per-chunk kernels."""
+        return (self.NT, self.B * H) if not self.varlen else (self.n_chunks, H)
+
+
+def _is_static(x: torch.Tensor | None, static_dims: int) -> bool:
+    return x is not None and x.dim() == static_dims
+
+
+def chunk_cumsum(x: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Chunk-local inclusive cumsum of a per-token gate [B,T,H] or [B,T,H,D], in fp32."""
+    B, T, H = x.shape[:3]
+    D = x.shape[3] if x.dim() == 4 else 1
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    BD = min(64, triton.next_power_of_2(D))
+    nt, nbh = lay.chunk_grid(H)
+    tk.chunk_cumsum_kernel[(triton.cdiv(D, BD), nt, nbh)](
+        x, out, lay.cu, lay.chunk_idx, T, H=H, D=D, BT=BT, BD=BD, IS_VARLEN=lay.varlen
+    )
+    return out
+
+
+class Gates:
+    """The decays of one call: per-token gates are chunk-cumsummed, static ones stay
+    [H] / [H,K] / [H,V] fp32. A scalar g comes here only without gk (see fold_scalar_into_gk)."""
+
+    def __init__(self, g, gk, gv, lay: Layout):
+        assert g is None or gk is None, "fold g into gk first (fold_scalar_into_gk)"
+        self.raw = {"g": g, "gk": gk, "gv": gv}
+        self.use = {n: x is not None for n, x in self.raw.items()}
+        self.static = {"g": _is_static(g, 1), "gk": _is_static(gk, 2), "gv": _is_static(gv, 2)}
+        self.cum, self.stat = {}, {}
+        for n, x in self.raw.items():
+            if x is None:
+                self.cum[n] = self.stat[n] = None
+            elif self.static[n]:
+                self.cum[n], self.stat[n] = None, x.float().contiguous()
+            else:
+                self.cum[n], self.stat[n] = chunk_cumsum(x, lay), None
+
+    def kwargs(self) -> dict:
+        return dict(
+            USE_G=self.use["g"], G_STATIC=self.static["g"], USE_GK=self.use["gk"], GK_STATIC=self.static["gk"],
+            USE_GV=self.use["gv"], GV_STATIC=self.static["gv"],
+        )
+
+
+def state_buffer_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half-precision inputs keep the chunk states in their dtype (as fla does): half the traffic.
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def chunk_states(k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
+    """h [n_chunks, H, K, V]: the state before every chunk; ht [N, H, K, V] fp32 or None; and ht
+    without the last token's own write k_T v_Tᵀ (for the gate gradients)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    h = torch.empty(lay.n_chunks, H, K, V, dtype=state_buffer_dtype(k), device=k.device)
+    ht = torch.zeros(lay.N, H, K, V, dtype=torch.float32, device=k.device) if store_ht else None
+    ht_strict = torch.zeros_like(ht) if store_ht else None  # zeros: an empty sequence stores nothing
+    grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), lay.N * H)
+    tk.chunk_state_fwd_kernel[grid](
+        k, v, gates.cum["g"], gates.cum["gk"], gates.cum["gv"], gates.stat["g"], gates.stat["gk"], gates.stat["gv"],
+        h, h0, ht, ht_strict, lay.cu, lay.chunk_off, T, H=H, K=K, V=V, BT=BT, HAS_H0=h0 is not None,
+        STORE_HT=store_ht, IS_VARLEN=lay.varlen, **gates.kwargs(),
+    )
+    return h, ht, ht_strict
+
+
+def chunk_scores(a, b, L_cum, L_stat, G_cum, G_stat, lay: Layout) -> torch.Tensor:
+    """S [B,T,H,BT] fp32: S[t, s] = Σ_d a_td b_sd exp(L_td - L_sd) (or exp(G_t - G_s)) for s <= t."""
+    B, T, H, D = a.shape
+    S = torch.empty(B, T, H, BT, dtype=torch.float32, device=a.device)
+    nt, nbh = lay.chunk_grid(H)
+    if L_cum is not None or L_stat is not None:
+        tk.chunk_scores_decay_kernel[(BT // BC, nt, nbh)](
+            a, b, L_cum, L_stat, S, lay.cu, lay.chunk_idx, T, H=H, D=D, BT=BT, BC=BC,
+            BDF=triton.next_power_of_2(D), L_STATIC=L_stat is not None, IS_VARLEN=lay.varlen,
+        )
+    else:
+        tk.chunk_scores_kernel[(nt, nbh)](
+            a, b, G_cum, G_stat, S, lay.cu, lay.chunk_idx, T, H=H, D=D, BT=BT,
+            USE_G=G_cum is not None or G_stat is not None, G_STATIC=G_stat is not None, IS_VARLEN=lay.varlen,
+        )
+    return S
+
+
+def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
+    """Returns (o [B,T,H,V] in q.dtype, ht, ht_strict, A or None, o without its s = t terms (fp32)
+    or None). The last exists only with a decay along V, whose gradient needs it."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    h, ht, ht_strict = chunk_states(k, v, gates, h0, lay, store_ht)
+    A = None
+    if gates.use["gk"]:
+        A = chunk_scores(q, k, gates.cum["gk"], gates.stat["gk"], None, None, lay)
+    elif gates.use["gv"]:
+        A = chunk_scores(q, k, None, None, gates.cum["g"], gates.stat["g"], lay)
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    nt, nbh = lay.chunk_grid(H)
+    common = dict(H=H, K=K, V=V, BT=BT, USE_G=gates.use["g"], G_STATIC=gates.static["g"], USE_GK=gates.use["gk"],
+                  GK_STATIC=gates.static["gk"], IS_VARLEN=lay.varlen)
+    o_strict = None
+    if gates.use["gv"]:
+        o_strict = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+        grid = lambda meta: (triton.cdiv(V, meta["BV"]), nt * (BT // BC), nbh)
+        tk.chunk_output_gv_kernel[grid](
+            q, k, v, h, gates.cum["g"], gates.cum["gk"], gates.cum["gv"], gates.stat["g"], gates.stat["gk"],
+            gates.stat["gv"], A, o, o_strict, lay.cu, lay.chunk_idx, T, BC=BC, GV_STATIC=gates.static["gv"], **common,
+        )
+    else:
+        grid = lambda meta: (triton.cdiv(V, meta["BV"]), nt, nbh)
+        tk.chunk_output_kernel[grid](
+            q, k, v, h, gates.cum["g"], gates.cum["gk"], gates.stat["g"], gates.stat["gk"], A, o,
+            lay.cu, lay.chunk_idx, T, USE_A=A is not None, **common,
+        )
+    return o, ht, ht_strict, A, o_strict
+
+
+def chunk_backward(q, k, v, o_strict, do, dht, ht_strict, gates: Gates, h0, A, lay: Layout):
+    """Gradients: (dq, dk, dv in the input dtype, dh0 fp32 or None, {g, gk, gv: per-token fp32 or None})."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    do = do.contiguous()
+    c, s, kw = gates.cum, gates.stat, gates.kwargs()
+    h, _, _ = chunk_states(k, v, gates, h0, lay, False)
+    dh = torch.empty_like(h)
+    dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+    grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), lay.N * H)
+    tk.chunk_state_bwd_kernel[grid](
+        q, do, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], dh, dht, dh0, lay.cu, lay.chunk_off, T,
+        H=H, K=K, V=V, BT=BT, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=lay.varlen, **kw,
+    )
+    dA = None
+    if gates.use["gk"] or gates.use["gv"]:
+        dA = chunk_scores(do, v, c["gv"], s["gv"], None, None, lay)
+    nt, nbh = lay.chunk_grid(H)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # d(cumulative log gate), before the reverse cumsum
+    dL = {n: None for n in ("g", "gk", "gv")}
+    if gates.use["gv"]:
+        dL["gv"] = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+        grid = lambda meta: (triton.cdiv(V, meta["BV"]), nt * (BT // BC), nbh)
+        tk.chunk_dv_gv_kernel[grid](
+            q, k, v, do, o_strict, dh, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], A, dv, dL["gv"],
+            lay.cu, lay.chunk_idx, T, H=H, K=K, V=V, BT=BT, BC=BC, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"],
+            USE_GK=kw["USE_GK"], GK_STATIC=kw["GK_STATIC"], GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
+        )
+    else:
+        grid = lambda meta: (triton.cdiv(V, meta["BV"]), nt, nbh)
+        tk.chunk_dv_kernel[grid](
+            q, k, do, dh, c["g"], c["gk"], s["g"], s["gk"], A, dv, lay.cu, lay.chunk_idx, T,
+            H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GK=kw["USE_GK"],
+            GK_STATIC=kw["GK_STATIC"], USE_A=A is not None, IS_VARLEN=lay.varlen,
+        )
+    if gates.use["gk"]:
+        dL["gk"] = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+        grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)
+        tk.chunk_dqdk_gk_kernel[grid](
+            q, k, v, do, h, dh, c["gk"], c["gv"], s["gk"], s["gv"], dA, dq, dk, dL["gk"], lay.cu, lay.chunk_idx, T,
+            H=H, K=K, V=V, BT=BT, BC=BC, GK_STATIC=kw["GK_STATIC"], USE_GV=kw["USE_GV"],
+            GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
+        )
+    else:
+        dg_tiles = None
+        if gates.use["g"]:  # one partial sum per K tile; the largest tile count is K / 32
+            dg_tiles = torch.zeros(triton.cdiv(K, 32), B * T, H, dtype=torch.float32, device=q.device)
+        grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt, nbh)
+        tk.chunk_dqdk_kernel[grid](
+            q, k, v, do, h, dh, c["g"], c["gv"], s["g"], s["gv"], dA, dq, dk, dg_tiles, lay.cu, lay.chunk_idx,
+            T, B * T, H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GV=kw["USE_GV"],
+            GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
+        )
+        if dg_tiles is not None:
+            dL["g"] = dg_tiles.sum(0).view(B, T, H)
+    # the final state's dependence on the last token's cumulative gate: (ht - k_T v_Tᵀ) ⊙ dht
+    final = (ht_strict * dht) if (ht_strict is not None and dht is not None) else None
+    ends = {"g": None if final is None else final.sum((-2, -1)), "gk": None if final is None else final.sum(-1),
+            "gv": None if final is None else final.sum(-2)}
+    dG = {n: None if x is None else reverse_cumsum(x, ends[n], lay) for n, x in dL.items()}
+    return dq, dk, dv, dh0, dG
+
+
+def reverse_cumsum(x: torch.Tensor, at_end: torch.Tensor | None, lay: Layout) -> torch.Tensor:
+    """y_t = at_end[n] + Σ_{t' >= t} x_t' within each sequence n: x [B,T,H] or [B,T,H,D] fp32."""
+    B, T, H = x.shape[:3]
+    D = x.shape[3] if x.dim() == 4 else 1
+    y = torch.empty_like(x)
+    BD = min(64, triton.next_power_of_2(D))
+    tk.reverse_cumsum_kernel[(triton.cdiv(D, BD), lay.N * H)](
+        x, None if at_end is None else at_end.contiguous(), y, lay.cu, T, H=H, D=D, BT=BT, BD=BD,
+        HAS_END=at_end is not None, IS_VARLEN=lay.varlen,
+    )
+    return y
+
+
+def fold_scalar_into_gk(g, gk):
+    """A scalar decay with a decay along K is one decay along K (autograd sees the sum)."""
+    if g is None or gk is None:
+        return g, gk
+    if g.dim() == 1 and gk.dim() == 2:
+        return None, gk + g[:, None]
+    if gk.dim() == 2:
+        gk = gk.expand(*g.shape[:2], *gk.shape)
+    if g.dim() == 1:
+        g = g.expand(*gk.shape[:2], -1)
+    return None, gk + g[..., None]
+
+
+class ChunkEOS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        h0 = None if h0 is None else h0.float().contiguous()
+        lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        gates = Gates(g, gk, gv, lay)
+        o, ht, ht_strict, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state)
+        ctx.save_for_backward(q, k, v, g, gk, gv, h0, o_strict, ht_strict, A, cu_seqlens)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, gk, gv, h0, o_strict, ht_strict, A, cu_seqlens = ctx.saved_tensors
+        lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        gates = Gates(g, gk, gv, lay)
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, ht_strict, gates, h0, A, lay)
+        grads = []
+        for name, x in (("g", g), ("gk", gk), ("gv", gv)):
+            d = dG[name]
+            if x is None:
+                grads.append(None)
+            elif x.dim() == (1 if name == "g" else 2):  # static: the same gate at every token
+                grads.append(d.sum((0, 1)).to(x.dtype))
+            else:
+                grads.append(d.to(x.dtype))
+        return (dq, dk, dv, *grads,
+                None if dh0 is None else dh0.to(ctx.h0_dtype), None, None)
+
+
+def chunk_eos(q, k, v, g=None, gk=None, gv=None, h0=None, output_final_state=False, cu_seqlens=None):
+    """The chunked Triton recurrence for the separable decays (see kernels/api.py for the contract)."""
+    g, gk = fold_scalar_into_gk(g, gk)
+    return ChunkEOS.apply(q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens)
