@@ -3,7 +3,7 @@
 Model code calls `eos_recurrence` with canonical tensors; no kernel reads a spec.
 """
 
-from .api import BACKENDS, eos_recurrence
+from .api import BACKENDS, eos_recurrence, eos_step
 from .reference import eos_reference
 
-__all__ = ["BACKENDS", "eos_recurrence", "eos_reference"]
+__all__ = ["BACKENDS", "eos_recurrence", "eos_reference", "eos_step"]

@@ -1,6 +1,8 @@
-"""`eos_recurrence`: the one entry point from model code to the recurrence backends."""
+"""`eos_recurrence` and `eos_step`: the entry points from model code to the recurrence backends."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -8,8 +10,27 @@ from .chunked import eos_chunked
 from .common import STATIC_DIMS, check_inputs, slice_time
 from .reference import eos_reference
 from .scan import eos_scan
+from .step import eos_step_torch
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """'auto' -> triton on CUDA, torch elsewhere; 'triton' on a CPU tensor needs the interpreter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"eos_recurrence: backend '{backend}' is not known; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if backend == "triton" and not x.is_cuda and not _interpreting():
+        raise ValueError(
+            "eos_recurrence: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before lcsm is "
+            "imported (the Triton interpreter: slow, for tests); use backend='torch' on the CPU"
+        )
+    return backend
 
 
 def eos_recurrence(
@@ -33,17 +54,28 @@ def eos_recurrence(
     Args (canonical tensors, see kernels/common.py): s, e [B,T,H,K]; i [B,T,H,V]; the log decays
     g, gk, gv, dt, A (all <= 0, any combination; none means o = 1); h0 [N,H,K,V];
     cu_seqlens [N+1] for N packed sequences in a batch of one.
-    backend: "torch" (chunked for separable decays, sequential for dt/A), "reference" (the loop,
-    computed in fp64 and cast back), "auto" (torch).
+    backend: "triton" (chunked kernels for separable decays, scan kernels for dt/A; on the CPU only
+    under TRITON_INTERPRET=1), "torch" (chunked for separable decays, sequential for dt/A),
+    "reference" (the loop, computed in fp64 and cast back), "auto" (triton on CUDA, else torch).
+    chunk_size applies to the torch backend (the Triton kernels use chunks of 64).
     Returns y [B,T,H,V] in the dtype of s, and ht [N,H,K,V] (fp32, fp64 for fp64 inputs) if
     output_final_state else None.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"eos_recurrence: backend '{backend}' is not known; allowed: {', '.join(BACKENDS)}")
+    backend = resolve_backend(backend, s)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"eos_recurrence: chunk_size must be >= 1 (got {chunk_size})")
     shapes = check_inputs(s, e, i, g, gk, gv, dt, A, h0, cu_seqlens)
     gates = {"g": g, "gk": gk, "gv": gv, "dt": dt, "A": A}
+    if backend == "triton":
+        if chunk_size not in (None, 64):
+            raise ValueError(f"eos_recurrence: the triton backend uses chunks of 64 (got chunk_size={chunk_size})")
+        from .triton_api import chunk_eos, scan_eos  # imported late: triton is only needed here
+
+        if dt is None and A is None:
+            y, ht = chunk_eos(s, e, i, g, gk, gv, h0, output_final_state, cu_seqlens)
+        else:
+            y, ht = scan_eos(s, e, i, g, gk, gv, dt, A, h0, output_final_state, cu_seqlens)
+        return y, (ht if output_final_state else None)
     if backend == "reference":
         def run(s, e, i, h0, **gates):
             y, ht = eos_reference(s, e, i, h0=h0, **gates)
@@ -70,3 +102,16 @@ def eos_recurrence(
         ys.append(y)
         hts.append(ht)
     return torch.cat(ys, dim=1), (torch.cat(hts, dim=0) if output_final_state else None)
+
+
+def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, backend: str = "auto"):
+    """One token: state <- o ⊙ state + e iᵀ, y = stateᵀ s. See kernels/step.py for shapes.
+
+    Returns (y [B,H,V], new state [B,H,K,V] fp32). The triton backend updates a contiguous fp32
+    `state` in place (and returns it); the others return a new tensor."""
+    backend = resolve_backend(backend, s)
+    if backend == "triton" and state.dtype == torch.float32 and state.is_contiguous():
+        from .triton_step import eos_step_triton
+
+        return eos_step_triton(s, e, i, state, g=g, gk=gk, gv=gv, dt=dt, A=A)
+    return eos_step_torch(s, e, i, state, g=g, gk=gk, gv=gv, dt=dt, A=A)

@@ -10,24 +10,25 @@ import torch
 import triton
 
 from . import triton_chunk as tk
+from . import triton_scan as ts
 
 BT, BC = tk.BT, tk.BC
 
 
 class Layout:
-    """Chunk bookkeeping for a batch [B,T] or packed sequences (cu_seqlens, B = 1)."""
+    """Chunk bookkeeping for a batch [B,T] or packed sequences (cu_seqlens, B = 1); chunks of `block` tokens."""
 
-    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device):
+    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device, block: int = BT):
         self.B, self.T, self.cu = B, T, None
         if cu_seqlens is None:
             self.N = B
-            self.NT = triton.cdiv(T, BT)  # chunks per sequence
+            self.NT = triton.cdiv(T, block)  # chunks per sequence
             self.n_chunks = B * self.NT
             self.chunk_idx = self.chunk_off = None
         else:
             cu = cu_seqlens.to(device=device, dtype=torch.int32)
             lens = (cu[1:] - cu[:-1]).long()
-            per_seq = (lens + BT - 1) // BT
+            per_seq = (lens + block - 1) // block
             self.cu = cu
             self.N = lens.numel()
             self.n_chunks = int(per_seq.sum())
@@ -288,3 +289,101 @@ def chunk_eos(q, k, v, g=None, gk=None, gv=None, h0=None, output_final_state=Fal
     """The chunked Triton recurrence for the separable decays (see kernels/api.py for the contract)."""
     g, gk = fold_scalar_into_gk(g, gk)
     return ChunkEOS.apply(q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens)
+
+
+# --------------------------------------------------------------------------- scan (any decay)
+
+BS = 16  # tokens per scan block; the forward stores the state at every block start
+
+
+def _scan_tiles(K: int, V: int) -> tuple[int, int]:
+    # a [BS, BK, BV] tile per scan operand: keep it near 8K elements
+    BK = min(32, triton.next_power_of_2(K))
+    BV = min(triton.next_power_of_2(V), max(16, 8192 // (BS * BK)))
+    return BK, BV
+
+
+class ScanEOS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, gk, gv, dt, A, h0, output_final_state, cu_seqlens):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        dt = None if dt is None else dt.contiguous()
+        A = None if A is None else A.contiguous()
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        lay = Layout(B, T, cu_seqlens, q.device, block=BS)
+        BK, BV = _scan_tiles(K, V)
+        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+        flags = _scan_flags(g, gk, gv, dt, A)
+        gates = [x.contiguous() if x is not None else None for x in (g, gk, gv)]
+        per_tok = [x if (x is not None and x.dim() > sd) else None for x, sd in zip(gates, (1, 2, 2))]
+        static = [x.float() if (x is not None and x.dim() == sd) else None for x, sd in zip(gates, (1, 2, 2))]
+        h0c = None if h0 is None else h0.float().contiguous()
+        y = torch.empty(NK, B, T, H, V, dtype=torch.float32, device=q.device)
+        states = torch.empty(lay.n_chunks, H, K, V, dtype=torch.float32, device=q.device)
+        ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+        ts.scan_fwd_kernel[(NV, NK, lay.N * H)](
+            q, k, v, *per_tok, *static, dt, A, h0c, y, states, ht, lay.cu, lay.chunk_off, T, B * T,
+            H=H, K=K, V=V, BS=BS, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
+            IS_VARLEN=lay.varlen, **flags,
+        )
+        ctx.save_for_backward(q, k, v, g, gk, gv, dt, A, states, cu_seqlens)
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        y = y[0] if NK == 1 else y.sum(0)
+        return y.to(q.dtype), ht
+
+    @staticmethod
+    def backward(ctx, dy, dht):
+        q, k, v, g, gk, gv, dt, A, states, cu_seqlens = ctx.saved_tensors
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        lay = Layout(B, T, cu_seqlens, q.device, block=BS)
+        BK, BV = _scan_tiles(K, V)
+        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+        flags = _scan_flags(g, gk, gv, dt, A)
+        gates = [x.contiguous() if x is not None else None for x in (g, gk, gv)]
+        per_tok = [x if (x is not None and x.dim() > sd) else None for x, sd in zip(gates, (1, 2, 2))]
+        static = [x.float() if (x is not None and x.dim() == sd) else None for x, sd in zip(gates, (1, 2, 2))]
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dq = torch.empty(NV, B, T, H, K, **f32)
+        dk = torch.empty(NV, B, T, H, K, **f32)
+        dv = torch.empty(NK, B, T, H, V, **f32)
+        dg = torch.empty(NK * NV, B, T, H, **f32) if g is not None else None
+        dgk = torch.empty(NV, B, T, H, K, **f32) if gk is not None else None
+        dgv = torch.empty(NK, B, T, H, V, **f32) if gv is not None else None
+        ddt = torch.empty(NK, B, T, H, V, **f32) if dt is not None else None
+        dA = None
+        if A is not None:
+            dA = torch.zeros(lay.N, H, K, V, **f32) if A.dim() == 3 else torch.empty(A.shape, **f32)
+        dh0 = torch.empty(lay.N, H, K, V, **f32) if ctx.h0_dtype is not None else None
+        ts.scan_bwd_kernel[(NV, NK, lay.N * H)](
+            q, k, v, *per_tok, *static, dt, A, states, dy.contiguous(), None if dht is None else dht.float().contiguous(),
+            dh0, dq, dk, dv, dg, dgk, dgv, ddt, dA, lay.cu, lay.chunk_off, T, B * T,
+            H=H, K=K, V=V, BS=BS, BK=BK, BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+            IS_VARLEN=lay.varlen, **flags,
+        )
+        grads = [dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)]
+        for x, d, sd in ((g, dg, 1), (gk, dgk, 2), (gv, dgv, 2)):
+            if x is None:
+                grads.append(None)
+            else:
+                d = d.sum(0)
+                grads.append((d.sum((0, 1)) if x.dim() == sd else d).to(x.dtype))
+        grads.append(None if dt is None else ddt.sum(0).to(dt.dtype))
+        grads.append(None if A is None else (dA.sum(0) if A.dim() == 3 else dA).to(A.dtype))
+        grads.append(None if dh0 is None else dh0.to(ctx.h0_dtype))
+        return (*grads, None, None)
+
+
+def _scan_flags(g, gk, gv, dt, A) -> dict:
+    return dict(
+        USE_G=g is not None, G_STATIC=g is not None and g.dim() == 1,
+        USE_GK=gk is not None, GK_STATIC=gk is not None and gk.dim() == 2,
+        USE_GV=gv is not None, GV_STATIC=gv is not None and gv.dim() == 2,
+        USE_DT=dt is not None, A_MODE=0 if A is None else (1 if A.dim() == 3 else 2),
+    )
+
+
+def scan_eos(q, k, v, g=None, gk=None, gv=None, dt=None, A=None, h0=None, output_final_state=False, cu_seqlens=None):
+    """The scan Triton recurrence for any decay (see kernels/api.py for the contract)."""
+    return ScanEOS.apply(q, k, v, g, gk, gv, dt, A, h0, output_final_state, cu_seqlens)

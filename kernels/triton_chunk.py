@@ -132,8 +132,9 @@ def chunk_cumsum_kernel(g, out, cu, chunk_idx, T, H: tl.constexpr, D: tl.constex
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-     for bk in (64, 32) for bv in (64, 32) for w in (4, 2, 8) for s in (2, 3, 4)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
+     triton.Config({"BK": 32, "BV": 64}, num_warps=2, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GK", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -199,7 +200,7 @@ def chunk_state_fwd_kernel(
 # --------------------------------------------------------------------------- scores
 
 
-@autotune([triton.Config({"BD": bd}, num_warps=w) for bd in (64, 32) for w in (4, 2, 8)], key=["H", "D", "USE_G"])
+@autotune([triton.Config({"BD": 64}, num_warps=4), triton.Config({"BD": 32}, num_warps=4)], key=["H", "D", "USE_G"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_scores_kernel(
     a, b, g, gs, S, cu, chunk_idx, T,
@@ -229,7 +230,7 @@ def chunk_scores_kernel(
     tl.store(S + ((row0 + r)[:, None] * H + i_h) * BT + r[None, :], b_S, mask=m_r[:, None])
 
 
-@autotune([triton.Config({"BD": bd}, num_warps=w) for bd in (64, 32) for w in (2, 4, 1)], key=["H", "D"])
+@autotune([triton.Config({"BD": 64}, num_warps=4), triton.Config({"BD": 32}, num_warps=2)], key=["H", "D"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_scores_decay_kernel(
     a, b, L, Ls, S, cu, chunk_idx, T,
@@ -287,8 +288,9 @@ def chunk_scores_decay_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-     for bk in (64, 32) for bv in (64, 128, 32) for w in (4, 8, 2) for s in (2, 3)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BK": 64, "BV": 128}, num_warps=8, num_stages=2),
+     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -404,7 +406,7 @@ def _intra_backward(W, X, L, Ls, row0, r0, last, i_h, cols, m_c, H: tl.constexpr
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w) for bk in (64, 32) for bv in (64, 32) for w in (4, 2)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -457,8 +459,9 @@ def chunk_output_gv_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-     for bk in (64, 32) for bv in (64, 32) for w in (4, 2, 8) for s in (2, 3, 4)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
+     triton.Config({"BK": 32, "BV": 64}, num_warps=2, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GK", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -509,8 +512,9 @@ def chunk_state_bwd_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-     for bk in (64, 32) for bv in (64, 128, 32) for w in (4, 8, 2) for s in (2, 3)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BK": 64, "BV": 128}, num_warps=8, num_stages=2),
+     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -562,7 +566,7 @@ def chunk_dv_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w) for bk in (64, 32) for bv in (64, 32) for w in (4, 2)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -620,8 +624,9 @@ def chunk_dv_gv_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-     for bk in (64, 32) for bv in (64, 128, 32) for w in (4, 8, 2) for s in (2, 3)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -696,7 +701,7 @@ def chunk_dqdk_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": bk, "BV": bv}, num_warps=w) for bk in (64, 32) for bv in (64, 32) for w in (4, 2)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2)],
     key=["H", "K", "V", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])

@@ -1,0 +1,296 @@
+"""`lcsm bench kernels`: the Triton recurrence beside fla-core, FlashAttention (SDPA) and the torch
+path, in one process, on one GPU; and a full-size bf16 correctness check against an fp64 oracle.
+
+Timings are medians of triton.testing.do_bench. The memory floor of a call is the bytes it must
+move (every input read once, every output written once) over the copy bandwidth measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lcsm.kernels import eos_recurrence
+
+DEFAULT_SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128)]
+FORMS = ["ones", "scalar", "scalar_static", "vector_k", "vector_v", "outer", "full"]
+FULL_K = 16  # `full` runs at K = 16 (Mamba's state size), V = D
+
+
+def make_inputs(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: float | None = None, seed: int = 0):
+    """Canonical tensors for one form: s, e, i and the log gates (fp32).
+
+    Gates default to logσ(z)/16 with z ~ N(0, 1) (GLA's parametrisation, about -0.05 per step);
+    `scale` instead draws log gates uniformly in [-1.5, -0.5]·scale."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    K = FULL_K if form == "full" else D
+    V = D
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
+
+    def log_gate(*shape):
+        if scale is None:
+            return F.logsigmoid(randn(*shape, dt=torch.float32)) / 16
+        return -scale * (0.5 + torch.rand(*shape, generator=gen, device=device))
+
+    s, e, i = randn(B, T, H, K) * K**-0.5, randn(B, T, H, K), randn(B, T, H, V)
+    gates = {
+        "ones": lambda: {},
+        "scalar": lambda: {"g": log_gate(B, T, H)},
+        "scalar_static": lambda: {"g": log_gate(H)},
+        "vector_k": lambda: {"gk": log_gate(B, T, H, K)},
+        "vector_v": lambda: {"gv": log_gate(B, T, H, V)},
+        "outer": lambda: {"gk": log_gate(B, T, H, K) / 2, "gv": log_gate(B, T, H, V) / 2},
+        "full": lambda: {"dt": F.softplus(randn(B, T, H, V, dt=torch.float32) - 4.0),
+                         "A": -torch.exp(torch.log(torch.arange(1, K + 1, device=device, dtype=torch.float32))
+                                         )[None, :, None].expand(H, K, V).contiguous()},
+    }[form]()
+    return s, e, i, gates
+
+
+def fla_counterpart(form: str):
+    """fla-core's kernel for the same recurrence (scale 1, no normalisation), or None."""
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.linear_attn import chunk_linear_attn
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # fla-core not installed, or not importable here
+        return None
+    return {
+        "ones": lambda s, e, i: chunk_linear_attn(s, e, i, scale=1.0, normalize=False)[0],
+        "scalar": lambda s, e, i, g: chunk_simple_gla(s, e, i, g=g, scale=1.0)[0],
+        "scalar_static": lambda s, e, i, g: chunk_simple_gla(s, e, i, g_gamma=g, scale=1.0)[0],
+        "vector_k": lambda s, e, i, gk: chunk_gla(s, e, i, g=gk, scale=1.0)[0],
+    }.get(form)
+
+
+def floor_bytes(form: str, s, e, i, gates, backward: bool) -> int:
+    """Bytes a forward (+ backward) must move at the least."""
+    def nb(x):
+        return x.numel() * x.element_size()
+
+    gate_bytes = sum(nb(g) for g in gates.values())
+    fwd = nb(s) + nb(e) + nb(i) + gate_bytes + nb(i)  # read s, e, i, gates; write y
+    if not backward:
+        return fwd
+    # backward: read s, e, i, dy and the gates again, write ds, de, di and the gate gradients
+    return fwd + nb(s) + nb(e) + 2 * nb(i) + gate_bytes + nb(s) + nb(e) + nb(i) + gate_bytes
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per ms of a large device-to-device copy, counting bytes read and written."""
+    import triton.testing
+
+    src = torch.randn(1 << 29, device=device, dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    del src, dst
+    return 2 * (1 << 29) * 4 / ms
+
+
+def timed(fn, warmup: int = 25, rep: int = 100):
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+    except Exception as err:  # a kernel that refuses a case: report it, go on
+        torch.cuda.empty_cache()
+        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+
+
+def fwd_bwd(op, tensors: list[torch.Tensor]):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    dy = None
+
+    def run():
+        nonlocal dy
+        y = op(*leaves)
+        if dy is None:
+            dy = torch.randn_like(y)
+        return torch.autograd.grad(y, leaves, dy)
+
+    return run
+
+
+def bench_shape(shape, forms, device, bandwidth, dtype=torch.bfloat16, torch_path=True):
+    B, T, H, D = shape
+    rows = []
+    for form in forms:
+        s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
+        names = list(gates)
+        row = {"form": form, "shape": shape}
+
+        def ours(s, e, i, *g):
+            return eos_recurrence(s, e, i, backend="triton", **dict(zip(names, g)))[0]
+
+        def torch_path_op(s, e, i, *g):
+            return eos_recurrence(s, e, i, backend="torch", **dict(zip(names, g)))[0]
+
+        args = [s, e, i, *gates.values()]
+        row["ours_fwd"] = timed(lambda: ours(*args))
+        row["ours_fwdbwd"] = timed(fwd_bwd(ours, args))
+        fla = fla_counterpart(form)
+        if fla is not None:
+            row["fla_fwd"] = timed(lambda: fla(*args))
+            row["fla_fwdbwd"] = timed(fwd_bwd(fla, args))
+        if torch_path and form != "full":
+            row["torch_fwd"] = timed(lambda: torch_path_op(*args), warmup=2, rep=10)
+        row["floor_fwd"] = floor_bytes(form, s, e, i, gates, False) / bandwidth
+        row["floor_fwdbwd"] = floor_bytes(form, s, e, i, gates, True) / bandwidth
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+        del s, e, i, gates, args
+        torch.cuda.empty_cache()
+    # FlashAttention through SDPA, the softmax baseline at the same shape
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3))
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    row = {"form": "softmax (SDPA)", "shape": shape, "ours_fwd": timed(lambda: sdpa(q, k, v)),
+           "ours_fwdbwd": timed(fwd_bwd(sdpa, [q, k, v]))}
+    rows.append(row)
+    print(_fmt_row(row), flush=True)
+    return rows
+
+
+def _ms(x):
+    return f"{x:.3f}" if isinstance(x, float) else ("—" if x is None else str(x))
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "—"
+
+
+def _fmt_row(r):
+    return (f"{r['form']:<15} fwd ours {_ms(r.get('ours_fwd'))} fla {_ms(r.get('fla_fwd'))} "
+            f"(×{_ratio(r.get('ours_fwd'), r.get('fla_fwd'))}, floor ×{_ratio(r.get('ours_fwd'), r.get('floor_fwd'))}) | "
+            f"fwd+bwd ours {_ms(r.get('ours_fwdbwd'))} fla {_ms(r.get('fla_fwdbwd'))} "
+            f"(×{_ratio(r.get('ours_fwdbwd'), r.get('fla_fwdbwd'))}, floor ×{_ratio(r.get('ours_fwdbwd'), r.get('floor_fwdbwd'))}) | "
+            f"torch fwd {_ms(r.get('torch_fwd'))}")
+
+
+def markdown_table(rows) -> str:
+    head = ("| form | B,T,H,D | fwd ours | fwd fla | ours/fla | ours/floor | fwd+bwd ours | fwd+bwd fla | ours/fla "
+            "| ours/floor | torch fwd |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["form"], ",".join(map(str, r["shape"])), _ms(r.get("ours_fwd")), _ms(r.get("fla_fwd")),
+            _ratio(r.get("ours_fwd"), r.get("fla_fwd")), _ratio(r.get("ours_fwd"), r.get("floor_fwd")),
+            _ms(r.get("ours_fwdbwd")), _ms(r.get("fla_fwdbwd")), _ratio(r.get("ours_fwdbwd"), r.get("fla_fwdbwd")),
+            _ratio(r.get("ours_fwdbwd"), r.get("floor_fwdbwd")), _ms(r.get("torch_fwd")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def check_form(form, shape, device, scale=None, with_fla=True, dtype=torch.bfloat16):
+    """Relative errors of bf16 outputs and gradients against an fp64 oracle (the torch path in fp64,
+    itself checked against the reference loop by the test suite), ours and fla-core's side by side."""
+    B, T, H, D = shape
+    s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device, scale=scale, seed=1)
+    names = list(gates)
+    tensors = [s, e, i, *gates.values()]
+    gen = torch.Generator(device=device).manual_seed(2)
+    dy = torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.float32)
+
+    def grads_of(op, dtype):
+        leaves = [t.detach().to(dtype if k < 3 else torch.float64 if dtype == torch.float64 else t.dtype)
+                  .clone().requires_grad_(True) for k, t in enumerate(tensors)]
+        y = op(*leaves)
+        g = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+        return [y.detach()] + [x.detach() for x in g]
+
+    oracle = grads_of(lambda s, e, i, *g: eos_recurrence(s, e, i, backend="torch", **dict(zip(names, g)))[0], torch.float64)
+    ours = grads_of(lambda s, e, i, *g: eos_recurrence(s, e, i, backend="triton", **dict(zip(names, g)))[0], dtype)
+    labels = ["y", "ds", "de", "di"] + [f"d{n}" for n in names]
+    out = {"form": form, "shape": shape, "scale": scale, "ours": dict(zip(labels, (_rel(a, b) for a, b in zip(ours, oracle))))}
+    fla = fla_counterpart(form) if with_fla else None
+    if fla is not None:
+        try:
+            theirs = grads_of(fla, dtype)
+            out["fla"] = dict(zip(labels, (_rel(a, b) for a, b in zip(theirs, oracle))))
+        except Exception as err:
+            out["fla"] = f"error: {type(err).__name__}"
+    del oracle, ours
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lcsm bench kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D ... (default: 8,4096,16,128 2,16384,16,128)")
+    p.add_argument("--forms", nargs="*", default=FORMS, choices=FORMS)
+    p.add_argument("--check", action="store_true", help="also check bf16 outputs and gradients against fp64")
+    p.add_argument("--check-only", action="store_true", help="only the correctness check, no timings")
+    p.add_argument("--no-torch", action="store_true", help="skip timing the torch path")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("lcsm bench kernels needs a CUDA GPU")
+    device = torch.device("cuda")
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    import triton
+
+    env = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "python": platform.python_version()}
+    try:
+        import fla
+
+        env["fla"] = getattr(fla, "__version__", "?")
+    except Exception:
+        env["fla"] = None
+    print(json.dumps(env), flush=True)
+    results = {"env": env, "checks": [], "timings": []}
+    if args.check or args.check_only:
+        shape = shapes[0]
+        for form in args.forms:
+            scales = [1e-3, 0.1, 5.0] if form == "vector_k" else [None]
+            for scale in scales:
+                t0 = time.time()
+                try:
+                    res = check_form(form, shape, device, scale=scale)
+                except Exception as err:  # report and go on with the other forms
+                    import traceback
+
+                    traceback.print_exc()
+                    results["checks"].append({"form": form, "scale": scale, "error": repr(err)})
+                    torch.cuda.empty_cache()
+                    continue
+                results["checks"].append(res)
+                print(f"check {form} scale={scale}: ours " + " ".join(f"{k} {v:.1e}" for k, v in res["ours"].items())
+                      + (f" | fla {res['fla']}" if "fla" in res else "") + f" ({time.time() - t0:.0f}s)", flush=True)
+        if args.check_only:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1, default=str)
+            return 0
+    bandwidth = copy_bandwidth(device)
+    env["copy_GBps"] = bandwidth / 1e6
+    print(f"copy bandwidth {bandwidth / 1e6:.0f} GB/s", flush=True)
+    for shape in shapes:
+        results["timings"] += bench_shape(shape, args.forms, device, bandwidth, torch_path=not args.no_torch)
+    print(markdown_table(results["timings"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
