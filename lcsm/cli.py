@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -156,6 +158,106 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _result_table(metrics: dict, title: str) -> Table:
+    """One row per slice (and a total row when there are several): loss and accuracy, or for text
+    loss, perplexity and bits per byte."""
+    text = "bits_per_byte" in metrics
+    table = Table(title=title, title_justify="left")
+    cols = ("slice", "examples", "tokens", "loss", "ppl", "bits/byte") if text else ("slice", "examples", "loss", "accuracy")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "slice" else "right")
+
+    def row(name: str, m: dict):
+        if text:
+            return (name, str(m["examples"]), f"{m['tokens']:,}", f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", f"{m['bits_per_byte']:.3f}")
+        return (name, str(m["examples"]), f"{m['loss']:.4f}", f"{m['accuracy']:.3f}")
+
+    slices = metrics.get("slices", {})
+    for name, m in slices.items():
+        table.add_row(*row(name, m))
+    if len(slices) != 1:
+        table.add_row(*row("all", metrics), style="bold")
+    return table
+
+
+def cmd_train(args) -> int:
+    from lcsm.recipe import load_recipe
+    from lcsm.train import TrainingError, train
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    try:
+        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, console=out)
+    except TrainingError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        return 1
+    run = escape(str(result.run_dir))
+    if result.status == "interrupted":
+        again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)])
+        err.print(
+            f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved in {run}/checkpoint. "
+            f"Continue with: {escape(again)} --resume auto"
+        )
+        return 130
+    how = "stopped early: eval accuracy reached the early_stop target" if result.status == "early_stop" else "done"
+    m = result.eval
+    out.print(_result_table(m, f"{recipe.name or 'run'}: test results at step {result.step} ({how}, {result.elapsed_s:.0f}s training)"))
+    headline = (
+        f"bits per byte {m['bits_per_byte']:.3f}, perplexity {m['perplexity']:.2f}"
+        if "bits_per_byte" in m
+        else f"test accuracy {m['accuracy']:.3f}"
+    )
+    out.print(f"[bold]{headline}[/bold]. Run: {run}  (lcsm eval {run} · lcsm plot {run})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lcsm.evaluate import evaluate, load_run, resolve_precision
+    from lcsm.recipe import DEVICE, RecipeError, load_recipe, resolve_task
+    from lcsm.tasks import TaskError, build_task
+    from lcsm.train import resolve_device
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if not DEVICE.match(args.device):
+        raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    device = resolve_device(args.device)
+    recipe, model, run_dir, step = load_run(args.run, device)
+    vocab = recipe.model.vocab_size
+    if args.task or args.set:
+        data = recipe.resolved()
+        if args.task:
+            data["task"] = resolve_task(args.task, None, "--task")
+        recipe = load_recipe(data, [s if s.startswith("task.") else f"task.{s}" for s in args.set or []])
+        if recipe.model.vocab_size != vocab:
+            raise RecipeError(
+                f"--task: the task's vocabulary ({recipe.model.vocab_size} tokens) differs from the model's ({vocab}); "
+                "evaluate on a task with the same vocab_size (or tokenizer)"
+            )
+    try:
+        task = build_task(recipe.task, recipe.seed, run_dir=run_dir, train=False)
+    except TaskError as e:
+        raise RecipeError(f"task: {e}") from None
+    precision = resolve_precision(args.precision, device)
+    metrics = evaluate(model, task, args.batch_size or recipe.eval_batch_size or recipe.batch_size, device, precision)
+    report = {"run": str(run_dir), "step": step, "task": recipe.resolved()["task"], "metrics": metrics}
+    path = Path(args.output) if args.output else run_dir / (f"eval-{Path(args.task).stem}.json" if args.task else "eval.json")
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
+    out.print(_result_table(metrics, f"{escape(str(run_dir))} at step {step}: {recipe.task.kind}"))
+    out.print(f"wrote {escape(str(path))}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from lcsm.plot import plot_runs
+
+    path = plot_runs(args.runs, args.output)
+    out.print(f"wrote {escape(str(path))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcsm",
@@ -178,6 +280,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="JSON Schema of the model spec (for editor completion)")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("train", help="train a model from a recipe (no recipe: the MQAR quick start)")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe YAML or shipped recipe name (default: quickstart)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", choices=["auto"], help="auto: continue the run in the output directory from its checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("--task", metavar="TASK", help="another task: a task YAML or a shipped task name (recipes/tasks)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a task field, e.g. --set test.0.num_examples=500")
+    p.add_argument("--batch-size", type=int, help="default: the recipe's eval batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("-o", "--output", help="JSON file (default RUN/eval.json, or RUN/eval-TASK.json with --task)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")
+    p.add_argument("-o", "--output", help="PNG file (default RUN/curves.png for one run, curves.png for several)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -465,7 +465,8 @@ def load_model_spec(spec: str | Path | dict | ModelSpec) -> ModelSpec:
 def resolve_spec_path(spec: str | Path) -> Path:
     """A file path, or the name of a shipped zoo spec ('gla' -> recipes/models/gla.yaml)."""
     path = Path(spec)
-    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+    # is_file, not exists: a folder named like a zoo model (./lcsm in a checkout) is not a spec
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         return path
     from lcsm.zoo import zoo_path
 
