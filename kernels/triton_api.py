@@ -1,7 +1,8 @@
 """Host side of the chunked Triton kernels: buffers, grids, and the autograd Function.
 
 The backward is hand-written (kernels in triton_chunk.py); gate gradients come from the identity
-d(cumulative log gate) = q ⊙ dq - k ⊙ dk along K (o ⊙ do - v ⊙ dv along V), reverse-cumsummed.
+d(cumulative log gate) = q ⊙ dq - k ⊙ dk along K (o ⊙ do - v ⊙ dv along V), summed within each chunk
+with the chunk's state term (chunk_gate_grad_kernel).
 """
 
 from __future__ import annotations
@@ -97,20 +98,18 @@ def state_buffer_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def chunk_states(k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
-    """h [n_chunks, H, K, V]: the state before every chunk; ht [N, H, K, V] fp32 or None; and ht
-    without the last token's own write k_T v_Tᵀ (for the gate gradients)."""
+    """h [n_chunks, H, K, V]: the state before every chunk; ht [N, H, K, V] fp32 or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     h = torch.empty(lay.n_chunks, H, K, V, dtype=state_buffer_dtype(k), device=k.device)
     ht = torch.zeros(lay.N, H, K, V, dtype=torch.float32, device=k.device) if store_ht else None
-    ht_strict = torch.zeros_like(ht) if store_ht else None  # zeros: an empty sequence stores nothing
     grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), lay.N * H)
     tk.chunk_state_fwd_kernel[grid](
         k, v, gates.cum["g"], gates.cum["gk"], gates.cum["gv"], gates.stat["g"], gates.stat["gk"], gates.stat["gv"],
-        h, h0, ht, ht_strict, lay.cu, lay.chunk_off, T, H=H, K=K, V=V, BT=BT, HAS_H0=h0 is not None,
+        h, h0, ht, lay.cu, lay.chunk_off, T, H=H, K=K, V=V, BT=BT, HAS_H0=h0 is not None,
         STORE_HT=store_ht, IS_VARLEN=lay.varlen, **gates.kwargs(),
     )
-    return h, ht, ht_strict
+    return h, ht
 
 
 def chunk_scores(a, b, L_cum, L_stat, G_cum, G_stat, lay: Layout) -> torch.Tensor:
@@ -132,11 +131,11 @@ def chunk_scores(a, b, L_cum, L_stat, G_cum, G_stat, lay: Layout) -> torch.Tenso
 
 
 def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
-    """Returns (o [B,T,H,V] in q.dtype, ht, ht_strict, A or None, o without its s = t terms (fp32)
+    """Returns (o [B,T,H,V] in q.dtype, ht, A or None, o without its s = t terms (fp32)
     or None). The last exists only with a decay along V, whose gradient needs it."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    h, ht, ht_strict = chunk_states(k, v, gates, h0, lay, store_ht)
+    h, ht = chunk_states(k, v, gates, h0, lay, store_ht)
     A = None
     if gates.use["gk"]:
         A = chunk_scores(q, k, gates.cum["gk"], gates.stat["gk"], None, None, lay)
@@ -160,16 +159,16 @@ def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
             q, k, v, h, gates.cum["g"], gates.cum["gk"], gates.stat["g"], gates.stat["gk"], A, o,
             lay.cu, lay.chunk_idx, T, USE_A=A is not None, **common,
         )
-    return o, ht, ht_strict, A, o_strict
+    return o, ht, A, o_strict
 
 
-def chunk_backward(q, k, v, o_strict, do, dht, ht_strict, gates: Gates, h0, A, lay: Layout):
+def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout):
     """Gradients: (dq, dk, dv in the input dtype, dh0 fp32 or None, {g, gk, gv: per-token fp32 or None})."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     do = do.contiguous()
     c, s, kw = gates.cum, gates.stat, gates.kwargs()
-    h, _, _ = chunk_states(k, v, gates, h0, lay, False)
+    h, _ = chunk_states(k, v, gates, h0, lay, False)
     dh = torch.empty_like(h)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), lay.N * H)
@@ -182,13 +181,13 @@ def chunk_backward(q, k, v, o_strict, do, dht, ht_strict, gates: Gates, h0, A, l
         dA = chunk_scores(do, v, c["gv"], s["gv"], None, None, lay)
     nt, nbh = lay.chunk_grid(H)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # d(cumulative log gate), before the reverse cumsum
-    dL = {n: None for n in ("g", "gk", "gv")}
+    # the three parts (a, b, c) of each gate's gradient, assembled by chunk_gate_grad_kernel
+    parts = {n: None for n in ("g", "gk", "gv")}
     if gates.use["gv"]:
-        dL["gv"] = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+        parts["gv"] = gate_grad_parts((B, T, H, V), (lay.n_chunks, H, V), q.device)
         grid = lambda meta: (triton.cdiv(V, meta["BV"]), nt * (BT // BC), nbh)
         tk.chunk_dv_gv_kernel[grid](
-            q, k, v, do, o_strict, dh, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], A, dv, dL["gv"],
+            q, k, v, do, o_strict, h, dh, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], A, dv, *parts["gv"],
             lay.cu, lay.chunk_idx, T, H=H, K=K, V=V, BT=BT, BC=BC, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"],
             USE_GK=kw["USE_GK"], GK_STATIC=kw["GK_STATIC"], GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
         )
@@ -200,44 +199,48 @@ def chunk_backward(q, k, v, o_strict, do, dht, ht_strict, gates: Gates, h0, A, l
             GK_STATIC=kw["GK_STATIC"], USE_A=A is not None, IS_VARLEN=lay.varlen,
         )
     if gates.use["gk"]:
-        dL["gk"] = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+        parts["gk"] = gate_grad_parts((B, T, H, K), (lay.n_chunks, H, K), q.device)
         grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)
         tk.chunk_dqdk_gk_kernel[grid](
-            q, k, v, do, h, dh, c["gk"], c["gv"], s["gk"], s["gv"], dA, dq, dk, dL["gk"], lay.cu, lay.chunk_idx, T,
+            q, k, v, do, h, dh, c["gk"], c["gv"], s["gk"], s["gv"], dA, dq, dk, *parts["gk"], lay.cu, lay.chunk_idx, T,
             H=H, K=K, V=V, BT=BT, BC=BC, GK_STATIC=kw["GK_STATIC"], USE_GV=kw["USE_GV"],
             GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
         )
     else:
-        dg_tiles = None
+        tiles = None
         if gates.use["g"]:  # one partial sum per K tile; the largest tile count is K / 32
-            dg_tiles = torch.zeros(triton.cdiv(K, 32), B * T, H, dtype=torch.float32, device=q.device)
+            nkt = triton.cdiv(K, 32)
+            tiles = gate_grad_parts((nkt, B, T, H), (nkt, lay.n_chunks, H), q.device, zero=True)
         grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt, nbh)
         tk.chunk_dqdk_kernel[grid](
-            q, k, v, do, h, dh, c["g"], c["gv"], s["g"], s["gv"], dA, dq, dk, dg_tiles, lay.cu, lay.chunk_idx,
-            T, B * T, H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GV=kw["USE_GV"],
+            q, k, v, do, h, dh, c["g"], c["gv"], s["g"], s["gv"], dA, dq, dk, *(tiles or (None,) * 3), lay.cu,
+            lay.chunk_idx, T, B * T, lay.n_chunks, H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GV=kw["USE_GV"],
             GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
         )
-        if dg_tiles is not None:
-            dL["g"] = dg_tiles.sum(0).view(B, T, H)
-    # the final state's dependence on the last token's cumulative gate: (ht - k_T v_Tᵀ) ⊙ dht
-    final = (ht_strict * dht) if (ht_strict is not None and dht is not None) else None
-    ends = {"g": None if final is None else final.sum((-2, -1)), "gk": None if final is None else final.sum(-1),
-            "gv": None if final is None else final.sum(-2)}
-    dG = {n: None if x is None else reverse_cumsum(x, ends[n], lay) for n, x in dL.items()}
+        if tiles is not None:
+            parts["g"] = tuple(x.sum(0) for x in tiles)
+    dG = {n: None if p is None else gate_grad(*p, lay) for n, p in parts.items()}
     return dq, dk, dv, dh0, dG
 
 
-def reverse_cumsum(x: torch.Tensor, at_end: torch.Tensor | None, lay: Layout) -> torch.Tensor:
-    """y_t = at_end[n] + Σ_{t' >= t} x_t' within each sequence n: x [B,T,H] or [B,T,H,D] fp32."""
-    B, T, H = x.shape[:3]
-    D = x.shape[3] if x.dim() == 4 else 1
-    y = torch.empty_like(x)
+def gate_grad_parts(per_token: tuple, per_chunk: tuple, device, zero: bool = False):
+    """fp32 buffers (a, b [*per_token], c [*per_chunk]) for the parts of a gate gradient. The scalar
+    decay's are partial sums per K tile, zeroed: the kernel may use fewer tiles than allocated."""
+    new = torch.zeros if zero else torch.empty
+    return tuple(new(shape, dtype=torch.float32, device=device) for shape in (per_token, per_token, per_chunk))
+
+
+def gate_grad(a, b, c, lay: Layout) -> torch.Tensor:
+    """The per-token gate gradient [B,T,H] or [B,T,H,D] from its parts (chunk_gate_grad_kernel)."""
+    B, T, H = a.shape[:3]
+    D = a.shape[3] if a.dim() == 4 else 1
+    out = torch.empty_like(a)
     BD = min(64, triton.next_power_of_2(D))
-    tk.reverse_cumsum_kernel[(triton.cdiv(D, BD), lay.N * H)](
-        x, None if at_end is None else at_end.contiguous(), y, lay.cu, T, H=H, D=D, BT=BT, BD=BD,
-        HAS_END=at_end is not None, IS_VARLEN=lay.varlen,
+    nt, nbh = lay.chunk_grid(H)
+    tk.chunk_gate_grad_kernel[(triton.cdiv(D, BD), nt, nbh)](
+        a, b, c, out, lay.cu, lay.chunk_idx, T, H=H, D=D, BT=BT, BD=BD, IS_VARLEN=lay.varlen
     )
-    return y
+    return out
 
 
 def fold_scalar_into_gk(g, gk):
@@ -261,17 +264,17 @@ class ChunkEOS(torch.autograd.Function):
         h0 = None if h0 is None else h0.float().contiguous()
         lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
         gates = Gates(g, gk, gv, lay)
-        o, ht, ht_strict, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state)
-        ctx.save_for_backward(q, k, v, g, gk, gv, h0, o_strict, ht_strict, A, cu_seqlens)
+        o, ht, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state)
+        ctx.save_for_backward(q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gk, gv, h0, o_strict, ht_strict, A, cu_seqlens = ctx.saved_tensors
+        q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens = ctx.saved_tensors
         lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
         gates = Gates(g, gk, gv, lay)
         dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, ht_strict, gates, h0, A, lay)
+        dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, gates, h0, A, lay)
         grads = []
         for name, x in (("g", g), ("gk", gk), ("gv", gv)):
             d = dG[name]

@@ -139,7 +139,7 @@ def chunk_cumsum_kernel(g, out, cu, chunk_idx, T, H: tl.constexpr, D: tl.constex
 )
 @triton.jit(do_not_specialize=["T"])
 def chunk_state_fwd_kernel(
-    k, v, g, gk, gv, gs, gks, gvs, h, h0, ht, ht_strict, cu, chunk_off, T,
+    k, v, g, gk, gv, gs, gks, gvs, h, h0, ht, cu, chunk_off, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
     USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
@@ -147,9 +147,7 @@ def chunk_state_fwd_kernel(
 ):
     """h[c] = the state before chunk c, for every chunk; sequential over the chunks of a sequence.
 
-    h_{c+1} = D_c ⊙ h_c + Σ_s (k_s ⊙ exp(Gk_L - Gk_s)) (v_s ⊙ exp(Gv_L - Gv_s))ᵀ, L the chunk's last row.
-    The last row's term k_L v_Lᵀ is added apart, so that the final state is also stored without the
-    last token's own write (ht_strict): the gradient of the last gate needs exactly that part."""
+    h_{c+1} = D_c ⊙ h_c + Σ_s (k_s ⊙ exp(Gk_L - Gk_s)) (v_s ⊙ exp(Gv_L - Gv_s))ᵀ, L the chunk's last row."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn, c0 = _seq_coords(i_n, T, cu, chunk_off, BT, IS_VARLEN)
@@ -183,16 +181,7 @@ def chunk_state_fwd_kernel(
             b_gl = _gate_scalar(g, gs, row0, last, last, i_h, H, G_STATIC)
             b_h *= tl.exp(b_gl)
             b_v = (b_v * tl.exp(b_gl - b_g)[:, None]).to(b_v.dtype)
-        if STORE_HT:
-            b_h += tl.dot(tl.trans(tl.where((r < last)[:, None], b_k, 0.0).to(b_k.dtype)), b_v)
-            b_kl = tl.load(k + ((row0 + last) * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            b_vl = tl.load(v + ((row0 + last) * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-            b_last = b_kl[:, None] * b_vl[None, :]
-            if i_t == tl.cdiv(Tn, BT) - 1:
-                tl.store(ht_strict + (i_nh * K + o_k[:, None]) * V + o_v[None, :], b_h, mask=m_kv)
-            b_h += b_last
-        else:
-            b_h += tl.dot(tl.trans(b_k), b_v)
+        b_h += tl.dot(tl.trans(b_k), b_v)
     if STORE_HT:
         tl.store(ht + (i_nh * K + o_k[:, None]) * V + o_v[None, :], b_h, mask=m_kv)
 
@@ -571,7 +560,7 @@ def chunk_dv_kernel(
 )
 @triton.jit(do_not_specialize=["T"])
 def chunk_dv_gv_kernel(
-    q, k, v, do, o_strict, dh, g, gk, gv, gs, gks, gvs, A, dv, dgv, cu, chunk_idx, T,
+    q, k, v, do, o_strict, h, dh, g, gk, gv, gs, gks, gvs, A, dv, dga, dgb, dgc, cu, chunk_idx, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
@@ -579,8 +568,9 @@ def chunk_dv_gv_kernel(
 ):
     """dv with a decay along V, one program per sub-chunk of rows:
     dv_s = ((k̃_s dh_c) exp(G_L - G_s)) ⊙ exp(Gv_L - Gv_s) + Σ_{t>=s} A_ts do_t ⊙ exp(Gv_t - Gv_s).
-    Also dgv_s = do_s ⊙ o_s - v_s ⊙ dv_s (the gradient of the cumulative Gv), from the parts of o
-    and dv without their s = t terms: those cancel exactly and would only leave rounding."""
+    Also the parts of the gate gradient (see chunk_gate_grad_kernel): dga = do ⊙ o - v ⊙ dv_intra,
+    from the parts of o and dv without their s = t terms (those cancel exactly and would only leave
+    rounding), dgb = v ⊙ dv_inter and dgc = Σ_k D_c h_c ⊙ dh_c."""
     i_v, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_i = i_tc // (BT // BC), i_tc % (BT // BC)
     i_b, i_h = i_bh // H, i_bh % H
@@ -596,6 +586,7 @@ def chunk_dv_gv_kernel(
     m_v = o_v < V
     b_dv = tl.zeros([BC, BV], dtype=tl.float32)
     b_qk = tl.zeros([BC], dtype=tl.float32)
+    b_hdh = tl.zeros([BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -607,9 +598,17 @@ def chunk_dv_gv_kernel(
             b_k = (b_k * tl.exp(b_gl[None, :] - b_g)).to(b_k.dtype)
         b_dh = tl.load(dh + ((i_c * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_dv += tl.dot(b_k, b_dh.to(b_k.dtype))
+        if i_i == 0:  # one sub-chunk computes the chunk's state term
+            b_h = tl.load(h + ((i_c * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            b_hd = b_h.to(tl.float32) * b_dh.to(tl.float32)
+            if USE_GK:
+                b_hd *= tl.exp(b_gl)[:, None]
+            b_hdh += tl.sum(b_hd, axis=0)
     if USE_G:
         b_g = _gate_scalar(g, gs, row0, rj, last, i_h, H, G_STATIC)
-        b_dv *= tl.exp(_gate_scalar(g, gs, row0, last, last, i_h, H, G_STATIC) - b_g)[:, None]
+        b_g_last = _gate_scalar(g, gs, row0, last, last, i_h, H, G_STATIC)
+        b_dv *= tl.exp(b_g_last - b_g)[:, None]
+        b_hdh *= tl.exp(b_g_last)
     b_gvl = _gate_row(gv, gvs, row0, last, last, i_h, o_v, m_v, H, V, GV_STATIC)
     b_dv_inter = b_dv * tl.exp(b_gvl[None, :] - _gate(gv, gvs, row0, rj, last, i_h, o_v, m_v, H, V, GV_STATIC))
     b_dv = _intra_backward(A, do, gv, gvs, row0, r0, last, i_h, o_v, m_v, H, V, BT, BC, GV_STATIC, True)
@@ -618,8 +617,10 @@ def chunk_dv_gv_kernel(
     b_do = _load_rows(do, row0, rj, m_rj, i_h, o_v, m_v, H, V).to(tl.float32)
     b_v = _load_rows(v, row0, rj, m_rj, i_h, o_v, m_v, H, V).to(tl.float32)
     b_os = tl.load(o_strict + p, mask=m, other=0.0)
-    final = (i_tl * BT + rj == Tn - 1)[:, None]  # the last token's own write into the final state
-    tl.store(dgv + p, b_do * b_os - b_v * (b_dv + tl.where(final, 0.0, b_dv_inter)), mask=m)
+    tl.store(dga + p, b_do * b_os - b_v * b_dv, mask=m)
+    tl.store(dgb + p, b_v * b_dv_inter, mask=m)
+    if i_i == 0:
+        tl.store(dgc + (i_c * H + i_h) * V + o_v, b_hdh * tl.exp(b_gvl), mask=m_v)
     tl.store(dv + p, (b_dv + b_dv_inter + b_qk[:, None] * b_do).to(dv.dtype.element_ty), mask=m)
 
 
@@ -631,14 +632,15 @@ def chunk_dv_gv_kernel(
 )
 @triton.jit(do_not_specialize=["T"])
 def chunk_dqdk_kernel(
-    q, k, v, do, h, dh, g, gv, gs, gvs, dA, dq, dk, dg, cu, chunk_idx, T, NTOT,
+    q, k, v, do, h, dh, g, gv, gs, gvs, dA, dq, dk, dga, dgb, dgc, cu, chunk_idx, T, NTOT, NC,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GV: tl.constexpr, GV_STATIC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """dq, dk without a decay along K: the inter-chunk terms plus dA' = dA ⊙ exp(G_t - G_s),
     dq += dA' k, dk += dA'ᵀ q; dA = do vᵀ here, or read from the scores buffer (USE_GV).
-    With a scalar decay, dg[i_k] = Σ_(this K tile) q ⊙ dq - k ⊙ dk over the s != t terms."""
+    With a scalar decay, this K tile's parts of the gate gradient (see chunk_gate_grad_kernel):
+    dga = Σ q ⊙ dq - k ⊙ dk_intra over the s != t terms, dgb = Σ k ⊙ dk_inter, dgc = Σ D_c h_c ⊙ dh_c."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
@@ -652,6 +654,7 @@ def chunk_dqdk_kernel(
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dov = tl.zeros([BT], dtype=tl.float32)  # do_t · v_t, the diagonal of dA
+    b_hdh = tl.zeros([BK], dtype=tl.float32)  # Σ_v (D_c h_c ⊙ dh_c), the scalar decay's state term
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -665,10 +668,14 @@ def chunk_dqdk_kernel(
             b_gl = _gate_row(gv, gvs, row0, last, last, i_h, o_v, m_v, H, V, GV_STATIC)
             b_dq += tl.dot((b_do * tl.exp(b_g)).to(b_do.dtype), b_h.to(b_do.dtype))
             b_dk += tl.dot((b_v * tl.exp(b_gl[None, :] - b_g)).to(b_v.dtype), b_dh.to(b_v.dtype))
+            if USE_G:
+                b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32) * tl.exp(b_gl)[:, None], axis=0)
         else:
             b_dq += tl.dot(b_do, b_h.to(b_do.dtype))
             b_dk += tl.dot(b_v, b_dh.to(b_v.dtype))
             b_dA += tl.dot(b_do, tl.trans(b_v))
+            if USE_G:
+                b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
     if USE_GV:
         b_dA = tl.load(dA + ((row0 + r)[:, None] * H + i_h) * BT + r[None, :], mask=m_r[:, None], other=0.0)
     b_q = _load_rows(q, row0, r, m_r, i_h, o_k, m_k, H, K)
@@ -686,10 +693,11 @@ def chunk_dqdk_kernel(
         b_dA = tl.where(strict, b_dA * tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], 0.0)), 0.0)
         b_dq += tl.dot(b_dA.to(b_k.dtype), b_k)
         b_dk = tl.dot(tl.trans(b_dA).to(b_q.dtype), b_q)
-        # the sequence's last token writes into the final state with no decay: its own term, like s = t
-        final = (i_tl * BT + r == Tn - 1)[:, None]
-        b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * (b_dk + tl.where(final, 0.0, b_dk_inter)), axis=1)
-        tl.store(dg + (i_k * NTOT + row0 + r) * H + i_h, b_dg, mask=m_r)
+        b_ga = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
+        b_gb = tl.sum(b_k.to(tl.float32) * b_dk_inter, axis=1)
+        tl.store(dga + (i_k * NTOT + row0 + r) * H + i_h, b_ga, mask=m_r)
+        tl.store(dgb + (i_k * NTOT + row0 + r) * H + i_h, b_gb, mask=m_r)
+        tl.store(dgc + (i_k * NC + i_c) * H + i_h, tl.sum(b_hdh) * tl.exp(b_gl))
         tl.store(dq + p, (b_dq + b_dov[:, None] * b_k.to(tl.float32)).to(dq.dtype.element_ty), mask=m)
         tl.store(dk + p, (b_dk + b_dk_inter + b_dov[:, None] * b_q.to(tl.float32)).to(dk.dtype.element_ty), mask=m)
     else:
@@ -706,7 +714,7 @@ def chunk_dqdk_kernel(
 )
 @triton.jit(do_not_specialize=["T"])
 def chunk_dqdk_gk_kernel(
-    q, k, v, do, h, dh, gk, gv, gks, gvs, dA, dq, dk, dgk, cu, chunk_idx, T,
+    q, k, v, do, h, dh, gk, gv, gks, gvs, dA, dq, dk, dga, dgb, dgc, cu, chunk_idx, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     GK_STATIC: tl.constexpr, USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -714,7 +722,8 @@ def chunk_dqdk_gk_kernel(
     """dq, dk with a decay along K, one program per sub-chunk of rows:
     dq_t = (do_t ⊙ exp(Gv_t)) h_cᵀ ⊙ exp(Gk_t) + Σ_{s<=t} dA_ts k_s ⊙ exp(Gk_t - Gk_s),
     dk_s = (v_s ⊙ exp(Gv_L - Gv_s)) dh_cᵀ ⊙ exp(Gk_L - Gk_s) + Σ_{t>=s} dA_ts q_t ⊙ exp(Gk_t - Gk_s),
-    and dgk = q ⊙ dq - k ⊙ dk over the s != t terms (the s = t ones cancel exactly)."""
+    and the parts of the gate gradient (see chunk_gate_grad_kernel): dga = q ⊙ dq - k ⊙ dk_intra over
+    the s != t terms (the s = t ones cancel exactly), dgb = k ⊙ dk_inter, dgc = Σ_v D_c h_c ⊙ dh_c."""
     i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_i = i_tc // (BT // BC), i_tc % (BT // BC)
     i_b, i_h = i_bh // H, i_bh % H
@@ -731,6 +740,7 @@ def chunk_dqdk_gk_kernel(
     b_dq = tl.zeros([BC, BK], dtype=tl.float32)
     b_dk = tl.zeros([BC, BK], dtype=tl.float32)
     b_dov = tl.zeros([BC], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -746,6 +756,10 @@ def chunk_dqdk_gk_kernel(
         b_dh = tl.load(dh + ((i_c * H + i_h) * K + o_k[None, :]) * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.0)
         b_dq += tl.dot(b_do, b_h.to(b_do.dtype))
         b_dk += tl.dot(b_v, b_dh.to(b_v.dtype))
+        b_hd = b_h.to(tl.float32) * b_dh.to(tl.float32)
+        if USE_GV:
+            b_hd *= tl.exp(b_gl)[:, None]
+        b_hdh += tl.sum(b_hd, axis=0)
     b_gi = _gate(gk, gks, row0, ri, last, i_h, o_k, m_k, H, K, GK_STATIC)
     b_gl = _gate_row(gk, gks, row0, last, last, i_h, o_k, m_k, H, K, GK_STATIC)
     b_dq *= tl.exp(b_gi)
@@ -756,36 +770,36 @@ def chunk_dqdk_gk_kernel(
     b_k = _load_rows(k, row0, ri, m_ri, i_h, o_k, m_k, H, K).to(tl.float32)
     p = ((row0 + ri)[:, None] * H + i_h) * K + o_k[None, :]
     m = m_ri[:, None] & m_k[None, :]
-    final = (i_tl * BT + ri == Tn - 1)[:, None]  # the last token's own write into the final state
-    tl.store(dgk + p, b_q * b_dq - b_k * (b_dk + tl.where(final, 0.0, b_dk_inter)), mask=m)
+    tl.store(dga + p, b_q * b_dq - b_k * b_dk, mask=m)
+    tl.store(dgb + p, b_k * b_dk_inter, mask=m)
+    if i_i == 0:
+        tl.store(dgc + (i_c * H + i_h) * K + o_k, b_hdh * tl.exp(b_gl), mask=m_k)
     tl.store(dq + p, (b_dq + b_dov[:, None] * b_k).to(dq.dtype.element_ty), mask=m)
     tl.store(dk + p, (b_dk + b_dk_inter + b_dov[:, None] * b_q).to(dk.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["T"])
-def reverse_cumsum_kernel(x, at_end, y, cu, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                          BD: tl.constexpr, HAS_END: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """y_t = at_end[n] + Σ_{t' >= t} x_t' within each sequence n; x, y [.., T, H, D] fp32."""
-    i_d, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu + i_n).to(tl.int32)
-        Tn = tl.load(cu + i_n + 1).to(tl.int32) - bos
-    else:
-        bos = i_n * T
-        Tn = T
+def chunk_gate_grad_kernel(a, b, c, out, cu, chunk_idx, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                           BD: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The gradient of a per-token log gate, assembled within its chunk from three parts:
+
+        dg_t = Σ_{t' >= t} a_t' + Σ_{s < t} b_s + c
+        a = q ⊙ dq - k ⊙ dk_intra   (the chunk's outputs; along V: do ⊙ o - v ⊙ dv_intra)
+        b = k ⊙ dk_inter            (each token's write into the state after the chunk)
+        c = Σ D_c h_c ⊙ dh_c        (the state before the chunk, carried through its decay D_c)
+
+    a, b, out [.., T, H, D], c [n_chunks, H, D], fp32. No sum runs along the whole sequence: what
+    lies beyond the chunk enters through dh_c alone, so rounding in the terms does not pile up over T."""
+    i_d, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
+    r = tl.arange(0, BT)
+    m_r = i_tl * BT + r < Tn
     cols = i_d * BD + tl.arange(0, BD)
     m_c = cols < D
-    r = tl.arange(0, BT)
-    b_carry = tl.zeros([BD], dtype=tl.float32)
-    if HAS_END:
-        b_carry += tl.load(at_end + i_nh * D + cols, mask=m_c, other=0.0)
-    NT = tl.cdiv(Tn, BT)
-    for i_back in range(NT):
-        i_t = NT - 1 - i_back
-        m_r = i_t * BT + r < Tn
-        p = ((bos + i_t * BT + r)[:, None] * H + i_h) * D + cols[None, :]
-        b_x = tl.load(x + p, mask=m_r[:, None] & m_c[None, :], other=0.0)
-        b_y = tl.cumsum(b_x, axis=0, reverse=True) + b_carry[None, :]
-        tl.store(y + p, b_y, mask=m_r[:, None] & m_c[None, :])
-        b_carry += tl.sum(b_x, axis=0)
+    row0 = bos + i_tl * BT
+    b_a = _load_rows(a, row0, r, m_r, i_h, cols, m_c, H, D)
+    b_b = _load_rows(b, row0, r - 1, m_r & (r >= 1), i_h, cols, m_c, H, D)  # b_{t-1}: an exclusive cumsum
+    b_c = tl.load(c + (i_c * H + i_h) * D + cols, mask=m_c, other=0.0)
+    b_g = tl.cumsum(b_a, axis=0, reverse=True) + tl.cumsum(b_b, axis=0) + b_c[None, :]
+    tl.store(out + ((row0 + r)[:, None] * H + i_h) * D + cols[None, :], b_g, mask=m_r[:, None] & m_c[None, :])
