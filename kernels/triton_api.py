@@ -120,7 +120,7 @@ def chunk_scores(a, b, L_cum, L_stat, G_cum, G_stat, lay: Layout) -> torch.Tenso
     if L_cum is not None or L_stat is not None:
         tk.chunk_scores_decay_kernel[(BT // BC, nt, nbh)](
             a, b, L_cum, L_stat, S, lay.cu, lay.chunk_idx, T, H=H, D=D, BT=BT, BC=BC,
-            BDF=triton.next_power_of_2(D), L_STATIC=L_stat is not None, IS_VARLEN=lay.varlen,
+            BDF=max(16, triton.next_power_of_2(D)), L_STATIC=L_stat is not None, IS_VARLEN=lay.varlen,
         )
     else:
         tk.chunk_scores_kernel[(nt, nbh)](

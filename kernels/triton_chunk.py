@@ -9,7 +9,7 @@ Chunks of BT = 64 tokens; inside a chunk, decays along K or V use sub-chunks of 
     backward  state again -> dstate (reverse over chunks) -> dA (only with gk or gv)
               -> dv -> dq, dk; the gate gradients follow from the identity
               d(cumulative log gate)_t = q ⊙ dq - k ⊙ dk (along K) or o ⊙ do - v ⊙ dv (along V),
-              reverse-cumsummed over each sequence (done in torch, see triton_api.py).
+              summed within each chunk together with the chunk's state term (chunk_gate_grad_kernel).
 
 Numerics: every exponent is <= 0. Pairwise decays exp(L_t - L_s) inside a chunk are factored
 against a reference row r with s <= r <= t, so both factors decay; the 16×16 diagonal blocks,
@@ -134,7 +134,10 @@ def chunk_cumsum_kernel(g, out, cu, chunk_idx, T, H: tl.constexpr, D: tl.constex
 @autotune(
     [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
      triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
-     triton.Config({"BK": 32, "BV": 64}, num_warps=2, num_stages=3)],
+     triton.Config({"BK": 32, "BV": 64}, num_warps=2, num_stages=3),
+     triton.Config({"BK": 32, "BV": 32}, num_warps=2, num_stages=3),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=4)],
     key=["H", "K", "V", "USE_G", "USE_GK", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -219,17 +222,17 @@ def chunk_scores_kernel(
     tl.store(S + ((row0 + r)[:, None] * H + i_h) * BT + r[None, :], b_S, mask=m_r[:, None])
 
 
-@autotune([triton.Config({"BD": 64}, num_warps=4), triton.Config({"BD": 32}, num_warps=2)], key=["H", "D"])
+@autotune([triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)], key=["H", "D"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_scores_decay_kernel(
     a, b, L, Ls, S, cu, chunk_idx, T,
-    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BDF: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDF: tl.constexpr,
     L_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """S[t, s] = Σ_d a_td b_sd exp(L_td - L_sd) for s <= t, with a decay L along D (gk or gv).
 
-    One program per sub-chunk i of rows: the columns s < 16i through a product factored at the
-    reference row 16i, the diagonal block element by element (BDF >= D: all features at once)."""
+    One program per sub-chunk i of rows (all BDF >= D features at once): each earlier sub-chunk j
+    through a product factored at the reference row 16i, the diagonal block element by element."""
     i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
@@ -240,29 +243,26 @@ def chunk_scores_decay_kernel(
         return
     ri = r0 + tl.arange(0, BC)  # rows of this sub-chunk
     m_ri = ri <= last
-    rs = tl.arange(0, BT)  # every column
-    m_rs = rs <= last
-    # columns before the sub-chunk: exp(L_t - L_s) = exp(L_t - L_ref) · exp(L_ref - L_s)
-    b_S = tl.zeros([BC, BT], dtype=tl.float32)
-    if i_i > 0:
-        for i_d in range(tl.cdiv(D, BD)):
-            cols = i_d * BD + tl.arange(0, BD)
-            m_c = cols < D
-            b_ref = _gate_row(L, Ls, row0, r0, last, i_h, cols, m_c, H, D, L_STATIC)
-            b_a = _load_rows(a, row0, ri, m_ri, i_h, cols, m_c, H, D)
-            b_la = _gate(L, Ls, row0, ri, last, i_h, cols, m_c, H, D, L_STATIC)
-            b_a = (b_a * tl.exp(b_la - b_ref[None, :])).to(b_a.dtype)
-            b_b = _load_rows(b, row0, rs, m_rs, i_h, cols, m_c, H, D)
-            b_lb = _gate(L, Ls, row0, rs, last, i_h, cols, m_c, H, D, L_STATIC)
-            b_b = (b_b * tl.exp(tl.where((rs < r0)[:, None], b_ref[None, :] - b_lb, float("-inf")))).to(b_b.dtype)
-            b_S += tl.dot(b_a, tl.trans(b_b))
-    p_S = S + ((row0 + ri)[:, None] * H + i_h) * BT + rs[None, :]
-    tl.store(p_S, b_S, mask=m_ri[:, None] & ((rs < r0) | (rs >= r0 + BC))[None, :])
-    # the diagonal block, one column at a time
+    rs = tl.arange(0, BT)
     cols = tl.arange(0, BDF)
     m_c = cols < D
-    b_a = _load_rows(a, row0, ri, m_ri, i_h, cols, m_c, H, D).to(tl.float32)
+    b_a = _load_rows(a, row0, ri, m_ri, i_h, cols, m_c, H, D)
     b_la = _gate(L, Ls, row0, ri, last, i_h, cols, m_c, H, D, L_STATIC)
+    # earlier sub-chunks: exp(L_t - L_s) = exp(L_t - L_ref) · exp(L_ref - L_s), both exponents <= 0
+    b_ref = _gate_row(L, Ls, row0, r0, last, i_h, cols, m_c, H, D, L_STATIC)
+    b_as = (b_a * tl.exp(b_la - b_ref[None, :])).to(b_a.dtype)
+    for j in range(0, i_i):
+        rj = j * BC + tl.arange(0, BC)  # rows before r0 <= last: all inside the sequence
+        b_b = _load_rows(b, row0, rj, rj <= last, i_h, cols, m_c, H, D)
+        b_lb = _gate(L, Ls, row0, rj, last, i_h, cols, m_c, H, D, L_STATIC)
+        b_b = (b_b * tl.exp(b_ref[None, :] - b_lb)).to(b_b.dtype)
+        b_S = tl.dot(b_as, tl.trans(b_b))
+        tl.store(S + ((row0 + ri)[:, None] * H + i_h) * BT + rj[None, :], b_S, mask=m_ri[:, None])
+    # above the diagonal block: zeros, so that readers may load whole rows
+    p_S = S + ((row0 + ri)[:, None] * H + i_h) * BT + rs[None, :]
+    tl.store(p_S, tl.zeros([BC, BT], dtype=tl.float32), mask=m_ri[:, None] & (rs >= r0 + BC)[None, :])
+    # the diagonal block, one column at a time
+    b_a = b_a.to(tl.float32)
     for j in range(0, tl.minimum(BC, last - r0 + 1)):
         s = r0 + j
         b_bj = tl.load(b + ((row0 + s) * H + i_h) * D + cols, mask=m_c, other=0.0).to(tl.float32)
@@ -279,7 +279,9 @@ def chunk_scores_decay_kernel(
 @autotune(
     [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
      triton.Config({"BK": 64, "BV": 128}, num_warps=8, num_stages=2),
-     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3)],
+     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=2, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -395,7 +397,9 @@ def _intra_backward(W, X, L, Ls, row0, r0, last, i_h, cols, m_c, H: tl.constexpr
 
 
 @autotune(
-    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=8), triton.Config({"BK": 32, "BV": 64}, num_warps=4),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=4)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -450,7 +454,10 @@ def chunk_output_gv_kernel(
 @autotune(
     [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
      triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
-     triton.Config({"BK": 32, "BV": 64}, num_warps=2, num_stages=3)],
+     triton.Config({"BK": 32, "BV": 64}, num_warps=2, num_stages=3),
+     triton.Config({"BK": 32, "BV": 32}, num_warps=2, num_stages=3),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=4)],
     key=["H", "K", "V", "USE_G", "USE_GK", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -503,7 +510,9 @@ def chunk_state_bwd_kernel(
 @autotune(
     [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
      triton.Config({"BK": 64, "BV": 128}, num_warps=8, num_stages=2),
-     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3)],
+     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=2, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -555,7 +564,9 @@ def chunk_dv_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=8), triton.Config({"BK": 32, "BV": 64}, num_warps=4),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=4)],
     key=["H", "K", "V", "USE_G", "USE_GK"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -709,7 +720,9 @@ def chunk_dqdk_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2)],
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=8), triton.Config({"BK": 32, "BV": 64}, num_warps=4),
+     triton.Config({"BK": 64, "BV": 32}, num_warps=4)],
     key=["H", "K", "V", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])

@@ -56,6 +56,10 @@ def make_inputs(form: str, B: int, T: int, H: int, D: int, dtype, device, scale:
     return s, e, i, gates
 
 
+# fla-core treats g_gamma as a constant: it has no gradient, so its fwd+bwd differentiates s, e, i only
+FLA_CONSTANT_GATES = {"scalar_static"}
+
+
 def fla_counterpart(form: str):
     """fla-core's kernel for the same recurrence (scale 1, no normalisation), or None."""
     try:
@@ -109,8 +113,10 @@ def timed(fn, warmup: int = 25, rep: int = 100):
         return f"error: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
 
 
-def fwd_bwd(op, tensors: list[torch.Tensor]):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+def fwd_bwd(op, tensors: list[torch.Tensor], n_diff: int | None = None):
+    """A closure running op forward and backward; the first n_diff tensors (all by default) get gradients."""
+    n_diff = len(tensors) if n_diff is None else n_diff
+    leaves = [t.detach().clone().requires_grad_(k < n_diff) for k, t in enumerate(tensors)]
     dy = None
 
     def run():
@@ -118,14 +124,15 @@ def fwd_bwd(op, tensors: list[torch.Tensor]):
         y = op(*leaves)
         if dy is None:
             dy = torch.randn_like(y)
-        return torch.autograd.grad(y, leaves, dy)
+        return torch.autograd.grad(y, leaves[:n_diff], dy)
 
     return run
 
 
-def bench_shape(shape, forms, device, bandwidth, dtype=torch.bfloat16, torch_path=True):
+def bench_shape(shape, forms, device, bandwidth, dtype=torch.bfloat16, torch_path=True, out=None, save=None):
+    """Times every form at one shape; rows are appended to `out` as they come (`save` after each)."""
     B, T, H, D = shape
-    rows = []
+    rows = [] if out is None else out
     for form in forms:
         s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
         names = list(gates)
@@ -143,12 +150,14 @@ def bench_shape(shape, forms, device, bandwidth, dtype=torch.bfloat16, torch_pat
         fla = fla_counterpart(form)
         if fla is not None:
             row["fla_fwd"] = timed(lambda: fla(*args))
-            row["fla_fwdbwd"] = timed(fwd_bwd(fla, args))
+            row["fla_fwdbwd"] = timed(fwd_bwd(fla, args, 3 if form in FLA_CONSTANT_GATES else None))
         if torch_path and form != "full":
             row["torch_fwd"] = timed(lambda: torch_path_op(*args), warmup=2, rep=10)
         row["floor_fwd"] = floor_bytes(form, s, e, i, gates, False) / bandwidth
         row["floor_fwdbwd"] = floor_bytes(form, s, e, i, gates, True) / bandwidth
         rows.append(row)
+        if save:
+            save()
         print(_fmt_row(row), flush=True)
         del s, e, i, gates, args
         torch.cuda.empty_cache()
@@ -192,6 +201,54 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+def profile_form(form, shape, device, dtype=torch.bfloat16, steps: int = 5) -> str:
+    """Per-kernel GPU time of one forward+backward, ours and fla-core's, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, H, D = shape
+    s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
+    names = list(gates)
+    args = [s, e, i, *gates.values()]
+    runs = {"ours": fwd_bwd(lambda s, e, i, *g: eos_recurrence(s, e, i, backend="triton", **dict(zip(names, g)))[0], args)}
+    fla = fla_counterpart(form)
+    if fla is not None:
+        runs["fla"] = fwd_bwd(fla, args, 3 if form in FLA_CONSTANT_GATES else None)
+    out = []
+    for who, fn in runs.items():
+        try:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+        except Exception as err:
+            out.append(f"{form} {who}: error {type(err).__name__}")
+            continue
+        rows = [(ev.key, ev.device_time_total / steps / 1e3) for ev in prof.key_averages()]
+        rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+        total = sum(ms for _, ms in rows)
+        out.append(f"{form} {who}: {total:.3f} ms per fwd+bwd on the GPU")
+        out += [f"  {ms:8.3f} ms  {name[:90]}" for name, ms in rows[:14]]
+    out.append(tuned_configs())
+    return "\n".join(out)
+
+
+def tuned_configs() -> str:
+    """The configuration each of our autotuned kernels settled on, per key."""
+    from lcsm.kernels import triton_chunk, triton_scan
+
+    lines = []
+    for mod in (triton_chunk, triton_scan):
+        for name, obj in vars(mod).items():
+            cache = getattr(obj, "cache", None)
+            if isinstance(cache, dict) and cache:
+                for key, cfg in cache.items():
+                    lines.append(f"  tuned {name} {key}: {cfg}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- correctness
 
 
@@ -199,7 +256,7 @@ def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def check_form(form, shape, device, scale=None, with_fla=True, dtype=torch.bfloat16):
+def check_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16):
     """Relative errors of bf16 outputs and gradients against an fp64 oracle (the torch path in fp64,
     itself checked against the reference loop by the test suite), ours and fla-core's side by side."""
     B, T, H, D = shape
@@ -209,17 +266,29 @@ def check_form(form, shape, device, scale=None, with_fla=True, dtype=torch.bfloa
     gen = torch.Generator(device=device).manual_seed(2)
     dy = torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.float32)
 
-    def grads_of(op, dtype):
+    def grads_of(op, dtype, tensors=tensors, dy=dy):
         leaves = [t.detach().to(dtype if k < 3 else torch.float64 if dtype == torch.float64 else t.dtype)
                   .clone().requires_grad_(True) for k, t in enumerate(tensors)]
         y = op(*leaves)
         g = torch.autograd.grad(y, leaves, dy.to(y.dtype))
         return [y.detach()] + [x.detach() for x in g]
 
-    oracle = grads_of(lambda s, e, i, *g: eos_recurrence(s, e, i, backend="torch", **dict(zip(names, g)))[0], torch.float64)
-    ours = grads_of(lambda s, e, i, *g: eos_recurrence(s, e, i, backend="triton", **dict(zip(names, g)))[0], dtype)
+    def oracle_of(op):
+        # one sequence at a time: the fp64 chunked path holds [T/C, C, C, D] decay tensors
+        batched = [True] * 3 + [n != "A" and t.dim() >= 3 for n, t in gates.items()]  # A is [H,K,V]
+        per_b = []
+        for b in range(B):
+            part = [t[b:b + 1] if bt else t for bt, t in zip(batched, tensors)]
+            per_b.append(grads_of(op, torch.float64, part, dy[b:b + 1]))
+        return [torch.cat(xs) if bt else sum(xs) for bt, xs in zip([True] + batched, zip(*per_b))]
+
+    oracle = oracle_of(lambda s, e, i, *g: eos_recurrence(s, e, i, backend="torch", **dict(zip(names, g)))[0])
     labels = ["y", "ds", "de", "di"] + [f"d{n}" for n in names]
-    out = {"form": form, "shape": shape, "scale": scale, "ours": dict(zip(labels, (_rel(a, b) for a, b in zip(ours, oracle))))}
+    out = {"form": form, "shape": shape, "scale": scale}
+    if with_ours:
+        ours = grads_of(lambda s, e, i, *g: eos_recurrence(s, e, i, backend="triton", **dict(zip(names, g)))[0], dtype)
+        out["ours"] = dict(zip(labels, (_rel(a, b) for a, b in zip(ours, oracle))))
+        del ours
     fla = fla_counterpart(form) if with_fla else None
     if fla is not None:
         try:
@@ -227,24 +296,46 @@ def check_form(form, shape, device, scale=None, with_fla=True, dtype=torch.bfloa
             out["fla"] = dict(zip(labels, (_rel(a, b) for a, b in zip(theirs, oracle))))
         except Exception as err:
             out["fla"] = f"error: {type(err).__name__}"
-    del oracle, ours
+    del oracle
     torch.cuda.empty_cache()
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lcsm bench kernels", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D ... (default: 8,4096,16,128 2,16384,16,128)")
-    p.add_argument("--forms", nargs="*", default=FORMS, choices=FORMS)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", nargs="*", default=None, metavar="B,T,H,D",
+                   help="shapes to time (default: 8,4096,16,128 2,16384,16,128); the check uses the first")
+    p.add_argument("--forms", nargs="*", default=FORMS, choices=FORMS, metavar="FORM",
+                   help=f"forms to run (default: all of {', '.join(FORMS)})")
     p.add_argument("--check", action="store_true", help="also check bf16 outputs and gradients against fp64")
     p.add_argument("--check-only", action="store_true", help="only the correctness check, no timings")
     p.add_argument("--no-torch", action="store_true", help="skip timing the torch path")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
+    p.add_argument("--impl", choices=["both", "ours", "fla"], default="both",
+                   help="check only ours or only fla-core's (e.g. to compile both in parallel processes)")
+    p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of fwd+bwd (first shape)")
+    p.add_argument("--json", help="write the results here (rewritten after every row)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lcsm bench kernels", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise SystemExit(f"--shapes: expected B,T,H,D with four positive integers, got {text!r}")
+    return shape
+
+
+def run(args) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("lcsm bench kernels needs a CUDA GPU")
     device = torch.device("cuda")
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    shapes = [_parse_shape(s) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
     import triton
 
     env = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -257,6 +348,16 @@ def main(argv=None) -> int:
         env["fla"] = None
     print(json.dumps(env), flush=True)
     results = {"env": env, "checks": [], "timings": []}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+    if args.profile:
+        for form in args.forms:
+            print(profile_form(form, shapes[0], device), flush=True)
+        return 0
     if args.check or args.check_only:
         shape = shapes[0]
         for form in args.forms:
@@ -264,7 +365,8 @@ def main(argv=None) -> int:
             for scale in scales:
                 t0 = time.time()
                 try:
-                    res = check_form(form, shape, device, scale=scale)
+                    res = check_form(form, shape, device, scale=scale, with_fla=args.impl != "ours",
+                                     with_ours=args.impl != "fla")
                 except Exception as err:  # report and go on with the other forms
                     import traceback
 
@@ -273,22 +375,17 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                     continue
                 results["checks"].append(res)
-                print(f"check {form} scale={scale}: ours " + " ".join(f"{k} {v:.1e}" for k, v in res["ours"].items())
+                save()
+                print(f"check {form} scale={scale}: ours " + " ".join(f"{k} {v:.1e}" for k, v in res.get("ours", {}).items())
                       + (f" | fla {res['fla']}" if "fla" in res else "") + f" ({time.time() - t0:.0f}s)", flush=True)
         if args.check_only:
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(results, f, indent=1, default=str)
             return 0
     bandwidth = copy_bandwidth(device)
     env["copy_GBps"] = bandwidth / 1e6
     print(f"copy bandwidth {bandwidth / 1e6:.0f} GB/s", flush=True)
     for shape in shapes:
-        results["timings"] += bench_shape(shape, args.forms, device, bandwidth, torch_path=not args.no_torch)
+        bench_shape(shape, args.forms, device, bandwidth, torch_path=not args.no_torch, out=results["timings"], save=save)
     print(markdown_table(results["timings"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
     return 0
 
 

@@ -303,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")
     p.add_argument("-o", "--output", help="PNG file (default RUN/curves.png for one run, curves.png for several)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("bench", help="benchmarks on the GPU")
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    k = what.add_parser("kernels", help="the Triton recurrence beside fla-core, SDPA and the torch path, and a bf16 check")
+    from lcsm import bench
+
+    bench.add_arguments(k)
+    k.set_defaults(func=lambda args: bench.run(args))
+    t = what.add_parser("train", help="training tokens/s of zoo models at one size (default ~125M), beside attention")
+    from lcsm import throughput
+
+    throughput.add_arguments(t)
+    t.set_defaults(func=lambda args: throughput.run(args))
     return parser
 
 
