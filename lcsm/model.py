@@ -120,6 +120,25 @@ class Model(nn.Module):
             x = block(x, lower_bound=bound)
         return self.lm_head(self.norm(x))
 
+    def aux_loss(self) -> torch.Tensor | float:
+        """Sum of the weighted auxiliary losses left by the last forward (0.0 when there are none).
+
+        The mechanism, for every routed part (Mixture-of-Memories mixers, MoE channel mixers): a
+        module sets `self.aux_loss` (a scalar tensor, weight already applied) and may set
+        `self.aux_stats` (a dict of floats for metrics.jsonl, e.g. the load of each memory) in its
+        forward. The trainer adds `aux_loss()` to the objective and logs `aux_stats()`.
+        """
+        losses = [m.aux_loss for m in self.modules() if m is not self and torch.is_tensor(getattr(m, "aux_loss", None))]
+        return torch.stack(losses).sum() if losses else 0.0
+
+    def aux_stats(self) -> dict[str, float]:
+        """Metrics of the routed modules from the last forward, keyed `<module path>.<name>`."""
+        stats = {}
+        for name, m in self.named_modules():
+            for key, value in (getattr(m, "aux_stats", None) or {}).items():
+                stats[f"{name}.{key}"] = float(value)
+        return stats
+
     def set_backend(self, backend: str) -> "Model":
         """Choose the recurrence backend of every EOS layer ("auto", "torch", "reference", ...)."""
         for block in self.blocks:

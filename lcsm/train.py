@@ -406,11 +406,15 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
                 x, y = seg.inputs[rows].to(device), seg.labels[rows].to(device)
                 with autocast(device, precision):
                     loss = batch_loss(model, x, y)
+                    aux = model.aux_loss()
                 value = loss.item()
                 if not math.isfinite(value):
                     raise TrainingError(_nonfinite(step + 1, "loss", value, run_dir, last_ckpt))
+                aux_value = float(aux)
+                if aux_value:
+                    acc["aux_loss"] = acc.get("aux_loss", 0.0) + aux_value
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss + aux).backward()
                 if recipe.optimizer.grad_clip:
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip).item()
                     if not math.isfinite(norm):
@@ -427,8 +431,12 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
                 if step % recipe.log_every == 0 or step == total:
                     now = time.perf_counter()
                     tps = acc["tokens"] / max(now - window_start, 1e-9)
-                    log({"split": "train", "step": step, "epoch": round(step / spe, 4), "loss": acc["loss"] / acc["n"],
-                         "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)})
+                    line = {"split": "train", "step": step, "epoch": round(step / spe, 4), "loss": acc["loss"] / acc["n"],
+                            "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)}
+                    if "aux_loss" in acc:  # routed models: the load-balancing loss and each router's load
+                        line["aux_loss"] = acc["aux_loss"] / acc["n"]
+                        line.update({k: round(v, 5) for k, v in model.aux_stats().items()})
+                    log(line)
                     progress.update(bar, loss=f"{acc['loss'] / acc['n']:.4f}", tps=f"{tps:,.0f}", lr=f"{lr:.2e}")
                     acc = {"loss": 0.0, "n": 0, "tokens": 0}
                     window_start = now
