@@ -322,13 +322,17 @@ class ScanEOS(torch.autograd.Function):
         per_tok = [x if (x is not None and x.dim() > sd) else None for x, sd in zip(gates, (1, 2, 2))]
         static = [x.float() if (x is not None and x.dim() == sd) else None for x, sd in zip(gates, (1, 2, 2))]
         h0c = None if h0 is None else h0.float().contiguous()
-        y = torch.empty(NK, B, T, H, V, dtype=torch.float32, device=q.device)
-        states = torch.empty(lay.n_chunks, H, K, V, dtype=torch.float32, device=q.device)
+        # one K tile writes y in its final dtype; several write fp32 partial sums
+        y = torch.empty(NK, B, T, H, V, dtype=q.dtype if NK == 1 else torch.float32, device=q.device)
+        # the block-start states are only for the backward: inference skips writing them
+        store_states = any(ctx.needs_input_grad[:9])
+        states = torch.empty(lay.n_chunks if store_states else 1, H, K, V, dtype=torch.float32, device=q.device)
         ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-        ts.scan_fwd_kernel[(NV, NK, lay.N * H)](
+        grid = lambda meta: (triton.cdiv(V, meta["BV"]), NK, lay.N * H)  # noqa: E731
+        ts.scan_fwd_kernel[grid](
             q, k, v, *per_tok, *static, dt, A, h0c, y, states, ht, lay.cu, lay.chunk_off, T, B * T,
-            H=H, K=K, V=V, BS=BS, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-            IS_VARLEN=lay.varlen, **flags,
+            H=H, K=K, V=V, BS=BS, BK=BK, HAS_H0=h0 is not None, STORE_HT=output_final_state,
+            IS_VARLEN=lay.varlen, STORE_STATES=store_states, **flags,
         )
         ctx.save_for_backward(q, k, v, g, gk, gv, dt, A, states, cu_seqlens)
         ctx.h0_dtype = None if h0 is None else h0.dtype

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_chunk import autotune
+from .triton_chunk import INTERPRET, autotune
 
 
 @triton.jit
@@ -68,16 +68,31 @@ def _rows(X, bos, rows, m_rows, i_h, cols, m_c, H: tl.constexpr, D: tl.constexpr
     return tl.load(X + ((bos + rows)[:, None] * H + i_h) * D + cols[None, :], mask=m_rows[:, None] & m_c[None, :], other=0.0).to(tl.float32)
 
 
-@autotune([triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)], key=["H", "K", "V", "BK", "BV", "USE_DT", "A_MODE"])
+# The V tile is tuned, not fixed: with a small K (Mamba's 16) the grid is only N·H·V/BV programs
+# long, and narrower tiles buy the parallelism that hides the latency of the sequential block loop.
+FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=w) for bv, w in
+               ((32, 4), (16, 1), (16, 2), (32, 2), (32, 8), (64, 4), (64, 8), (128, 8))]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}  # constexprs arrive as keywords
+    V, BK = args["V"], args["BK"]
+    keep = [c for c in configs if c.kwargs["BV"] <= max(16, triton.next_power_of_2(V)) and BK * c.kwargs["BV"] <= 4096]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=FWD_CONFIGS[:1] if INTERPRET else FWD_CONFIGS,
+                 key=["H", "K", "V", "BK", "USE_DT", "A_MODE", "STORE_STATES"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["T"])
 def scan_fwd_kernel(
     q, k, v, g, gk, gv, gs, gks, gvs, dt, A, h0, y, states, ht, cu, blk_off, T, NTOT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
     USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, USE_DT: tl.constexpr, A_MODE: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_STATES: tl.constexpr,
 ):
-    """y (partial over K tiles: y[i_k]) and the state at every block start."""
+    """y (partial over K tiles: y[i_k], in y's dtype) and, for the backward, the state at every block start."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
@@ -100,7 +115,8 @@ def scan_fwd_kernel(
     if HAS_H0:
         b_m += tl.load(h0 + (i_nh * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
     for i_b in range(tl.cdiv(Tn, BS)):
-        tl.store(states + (((c0 + i_b) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], b_m, mask=m_kv)
+        if STORE_STATES:
+            tl.store(states + (((c0 + i_b) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], b_m, mask=m_kv)
         rows = i_b * BS + r
         m_r = rows < Tn
         lo = _log_decay(rows, m_r, bos, i_h, o_k, m_k, o_v, m_v, g, gk, gv, gs, gks, gvs, dt, A, b_A, H, K, V, BS, BK, BV,
@@ -112,7 +128,8 @@ def scan_fwd_kernel(
         _, b_ms = tl.associative_scan((b_a, b_b), 0, _combine)
         b_s = _rows(q, bos, rows, m_r, i_h, o_k, m_k, H, K)
         b_y = tl.sum(b_ms * b_s[:, :, None], axis=1)
-        tl.store(y + ((i_k * NTOT + bos + rows)[:, None] * H + i_h) * V + o_v[None, :], b_y, mask=m_r[:, None] & m_v[None, :])
+        tl.store(y + ((i_k * NTOT + bos + rows)[:, None] * H + i_h) * V + o_v[None, :], b_y.to(y.dtype.element_ty),
+                 mask=m_r[:, None] & m_v[None, :])
         b_m = tl.sum(tl.where((r == BS - 1)[:, None, None], b_ms, 0.0), axis=0)  # padded rows keep the state
     if STORE_HT:
         tl.store(ht + (i_nh * K + o_k[:, None]) * V + o_v[None, :], b_m, mask=m_kv)

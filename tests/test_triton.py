@@ -137,6 +137,22 @@ def test_strong_decay_over_a_long_sequence_stays_finite_and_exact():
     compare(g, batch=1, length=400, with_h0=False)
 
 
+@pytest.mark.parametrize("form", ["full_dt_A", "vector_k"])
+def test_inference_forward_matches_the_reference(form):
+    # without gradients the kernels skip the saved states: the outputs and final state must not change
+    gen = torch.Generator().manual_seed(9)
+    K, V = dims(form)
+    gates = gates_for(form, 0.3, gen)
+    s, e = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    i, h0 = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    y_ref, ht_ref = eos_recurrence(s, e, i, h0=h0, output_final_state=True, backend="reference", **gates)
+    with torch.no_grad():
+        dev = {n: x.to(DEVICE) for n, x in gates.items()}
+        y, ht = eos_recurrence(s.to(DEVICE), e.to(DEVICE), i.to(DEVICE), h0=h0.to(DEVICE), output_final_state=True,
+                               backend="triton", **dev)
+    assert rel(y, y_ref) < TOL and rel(ht, ht_ref) < TOL
+
+
 @pytest.mark.parametrize("form", ["scalar", "vector_k_static", "outer", "full_dt_A", "full"])
 def test_decode_step_matches_the_recurrence(form):
     gen = torch.Generator().manual_seed(8)
