@@ -25,12 +25,15 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# LCSM_AUTOTUNE=0 compiles only the first (default) configuration of every kernel: for short jobs
+# (tests, tiny models, many processes) where compiling a dozen variants costs more than it saves.
+# The interpreter is slow, so it always takes one configuration: enough to test correctness.
+TUNE = not INTERPRET and os.environ.get("LCSM_AUTOTUNE", "1") != "0"
 BT, BC = 64, 16  # chunk and sub-chunk lengths
 
 
 def autotune(configs, key):
-    # the interpreter is slow: one configuration is enough to test correctness
-    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+    return triton.autotune(configs=configs if TUNE else configs[:1], key=key)
 
 
 # --------------------------------------------------------------------------- helpers

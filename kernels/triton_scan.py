@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_chunk import INTERPRET, autotune
+from .triton_chunk import TUNE, autotune
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-@triton.autotune(configs=FWD_CONFIGS[:1] if INTERPRET else FWD_CONFIGS,
+@triton.autotune(configs=FWD_CONFIGS if TUNE else FWD_CONFIGS[:1],
                  key=["H", "K", "V", "BK", "USE_DT", "A_MODE", "STORE_STATES"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["T"])
