@@ -316,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     throughput.add_arguments(t)
     t.set_defaults(func=lambda args: throughput.run(args))
+    m = what.add_parser("mom", help="one Mixture-of-Memories layer (dense, sparse) against the single-memory layer, fwd and fwd+bwd")
+    from lcsm import bench_mom
+
+    bench_mom.add_arguments(m)
+    m.set_defaults(func=lambda args: bench_mom.run(args))
     return parser
 
 
