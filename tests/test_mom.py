@@ -206,3 +206,55 @@ def test_auto_path_rule():
     assert mixer.choose_path(torch.zeros(8, 4096, 1)) == "dense"  # not CUDA
     mixer.path = "sparse"
     assert mixer.choose_path(torch.zeros(1, 1, 1)) == "sparse"
+
+
+def test_training_logs_the_aux_loss_and_the_load_of_every_memory(tmp_path, monkeypatch):
+    import json
+
+    from lcsm.recipe import load_recipe
+    from lcsm.train import train
+
+    monkeypatch.setenv("LCSM_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe({
+        "model": {"d_model": 16, "n_layers": 2, "n_heads": 2, "channel_mixer": {"kind": "none"},
+                  "mixer": {"kind": "eos", "oscillation": {"kind": "vector_k"}, "routing": {"memories": 3, "top_k": 2}}},
+        "task": {"kind": "mqar", "vocab_size": 64, "train": [{"seq_len": 16, "num_kv_pairs": 2, "num_examples": 64}],
+                 "test": [{"seq_len": 16, "num_kv_pairs": 2, "num_examples": 16}]},
+        "batch_size": 16, "steps": 3, "log_every": 1, "out_dir": str(tmp_path / "run"),
+    })
+    train(recipe, quiet=True)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["split"] == "train"]
+    assert len(steps) == 3
+    for r in steps:
+        for layer in (0, 1):
+            loads = [r[f"blocks.{layer}.mixer.load_{m}"] for m in range(3)]
+            assert abs(sum(loads) - 1) < 1e-3
+            assert 1.5 < r[f"blocks.{layer}.mixer.balance"] < 3.0  # k = 2 when balanced
+        # the logged aux loss is the weighted balance of both layers (0.01 each, as the default)
+        assert abs(r["aux_loss"] - 0.01 * (r["blocks.0.mixer.balance"] + r["blocks.1.mixer.balance"])) < 1e-4
+
+
+@pytest.mark.parametrize("path", ("dense", "sparse"))
+def test_triton_kernels_run_both_paths(path):
+    """The paths on the Triton kernels (the interpreter on the CPU): packed segments, h0 and ht."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = Model.from_spec(spec({"kind": "vector_k", "source": "data"}, memories=3, top_k=2)).to(device)
+    mixer = model.blocks[0].mixer
+    with torch.no_grad():
+        mixer.router.proj.weight.normal_(0.0, 1.0)
+    x0 = torch.randn(2, 20, D, device=device)
+    h0 = torch.randn(2, mixer.M, mixer.H, mixer.K, mixer.V, device=device)
+    out = {}
+    for name, backend in (("reference", "torch"), (path, "triton")):
+        mixer.path, mixer.backend = name, backend
+        model.zero_grad()
+        x, state = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+        cache = {"state": state}
+        y = mixer(x, cache=cache)
+        (y.square().sum() + cache["state"].sin().sum()).backward()
+        out[name] = (y, cache["state"], x.grad, state.grad, mixer.expand.proj.proj.weight.grad,
+                     mixer.oscillation.gate.proj.weight.grad)
+    for a, b in zip(out[path], out["reference"]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
