@@ -15,8 +15,10 @@ Three paths that agree (tests/test_mom.py):
              gathered back and weighted; recurrence cost ∝ k + shared. One host sync (segment sizes).
   reference  a plain loop over tokens and memories in fp64, the oracle of the tests.
   auto       sparse on CUDA when B·T >= 4096 and 1.25·(k + shared) < E + shared, else dense.
-The projections of per-memory stages are computed for every token and memory (matmul-bound, exact
-in every path); the routing only decides which memories a token writes to and reads from.
+Per-memory projections: dense and reference compute them for every token and memory; sparse
+projects only the copies (x gathered in memory order, one matmul per memory on its rows), except
+for a stage with a short convolution, which needs its neighbours in the original sequence and is
+computed for every token as in dense. Every path computes the same function.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lcsm import kernels
 from lcsm.mixers import EOSMixer
@@ -72,6 +75,16 @@ class Stream:
         return x.reshape(-1, H, *rest)[tok][None]
 
 
+@dataclass
+class Packed:
+    """A stream already computed for the packed copies: [1,N,H,D]."""
+
+    x: torch.Tensor
+
+    def gather(self, tok, mem, M, H) -> torch.Tensor:
+        return self.x
+
+
 class MoMMixer(EOSMixer):
     """x [B,T,d] -> [B,T,d]: an EOS mixer with routed memories (spec.routing).
 
@@ -98,6 +111,11 @@ class MoMMixer(EOSMixer):
             self.shrink = Shrink(spec.shrink, d_model, MH, K, spec.bias, False)
         self.router = Router(d_model, self.E, self.top_k)
         self.conv_tail = max((m.size - 1 for m in self.modules() if isinstance(m, ShortConv)), default=0)
+        # per-memory projections without a convolution: the sparse path projects only the copies
+        self.deferred = tuple(
+            n for n in ("input", "expand", "shrink")
+            if n in self.per_memory and getattr(self, n).proj.source == "data" and getattr(self, n).proj.conv is None
+        )
         self.aux_loss = None
         self.aux_stats = None
 
@@ -108,15 +126,15 @@ class MoMMixer(EOSMixer):
         B, T, _ = x.shape
         tail = cache.get("x_tail") if cache is not None else None
         xs = x if tail is None else torch.cat([tail, x], dim=1)
-        streams = self.streams(xs, lower_bound, skip=xs.shape[1] - T)
+        path = self.choose_path(x)
+        streams = self.streams(xs, lower_bound, skip=xs.shape[1] - T, deferred=self.deferred if path == "sparse" else ())
         routed = self.router(x)
         self.set_aux(routed)
         h0 = None if cache is None else cache.get("state")
-        path = self.choose_path(x)
         if path == "dense":
             y, ht = self.run_dense(streams, routed, B, T, h0, cache is not None)
         elif path == "sparse":
-            y, ht = self.run_sparse(streams, routed, B, T, h0, cache is not None)
+            y, ht = self.run_sparse(streams, routed, B, T, h0, cache is not None, x)
         else:
             y, ht = self.run_reference(streams, routed, B, T, h0)
         if cache is not None:
@@ -134,18 +152,17 @@ class MoMMixer(EOSMixer):
             return "sparse"
         return "dense"
 
-    def streams(self, x: torch.Tensor, lower_bound, skip: int) -> dict[str, Stream]:
-        """Run the stages on x [B,T',d]; drop the first `skip` tokens (the cached conv context)."""
+    def streams(self, x: torch.Tensor, lower_bound, skip: int, deferred=()) -> dict[str, Stream]:
+        """Run the stages on x [B,T',d]; drop the first `skip` tokens (the cached conv context).
+        Stages named in `deferred` are left out (the sparse path projects the copies itself)."""
         positions = torch.arange(x.shape[1], device=x.device)
         osc = self.oscillation(x, positions, lower_bound)
-        i, _ = self.input(x, osc)
-        e = self.expand(x, osc)
-        s = self.shrink(x, osc)
-        out = {
-            "s": Stream(s[:, skip:], "shrink" in self.per_memory, False),
-            "e": Stream(e[:, skip:], "expand" in self.per_memory, False),
-            "i": Stream(i[:, skip:], "input" in self.per_memory, False),
-        }
+        out = {}
+        for name, short in (("shrink", "s"), ("expand", "e"), ("input", "i")):
+            if name not in deferred:
+                t = getattr(self, name)(x, osc)
+                t = t[0] if name == "input" else t
+                out[short] = Stream(t[:, skip:], name in self.per_memory, False)
         for name, static_dims in GATES.items():
             gate = getattr(osc, name)
             if gate is not None:
@@ -194,7 +211,7 @@ class MoMMixer(EOSMixer):
 
     # ------------------------------------------------------------------ sparse
 
-    def run_sparse(self, st: dict[str, Stream], routed: Routed, B: int, T: int, h0, want_state: bool):
+    def run_sparse(self, st: dict[str, Stream], routed: Routed, B: int, T: int, h0, want_state: bool, x: torch.Tensor):
         """Copies sorted by (memory, batch row, time) into one packed sequence per (memory, row)."""
         M, H, K, V = self.M, self.H, self.K, self.V
         dev = routed.index.device
@@ -218,6 +235,12 @@ class MoMMixer(EOSMixer):
         cu = torch.tensor(bounds, device=dev, dtype=torch.int32)
         seg_t = torch.tensor(segs, device=dev, dtype=torch.long)
         seg_m, seg_b = seg_t // B, seg_t % B
+        if self.deferred:
+            per_memory = [sum(counts[m * B : (m + 1) * B]) for m in range(M)]
+            xc = x.reshape(B * T, -1)[tok_s]  # [N,d], grouped by memory
+            st = dict(st)
+            for name in self.deferred:
+                st[{"shrink": "s", "expand": "e", "input": "i"}[name]] = Packed(self.project_copies(getattr(self, name).proj, xc, per_memory))
 
         s, e, i = (st[n].gather(tok_s, mem_s, M, H) for n in ("s", "e", "i"))
         gates = {n: st[n].gather(tok_s, mem_s, M, H) for n in GATES if n in st}
@@ -235,6 +258,21 @@ class MoMMixer(EOSMixer):
             return y, None
         # memories no token of a row chose keep their state: index_put only the visited segments
         return y, h0.index_put((seg_b, seg_m), ht.to(h0.dtype))
+
+    def project_copies(self, proj, xc: torch.Tensor, per_memory: list[int]) -> torch.Tensor:
+        """A per-memory Projection (data, no conv) of the copies xc [N,d] grouped by memory ->
+        [1,N,H,D]: each memory's block of the weight on its own rows (one matmul per memory;
+        no gather can replace the matmuls, and the sizes are known on the host already)."""
+        M, H = self.M, self.H
+        W = proj.proj.weight.view(M, -1, proj.proj.weight.shape[-1])
+        b = None if proj.proj.bias is None else proj.proj.bias.view(M, -1)
+        parts, start = [], 0
+        for m, n in enumerate(per_memory):
+            if n:
+                parts.append(F.linear(xc[start : start + n], W[m], None if b is None else b[m]))
+            start += n
+        h = proj.feature_map(torch.cat(parts)).view(1, -1, H, proj.D)
+        return h * proj.scale if proj.scale != 1.0 else h
 
     # ------------------------------------------------------------------ reference
 

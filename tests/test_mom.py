@@ -33,6 +33,7 @@ CASES = {
     "scalar_data": ({"kind": "scalar", "source": "data", "parametrization": "exp_softplus"}, {"shared": False}),
     "vector_k_data": ({"kind": "vector_k", "source": "data", "rank": 4}, {"per_memory": ["expand", "input", "shrink", "oscillation"]}),
     "vector_v_param": ({"kind": "vector_v", "source": "param"}, {"top_k": 1}),
+    "scalar_data_bias_shrink_per_memory": ({"kind": "scalar", "source": "data"}, {"per_memory": ["shrink", "expand"], "bias": True}),
     "outer_data": ({"kind": "outer", "source": "data"}, {"memories": 4, "top_k": 3}),
 }
 
@@ -40,7 +41,9 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_paths_agree_on_outputs_and_every_gradient(case):
     osc, routing = CASES[case]
-    model, mixer = mixer_of(spec(osc, **routing))
+    data = spec(osc, **{k: v for k, v in routing.items() if k != "bias"})
+    data["mixer"]["bias"] = routing.get("bias", False)
+    model, mixer = mixer_of(data)
     x0 = torch.randn(B, T, D, dtype=torch.float64)
     dy = torch.randn(B, T, D, dtype=torch.float64)
     results = {}
