@@ -261,3 +261,16 @@ def test_triton_kernels_run_both_paths(path):
                      mixer.oscillation.gate.proj.weight.grad)
     for a, b in zip(out[path], out["reference"]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_memory_is_the_plain_mixer(path):
+    """memories 1, top_k 1, no shared memory: the router's weight is 1 and every token is routed."""
+    osc = {"kind": "outer", "source": "data"}
+    model, mixer = mixer_of(spec(osc, memories=1, top_k=1, shared=False))
+    mixer.path = path
+    plain = Model.from_spec({**spec(osc), "mixer": {"kind": "eos", "oscillation": osc}}).double().blocks[0].mixer
+    state = {k: v for k, v in mixer.state_dict().items() if not k.startswith("router.")}
+    plain.load_state_dict(state)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    torch.testing.assert_close(mixer(x), plain(x), rtol=1e-10, atol=1e-12)
