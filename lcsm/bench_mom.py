@@ -16,7 +16,7 @@ import torch
 
 from lcsm.mixers import build_mixer
 from lcsm.model import Model
-from lcsm.spec import ModelSpec, load_model_spec
+from lcsm.spec import ModelSpec, SpecError, load_model_spec
 
 
 def layer_spec(base: str, d_model: int, heads: int, routing: dict | None) -> ModelSpec:
@@ -76,6 +76,49 @@ def time_layer(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, d
     return out
 
 
+def run_row(run: str) -> dict:
+    """One finished `lcsm train` run (e.g. runs/mqar_mom_256): model, memories, test accuracy, time."""
+    from pathlib import Path
+
+    import yaml
+
+    d = Path(run)
+    try:
+        ev = json.loads((d / "eval.json").read_text())
+        lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+    except (OSError, ValueError) as err:
+        raise SpecError(f"lcsm bench mom --table: {run}: not a finished run ({err})") from None
+    spec = ModelSpec.model_validate(cfg["model"])
+    r = spec.mixer.routing
+    train = [line for line in lines if line["split"] == "train"]
+    aux = [line["aux_loss"] for line in train if "aux_loss" in line]
+    return {
+        "run": d.name, "model": spec.name, "d_model": spec.d_model,
+        "memories": f"{r.memories}, top-{r.top_k}{' + shared' if r.shared else ''}" if r else "1",
+        "params_M": Model(spec).num_parameters() / 1e6, "steps": ev.get("step"),
+        "accuracy": ev["accuracy"], "loss": ev["loss"],
+        "slices": {k: v["accuracy"] for k, v in ev.get("slices", {}).items()},
+        "train_s": train[-1]["elapsed_s"] if train else None, "final_aux_loss": aux[-1] if aux else None,
+    }
+
+
+def table(runs: list[str], json_path: str | None) -> int:
+    """The MQAR comparison of finished runs as a markdown table (no GPU needed)."""
+    rows = [run_row(r) for r in runs]
+    print("| run | model | memories | d_model | params (M) | steps | test accuracy | test loss | train s | final aux loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        aux = f"{r['final_aux_loss']:.4f}" if r["final_aux_loss"] is not None else "—"
+        secs = f"{r['train_s']:.0f}" if r["train_s"] is not None else "—"
+        print(f"| {r['run']} | {r['model']} | {r['memories']} | {r['d_model']} | {r['params_M']:.2f} | {r['steps']} | "
+              f"{r['accuracy']:.3f} | {r['loss']:.3f} | {secs} | {aux} |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"runs": rows}, f, indent=1)
+    return 0
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gla", metavar="SPEC",
                    help="zoo name or spec file whose mixer is routed (default gla: vector_k decay); a routing block in it is replaced")
@@ -91,9 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--small", action="store_true", help="a tiny shape for the CPU: B=2, T=128, d_model 64, 2 heads, fp32")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--table", nargs="+", metavar="RUN",
+                   help="instead of timing: the MQAR comparison table of finished runs (e.g. runs/mqar_mom_256 runs/mqar_mom_single_256)")
 
 
 def run(args) -> int:
+    if args.table:
+        return table(args.table, args.json)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.small:
         args.batch, args.seq, args.d_model, args.heads, args.steps, args.warmup = 2, 128, 64, 2, 2, 1

@@ -236,6 +236,24 @@ def test_training_logs_the_aux_loss_and_the_load_of_every_memory(tmp_path, monke
             assert 1.5 < r[f"blocks.{layer}.mixer.balance"] < 3.0  # k = 2 when balanced
         # the logged aux loss is the weighted balance of both layers (0.01 each, as the default)
         assert abs(r["aux_loss"] - 0.01 * (r["blocks.0.mixer.balance"] + r["blocks.1.mixer.balance"])) < 1e-4
+    from lcsm.cli import main
+
+    assert main(["bench", "mom", "--table", str(tmp_path / "run"), "--json", str(tmp_path / "t.json")]) == 0
+    row = json.loads((tmp_path / "t.json").read_text())["runs"][0]
+    assert row["memories"] == "3, top-2 + shared" and row["steps"] == 3 and 0 <= row["accuracy"] <= 1
+    assert main(["bench", "mom", "--table", str(tmp_path / "missing")]) == 2
+
+
+def test_bench_mom_runs_small_on_the_cpu(tmp_path, capsys):
+    import json
+
+    from lcsm.cli import main
+
+    assert main(["bench", "mom", "--small", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["layer"] for r in rows] == ["single memory", "MoM dense", "MoM sparse"]
+    assert all(r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 for r in rows)
+    assert "| MoM sparse |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", ("dense", "sparse"))
