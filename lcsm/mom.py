@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from lcsm import kernels
 from lcsm.mixers import EOSMixer
 from lcsm.spec import EOSMixer as EOSSpec
-from lcsm.stages.common import ShortConv, gate_dtype
+from lcsm.stages.common import ShortConv
 from lcsm.stages.expand import Expand
 from lcsm.stages.input import Input
 from lcsm.stages.oscillation import build_oscillation
