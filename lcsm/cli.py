@@ -61,7 +61,12 @@ def describe_stages(spec: ModelSpec) -> dict[str, str]:
     elif osc.kind == "cumsoftmax":
         o.append(f"along {osc.along}")
     i = [m.input.feature_map] + ([f"conv{m.input.conv}"] if m.input.conv else []) + (["×Δ"] if m.input.scale_by == "dt" else [])
-    return {"input": " ".join(i), "expand": key(m.expand), "oscillation": " ".join(o), "shrink": key(m.shrink)}
+    out = {"input": " ".join(i), "expand": key(m.expand), "oscillation": " ".join(o), "shrink": key(m.shrink)}
+    if m.routing is not None:
+        r = m.routing
+        out["routing"] = (f"{r.memories} memories, top-{r.top_k}{' + shared' if r.shared else ''}, "
+                          f"per memory: {', '.join(r.per_memory) or 'none'}, aux {r.aux_loss_weight:g}, path {r.path}")
+    return out
 
 
 @contextmanager
@@ -316,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     throughput.add_arguments(t)
     t.set_defaults(func=lambda args: throughput.run(args))
+    m = what.add_parser("mom", help="one Mixture-of-Memories layer (dense, sparse) against the single-memory layer, fwd and fwd+bwd")
+    from lcsm import bench_mom
+
+    bench_mom.add_arguments(m)
+    m.set_defaults(func=lambda args: bench_mom.run(args))
     return parser
 
 

@@ -132,4 +132,8 @@ class AttentionMixer(nn.Module):
 
 def build_mixer(spec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float) -> nn.Module:
     cls = EOSMixer if spec.kind == "eos" else AttentionMixer
+    if getattr(spec, "routing", None) is not None:
+        from lcsm.mom import MoMMixer  # late: lcsm.mom builds on EOSMixer
+
+        cls = MoMMixer
     return cls(spec, d_model, n_heads, layer_idx, n_layers, norm_eps)

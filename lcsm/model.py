@@ -135,6 +135,8 @@ class Model(nn.Module):
         """Metrics of the routed modules from the last forward, keyed `<module path>.<name>`."""
         stats = {}
         for name, m in self.named_modules():
+            if m is self:  # Model.aux_stats is this method, not a dict
+                continue
             for key, value in (getattr(m, "aux_stats", None) or {}).items():
                 stats[f"{name}.{key}"] = float(value)
         return stats

@@ -278,6 +278,53 @@ class OutputStage(Base):
         return v
 
 
+# --------------------------------------------------------------------------- routing (Mixture-of-Memories)
+
+ROUTABLE_KINDS = ("ones", "scalar", "vector_k", "vector_v", "outer")
+RoutedStage = Literal["input", "expand", "shrink", "oscillation"]
+
+
+class Routing(Base):
+    """Mixture-of-Memories (DESIGN §4): E memories per head, each token routed to top_k of them
+    (plus an optional shared memory that sees every token). See docs/spec.md, "Routing"."""
+
+    memories: int = Field(4, description="E, the routed memories per head (>= 1)")
+    top_k: int = Field(2, description="memories each token is routed to (1..memories)")
+    shared: bool = Field(True, description="an extra memory that sees every token, added unweighted")
+    per_memory: list[RoutedStage] = Field(
+        default_factory=lambda: ["expand", "input"],
+        description="stages with their own projection per memory; the others are shared",
+    )
+    aux_loss_weight: float = Field(0.01, ge=0, description="weight of the Switch load-balancing loss")
+    path: Literal["auto", "dense", "sparse", "reference"] = Field(
+        "auto", description="dense: E·H heads, mask folded into e and the gates; sparse: packed varlen; reference: loop"
+    )
+
+    @field_validator("memories")
+    @classmethod
+    def _memories(cls, v):
+        if v < 1:
+            raise ValueError(f"memories must be at least 1 (got {v})")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v, info: ValidationInfo):
+        if v < 1:
+            raise ValueError(f"top_k must be at least 1 (got {v})")
+        E = info.data.get("memories")
+        if E is not None and v > E:
+            raise ValueError(f"top_k = {v} must be at most memories = {E} (a token picks top_k of the E memories)")
+        return v
+
+    @field_validator("per_memory")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a stage twice: {v}")
+        return v
+
+
 # --------------------------------------------------------------------------- mixers
 
 
@@ -296,6 +343,7 @@ class EOSMixer(Base):
     shrink: KeyStage = KeyStage()
     output: OutputStage = OutputStage()
     bias: bool = Field(False, description="biases on the projections")
+    routing: Routing | None = Field(None, description="Mixture-of-Memories: route tokens to several memories")
 
     @field_validator("expand_k", "expand_v")
     @classmethod
@@ -330,6 +378,8 @@ class EOSMixer(Base):
             for name in ("expand", "shrink"):
                 if getattr(self, name).resolved_source != "data" or getattr(self, name).tie != "none":
                     raise FieldError((name, "source"), "rotation needs a data-dependent expand and shrink (source: data)")
+        if self.routing is not None:
+            _check_routing(self)
         return self
 
     def dims(self, d_model: int, n_heads: int) -> tuple[int, int, int]:
@@ -338,6 +388,31 @@ class EOSMixer(Base):
         k = self.head_k if self.head_k is not None else _per_head(self.expand_k * d_model, heads, "expand_k")
         v = self.head_v if self.head_v is not None else _per_head(self.expand_v * d_model, heads, "expand_v")
         return heads, k, v
+
+
+def _check_routing(mixer: "EOSMixer") -> None:
+    """Routing composes with the separable decays and with stages that do not read each other."""
+    osc, routing = mixer.oscillation, mixer.routing
+    if osc.kind not in ROUTABLE_KINDS:
+        raise FieldError(
+            ("routing",),
+            f"routing needs a separable oscillation ({', '.join(ROUTABLE_KINDS)}); oscillation.kind is '{osc.kind}'",
+        )
+    ties = (
+        (mixer.expand.tie != "none", ("expand", "tie"), "expand.tie"),
+        (mixer.input.scale_by != "none", ("input", "scale_by"), "input.scale_by"),
+        (mixer.output.skip, ("output", "skip"), "output.skip"),
+    )
+    for bad, path, name in ties:
+        if bad:
+            raise FieldError(path, f"{name} ties one stage to another and is not supported with routing; remove it or the routing block")
+    if "oscillation" in routing.per_memory:
+        if getattr(osc, "source", None) == "fixed":
+            raise FieldError(("routing", "per_memory"), "a fixed oscillation is the same for every memory; remove 'oscillation' from per_memory")
+        if getattr(osc, "lower_bound", 0.0) == "layerwise":
+            raise FieldError(("routing", "per_memory"), "lower_bound: layerwise is learned per head, not per memory; remove 'oscillation' from per_memory")
+    if osc.kind == "ones" and "oscillation" in routing.per_memory:
+        raise FieldError(("routing", "per_memory"), "oscillation kind ones has no parameters to give each memory; remove 'oscillation'")
 
 
 def _per_head(total: float, heads: int, field: str) -> int:

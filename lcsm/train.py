@@ -410,7 +410,7 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
                 value = loss.item()
                 if not math.isfinite(value):
                     raise TrainingError(_nonfinite(step + 1, "loss", value, run_dir, last_ckpt))
-                aux_value = float(aux)
+                aux_value = float(aux.detach()) if torch.is_tensor(aux) else 0.0
                 if aux_value:
                     acc["aux_loss"] = acc.get("aux_loss", 0.0) + aux_value
                 optimizer.zero_grad(set_to_none=True)

@@ -248,6 +248,43 @@ def transformer(m, p, x, base=10000.0):
     return lin(o.flatten(-2), p, "o_proj")
 
 
+def mom(m, p, x, log_decay):
+    """Mixture-of-Memories in its parallel form, one memory at a time: memory m holds
+    Σ_{s<=t chosen} exp(Σ_{s<r<=t, r chosen} log o_r) k_s v_sᵀ; a token reads its top-k memories
+    (weights renormalised) plus the shared one. log_decay: [B,T,H,K] (broadcast along K)."""
+    H, K, E, M = m.H, m.K, m.E, m.M
+    Bn, T = x.shape[:2]
+    probs = torch.softmax(lin(x, p, "router.proj"), dim=-1)
+    top, idx = probs.topk(m.top_k, dim=-1)
+    w = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+    chosen = torch.zeros_like(probs).scatter(-1, idx, 1.0)
+    w = torch.cat([w, torch.ones_like(w[..., :1])], -1)
+    chosen = torch.cat([chosen, torch.ones_like(chosen[..., :1])], -1)
+    q = heads(m.shrink.proj.feature_map(lin(x, p, "shrink.proj.proj")), H) * K**-0.5
+    k = m.expand.proj.feature_map(lin(x, p, "expand.proj.proj")).view(Bn, T, M, H, K)
+    v = lin(x, p, "input.proj.proj").view(Bn, T, M, H, -1)
+    past = causal(T)[None, :, :, None, None]
+    y = 0
+    for mem in range(M):
+        c = chosen[..., mem]
+        cs = torch.cumsum(log_decay * c[..., None, None], dim=1)
+        diff = (cs[:, :, None] - cs[:, None, :]).masked_fill(~past, float("-inf"))
+        scores = torch.einsum("bthk,bshk,btshk->btsh", q, k[:, :, mem] * c[..., None, None], torch.exp(diff))
+        y = y + w[..., mem, None, None] * torch.einsum("btsh,bshv->bthv", scores, v[:, :, mem])
+    o = rms(y, p["out_norm.weight"], m.out_norm.eps).flatten(-2)
+    return lin(o * F.silu(lin(x, p, "gate_proj")), p, "o_proj")
+
+
+def mom_gla(m, p, x):
+    gate = F.logsigmoid(lin(lin(x, p, "oscillation.gate.proj.0"), p, "oscillation.gate.proj.1")) / 16
+    return mom(m, p, x, heads(gate, m.H))
+
+
+def mom_scalar(m, p, x):
+    a = -F.softplus(lin(x, p, "oscillation.gate.proj")) * torch.exp(p["oscillation.gate.A_log"])  # [B,T,H]
+    return mom(m, p, x, a[..., None].expand(*a.shape, m.K))
+
+
 PUBLISHED = {
     "linear_attention": linear_attention,
     "tnl": tnl,
@@ -261,6 +298,8 @@ PUBLISHED = {
     "lcsm": lcsm_outer,
     "cumsoftmax": cumsoftmax,
     "transformer": transformer,
+    "mom_gla": mom_gla,
+    "mom_scalar": mom_scalar,
 }
 
 

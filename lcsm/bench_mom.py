@@ -1,0 +1,200 @@
+"""`lcsm bench mom`: one Mixture-of-Memories layer (dense and sparse paths) against the same mixer
+with a single memory: forward, and forward + backward, of the token mixer alone.
+
+Default shape (issue 5): B = 8, T = 4096, d_model 2048, E = 4 memories, top-2, a shared memory,
+bf16 autocast over fp32 weights (as `lcsm train` runs on the GPU). `--small` is a tiny shape that
+runs on the CPU in seconds (a smoke test of the command, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lcsm.mixers import build_mixer
+from lcsm.model import Model
+from lcsm.spec import ModelSpec, SpecError, load_model_spec
+
+
+def layer_spec(base: str, d_model: int, heads: int, routing: dict | None) -> ModelSpec:
+    """The mixer of zoo spec `base` at this width, with a routing block (or none: one memory)."""
+    data = load_model_spec(base).model_dump(exclude_unset=True)
+    mixer = data["mixer"]
+    mixer.pop("heads", None)
+    mixer.pop("routing", None)
+    if routing is not None:
+        mixer["routing"] = routing
+    data.update(d_model=d_model, n_layers=1, n_heads=heads)
+    return ModelSpec.model_validate(data)
+
+
+def time_layer(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device, dtype) -> dict:
+    """Mean ms of the forward (no grad) and of forward + backward (gradients of x and weights)."""
+    torch.manual_seed(0)
+    mixer = build_mixer(spec.mixer, spec.d_model, spec.n_heads, 0, 1, spec.norm_eps).to(device)
+    mixer.apply(Model._init)
+    x = torch.randn(batch, seq, spec.d_model, device=device, requires_grad=True)
+    dy = torch.randn(batch, seq, spec.d_model, device=device)
+    cuda = device.type == "cuda"
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def forward():
+        with torch.no_grad(), amp:
+            return mixer(x)
+
+    def train_step():
+        with amp:
+            y = mixer(x)
+        y.backward(dy.to(y.dtype))
+        x.grad = None
+        mixer.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, fn in (("fwd_ms", forward), ("fwd_bwd_ms", train_step)):
+        for _ in range(warmup):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        out[name] = (time.perf_counter() - t0) / steps * 1e3
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        train_step()
+        out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    del mixer
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_row(run: str) -> dict:
+    """One finished `lcsm train` run (e.g. runs/mqar_mom_256): model, memories, test accuracy, time."""
+    from pathlib import Path
+
+    import yaml
+
+    d = Path(run)
+    try:
+        ev = json.loads((d / "eval.json").read_text())
+        lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+    except (OSError, ValueError) as err:
+        raise SpecError(f"lcsm bench mom --table: {run}: not a finished run ({err})") from None
+    spec = ModelSpec.model_validate(cfg["model"])
+    r = spec.mixer.routing
+    train = [line for line in lines if line["split"] == "train"]
+    aux = [line["aux_loss"] for line in train if "aux_loss" in line]
+    return {
+        "run": d.name, "model": spec.name, "d_model": spec.d_model,
+        "memories": f"{r.memories}, top-{r.top_k}{' + shared' if r.shared else ''}" if r else "1",
+        "params_M": Model(spec).num_parameters() / 1e6, "steps": ev.get("step"),
+        "accuracy": ev["accuracy"], "loss": ev["loss"],
+        "slices": {k: v["accuracy"] for k, v in ev.get("slices", {}).items()},
+        "train_s": train[-1]["elapsed_s"] if train else None, "final_aux_loss": aux[-1] if aux else None,
+    }
+
+
+def table(runs: list[str], json_path: str | None) -> int:
+    """The MQAR comparison of finished runs as a markdown table (no GPU needed)."""
+    rows = [run_row(r) for r in runs]
+    print("| run | model | memories | d_model | params (M) | steps | test accuracy | test loss | train s | final aux loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        aux = f"{r['final_aux_loss']:.4f}" if r["final_aux_loss"] is not None else "—"
+        secs = f"{r['train_s']:.0f}" if r["train_s"] is not None else "—"
+        print(f"| {r['run']} | {r['model']} | {r['memories']} | {r['d_model']} | {r['params_M']:.2f} | {r['steps']} | "
+              f"{r['accuracy']:.3f} | {r['loss']:.3f} | {secs} | {aux} |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"runs": rows}, f, indent=1)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gla", metavar="SPEC",
+                   help="zoo name or spec file whose mixer is routed (default gla: vector_k decay); a routing block in it is replaced")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=8, help="heads (default 8: K = 128, V = 256 for gla)")
+    p.add_argument("--memories", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--no-shared", action="store_true", help="no shared memory")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast dtype (default bf16; fp32 on the CPU)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--small", action="store_true", help="a tiny shape for the CPU: B=2, T=128, d_model 64, 2 heads, fp32")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--table", nargs="+", metavar="RUN",
+                   help="instead of timing: the MQAR comparison table of finished runs (e.g. runs/mqar_mom_256 runs/mqar_mom_single_256)")
+
+
+def run(args) -> int:
+    if args.table:
+        return table(args.table, args.json)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.small:
+        args.batch, args.seq, args.d_model, args.heads, args.steps, args.warmup = 2, 128, 64, 2, 2, 1
+    elif device.type != "cuda":
+        raise SystemExit("lcsm bench mom: the default shape needs a CUDA GPU; use --small on the CPU")
+    dtype = torch.bfloat16 if args.dtype == "bf16" and device.type == "cuda" else torch.float32
+    shared = not args.no_shared
+    routing = {"memories": args.memories, "top_k": args.top_k, "shared": shared}
+    env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+           "shape": {"B": args.batch, "T": args.seq, "d_model": args.d_model, "heads": args.heads}, "routing": routing}
+    print(json.dumps(env), flush=True)
+    configs = [("single memory", None)] + [(f"MoM {path}", {**routing, "path": path}) for path in ("dense", "sparse")]
+    rows = []
+    for label, r in configs:
+        spec = layer_spec(args.model, args.d_model, args.heads, r)
+        try:
+            row = {"layer": label, **time_layer(spec, args.batch, args.seq, args.steps, args.warmup, device, dtype)}
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            row = {"layer": label, "error": "out of memory"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0] if "fwd_bwd_ms" in rows[0] else None
+    copies = args.top_k + int(shared)
+    budget = copies * 1.2
+    print(f"\n{args.model}, B={args.batch} T={args.seq} d_model={args.d_model} heads={args.heads}, "
+          f"E={args.memories} top-{args.top_k}{' + shared' if shared else ''}, {env['dtype']}, {env['device']}")
+    print("| layer | fwd ms | × single | fwd+bwd ms | × single | peak GiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "fwd_bwd_ms" not in r:
+            print(f"| {r['layer']} | — | — | {r['error']} | — | — |")
+            continue
+        rf = f"{r['fwd_ms'] / base['fwd_ms']:.2f}" if base else "—"
+        rb = f"{r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}" if base else "—"
+        peak = f"{r['peak_GiB']:.1f}" if "peak_GiB" in r else "—"
+        print(f"| {r['layer']} | {r['fwd_ms']:.2f} | {rf} | {r['fwd_bwd_ms']:.2f} | {rb} | {peak} |")
+        if base:
+            r["fwd_ratio"], r["fwd_bwd_ratio"] = r["fwd_ms"] / base["fwd_ms"], r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+    sparse = rows[2]
+    if base and "fwd_bwd_ratio" in sparse:
+        verdict = "within" if sparse["fwd_bwd_ratio"] <= budget else "over"
+        print(f"\nsparse fwd+bwd = {sparse['fwd_bwd_ratio']:.2f}× single: {verdict} the budget (k + shared)·1.2 = {budget:.1f}×")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "args": {k: v for k, v in vars(args).items() if not callable(v)}, "budget_ratio": budget, "rows": rows}, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lcsm bench mom", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""The router of a Mixture-of-Memories mixer (DESIGN §4): linear -> softmax -> top-k, renormalised,
+and the Switch-style load-balancing loss that keeps every memory in use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import gate_dtype
+
+
+@dataclass
+class Routed:
+    weights: torch.Tensor  # [B,T,k] renormalised over the chosen k (sum 1), in the gate dtype
+    index: torch.Tensor  # [B,T,k] long, the chosen memories, distinct per token
+    probs: torch.Tensor  # [B,T,E] the softmax over all memories (for the balancing loss)
+
+    def dense_weights(self, memories: int) -> torch.Tensor:
+        """[B,T,E]: the weight of every memory at every token, 0 where not chosen."""
+        out = self.weights.new_zeros(*self.weights.shape[:2], memories)
+        return out.scatter(-1, self.index, self.weights)
+
+    def mask(self, memories: int) -> torch.Tensor:
+        """[B,T,E] bool: memory chosen at this token."""
+        out = torch.zeros(*self.index.shape[:2], memories, dtype=torch.bool, device=self.index.device)
+        return out.scatter(-1, self.index, True)
+
+
+class Router(nn.Module):
+    """x [B,T,d] -> Routed: probs = softmax(W x) over E memories, the top_k of them, weights
+    renormalised over the chosen ones (Mixtral style). Computed in fp32 (fp64 for fp64 x)."""
+
+    def __init__(self, d_model: int, memories: int, top_k: int):
+        super().__init__()
+        self.memories, self.top_k = memories, top_k
+        self.proj = nn.Linear(d_model, memories, bias=False)
+
+    def forward(self, x: torch.Tensor) -> Routed:
+        probs = F.softmax(self.proj(x).to(gate_dtype(x)), dim=-1)
+        top, index = torch.topk(probs, self.top_k, dim=-1)
+        return Routed(weights=top / top.sum(-1, keepdim=True), index=index, probs=probs)
+
+
+def load_balancing_loss(routed: Routed, memories: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch / Mixtral balancing loss as fla's MoM computes it, and the load of each memory.
+
+    L = E · Σ_e f_e · P_e, f_e = fraction of tokens that chose memory e (over all B·T tokens),
+    P_e = mean router probability of e. L = top_k at perfect balance; only P carries a gradient.
+    Returns (L scalar, load [E] = f_e / top_k, the share of routed slots each memory received).
+    """
+    f = routed.mask(memories).flatten(0, -2).to(routed.probs.dtype).mean(0)
+    P = routed.probs.flatten(0, -2).mean(0)
+    return memories * (f * P).sum(), f / routed.index.shape[-1]
