@@ -298,6 +298,11 @@ def expand(grid: GridRecipe, folder: Path | None, out_dir: Path, sets: list[tupl
     """Every point of the grid (axes in order, then seeds), each validated as a Recipe.
     Raises RecipeError naming the point's axes and values when one is invalid."""
     base = _base_data(grid.base, folder)
+    touched = {k for axis, values in grid.grid.items() for v in values for k in (v["set"] if _is_variant(v) else [axis])}
+    for key, _ in sets:
+        clash = sorted(t for t in touched if t == key or t.startswith(key + ".") or key.startswith(t + "."))
+        if clash:
+            raise RecipeError(f"--set {key}: the grid sets {', '.join(clash)} at every point; change the axis instead (--grid AXIS=VALUES)")
     for key, value in sets:
         _apply(base, key, value, f"--set {key}")
     axes = list(grid.grid)
