@@ -682,9 +682,7 @@ def collect(out_dir: str | Path) -> tuple[GridRecipe, list[dict]]:
     grid, points = load_ablation(out_dir)
     rows = []
     for p in points:
-        run_dir = Path(p["run_dir"])
-        if not run_dir.is_absolute() and not run_dir.exists():
-            run_dir = Path(out_dir) / "runs" / p["id"]
+        run_dir = Path(out_dir) / "runs" / p["id"]  # where expand() put it: the folder may have moved since
         status = point_status(run_dir)
         info = _read_json(run_dir / "point.json") or {}
         ev = _read_json(run_dir / "eval.json") or {}
