@@ -506,18 +506,37 @@ def run(
     console = console or Console(highlight=False)
     for ab in ablations:
         ab.save()
-    todo, counts = [], {"done": 0, "failed": 0, "skipped": 0, "interrupted": 0}
+    # identical points (the base variant appears in several recipes) are trained once: the
+    # others get its results copied in (point.json says from where)
+    counts = {"done": 0, "failed": 0, "skipped": 0, "interrupted": 0, "copied": 0}
+    finished: dict[str, Point] = {}
+    todo, twins = [], {}
     for ab in ablations:
         for p in ab.points:
             if point_status(p.run_dir) == "done":
                 counts["skipped"] += 1
+                finished.setdefault(_twin_key(p.recipe), p)
+    for ab in ablations:
+        for p in ab.points:
+            key = _twin_key(p.recipe)
+            if point_status(p.run_dir) == "done":
+                continue
+            if key in finished:
+                _copy_twin(finished[key], p, {"status": "done"})
+                counts["copied"] += 1
+            elif key in twins:
+                twins[key].append((ab, p))
             else:
+                twins[key] = []
                 todo.append((ab, p))
     total = sum(len(ab.points) for ab in ablations)
     devices = workers_for(jobs)
+    waiting = sum(map(len, twins.values()))
     console.print(
-        f"{total} points in {len(ablations)} ablation(s); {counts['skipped']} finished before, {len(todo)} to run on "
-        f"{len(devices)} worker(s)" + (f" ({len(set(devices))} GPU(s) × {jobs})" if devices[0] is not None else " (CPU)")
+        f"{total} points in {len(ablations)} ablation(s); {counts['skipped']} finished before"
+        + (f", {counts['copied']} copied from identical finished points" if counts["copied"] else "")
+        + f"; {len(todo)} to run" + (f" (and {waiting} identical to one of them, copied after)" if waiting else "")
+        + f" on {len(devices)} worker(s)" + (f" ({len(set(devices))} GPU(s) × {jobs})" if devices[0] is not None else " (CPU)")
     )
 
     progress = Progress(
@@ -529,9 +548,17 @@ def run(
         TimeRemainingColumn(),
         console=console,
     )
+    bar = progress.add_task("points", total=total, completed=counts["skipped"] + counts["copied"], state="")
 
-    def report(ab: Ablation, p: Point, info: dict) -> None:
+    def state() -> str:
+        return f"{counts['done']} done, {counts['failed']} failed" + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
+
+    def report(ab: Ablation, p: Point, info: dict, twin_of: Point | None = None) -> None:
         status = info["status"]
+        if status != "interrupted":
+            for tab, tp in twins.get(_twin_key(p.recipe), []) if twin_of is None else []:
+                report(tab, tp, _copy_twin(p, tp, info), twin_of=p)
+                progress.update(bar, advance=1)
         if status == "failed":
             counts["failed"] += 1
             console.print(f"[red]failed[/red] {ab.grid.name}/{p.id}: {info['error']}", soft_wrap=True)
@@ -539,22 +566,18 @@ def run(
         if status == "interrupted":
             counts["interrupted"] += 1
             return
-        counts["done"] += 1
+        counts["done" if twin_of is None else "copied"] += 1
         ev = _read_json(p.run_dir / "eval.json") or {}
         metric = ab.grid.report_metric
         value = _metric(ev, metric)
+        how = f"copied from {twin_of.run_dir}" if twin_of else f"{info['wall_s']:.1f}s"
         resumed = f" (resumed at step {info['resumed_from']})" if info.get("resumed_from") else ""
         shown = f"{value:.4f}" if value is not None else "-"
-        console.print(f"[green]done[/green] {ab.grid.name}/{p.id}: {metric} {shown}, {info['wall_s']:.1f}s{resumed}", soft_wrap=True)
+        console.print(f"[green]done[/green] {ab.grid.name}/{p.id}: {metric} {shown}, {how}{resumed}", soft_wrap=True)
 
     # longest first: language models and long sequences, so the last workers do not idle on one
     todo.sort(key=lambda t: -_cost(t[1].recipe))
     with progress:
-        bar = progress.add_task("points", total=total, completed=counts["skipped"], state="")
-
-        def state() -> str:
-            return f"{counts['done']} done, {counts['failed']} failed" + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
-
         if len(devices) == 1:
             for ab, p in todo:
                 info = run_point(p.recipe, on_step=on_step)
@@ -565,6 +588,28 @@ def run(
         else:
             _run_pool(todo, devices, report, lambda: progress.update(bar, advance=1, state=state()), console)
     return counts
+
+
+def _twin_key(recipe: dict) -> str:
+    return json.dumps({k: v for k, v in recipe.items() if k not in ("name", "out_dir")}, sort_keys=True)
+
+
+def _copy_twin(src: Point, dst: Point, info: dict) -> dict:
+    """Give dst (a point identical to src) src's results: eval.json and metrics.jsonl, its own config.yaml."""
+    dst.run_dir.mkdir(parents=True, exist_ok=True)
+    if info["status"] == "failed":
+        out = {"status": "failed", "error": f"identical to {src.run_dir}, which failed: {info['error']}", "wall_s": 0.0}
+    else:
+        for name in ("metrics.jsonl", "eval.json"):  # eval.json last: it marks the point finished
+            if (src.run_dir / name).exists():
+                tmp = dst.run_dir / (name + ".tmp")
+                tmp.write_bytes((src.run_dir / name).read_bytes())
+                os.replace(tmp, dst.run_dir / name)
+        (dst.run_dir / "config.yaml").write_text(yaml.safe_dump(dst.recipe, sort_keys=False, allow_unicode=True))
+        src_info = _read_json(src.run_dir / "point.json") or {}
+        out = {**src_info, "status": src_info.get("status", "done"), "copied_from": str(src.run_dir), "wall_s": 0.0}
+    _write_json(dst.run_dir / "point.json", out)
+    return out
 
 
 def _cost(recipe: dict) -> float:

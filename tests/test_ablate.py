@@ -126,12 +126,12 @@ def test_run_resume_failures_and_report(tmp_path, capsys):
             os.kill(os.getpid(), signal.SIGINT)
 
     counts = ablate.run([ab], on_step=ctrl_c)
-    assert counts == {"done": 0, "failed": 0, "skipped": 0, "interrupted": 1}
+    assert counts == {"done": 0, "failed": 0, "skipped": 0, "interrupted": 1, "copied": 0}
     first = ab.points[0]
     assert ablate.point_status(first.run_dir) == "started"
 
     counts = ablate.run([ablate.prepare(grid, tmp_path / "out")])
-    assert counts == {"done": 4, "failed": 2, "skipped": 0, "interrupted": 0}
+    assert counts == {"done": 4, "failed": 2, "skipped": 0, "interrupted": 0, "copied": 0}
     info = json.loads((first.run_dir / "point.json").read_text())
     assert info["status"] == "done" and info["resumed_from"] == 2 and info["step"] == 6
     broken = [p for p in ab.points if p.labels["oscillation"] == "broken"]
@@ -141,7 +141,7 @@ def test_run_resume_failures_and_report(tmp_path, capsys):
 
     # a second invocation skips the finished points and retries the failed ones
     counts = ablate.run([ablate.prepare(grid, tmp_path / "out")])
-    assert counts == {"done": 0, "failed": 2, "skipped": 4, "interrupted": 0}
+    assert counts == {"done": 0, "failed": 2, "skipped": 4, "interrupted": 0, "copied": 0}
 
     # the report is rebuilt from the run directories alone
     folder = tmp_path / "out" / "tiny"
@@ -162,11 +162,17 @@ def test_run_resume_failures_and_report(tmp_path, capsys):
     assert "tiny: accuracy at the best optimizer.lr" in printed
 
 
-def test_worker_processes_run_points(tmp_path):
-    ab = ablate.prepare(tiny_grid(), tmp_path, axes=["optimizer.lr=[1e-2]"], sets=["steps=2", "eval_every=2"])
-    counts = ablate.run([ab], jobs=2)
-    assert counts["done"] == 2 and counts["failed"] == 0
-    assert all(ablate.point_status(p.run_dir) == "done" for p in ab.points)
+def test_worker_processes_run_points_and_identical_points_train_once(tmp_path):
+    sets = ["steps=2", "eval_every=2"]
+    a = ablate.prepare(tiny_grid(name="a"), tmp_path, axes=["optimizer.lr=[1e-2]"], sets=sets)
+    b = ablate.prepare(tiny_grid(name="b"), tmp_path, sets=sets)  # its lr 1e-2 points are a's two points
+    counts = ablate.run([a, b], jobs=2)
+    assert counts == {"done": 4, "failed": 0, "skipped": 0, "interrupted": 0, "copied": 2}
+    assert all(ablate.point_status(p.run_dir) == "done" for p in a.points + b.points)
+    for pa, pb in zip(a.points, [p for p in b.points if p.labels["optimizer.lr"] == "0.01"]):
+        assert pa.id == pb.id and (pa.run_dir / "eval.json").read_text() == (pb.run_dir / "eval.json").read_text()
+        copied = [json.loads((d / "point.json").read_text()).get("copied_from") for d in (pa.run_dir, pb.run_dir)]
+        assert sorted(map(bool, copied)) == [False, True]
 
 
 def test_cli_dry_run_lists_every_point_and_errors_exit_2(tmp_path, capsys):
