@@ -902,7 +902,8 @@ def plot(grid: GridRecipe, summary: list[dict], path: Path) -> Path | None:
         else:
             names = [" / ".join(s["labels"][a] for a in rest) or "-" for s in mine]
             means = [s["mean"] if s["mean"] is not None else float("nan") for s in mine]
-            ax.bar(range(len(mine)), means, yerr=[s["std"] or 0 for s in mine], capsize=3, color=[colors[n % len(colors)] for n in range(len(mine))])
+            bars = ax.bar(range(len(mine)), means, yerr=[s["std"] or 0 for s in mine], capsize=3, color=[colors[n % len(colors)] for n in range(len(mine))])
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
             ax.set_xticks(range(len(mine)))
             ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
             finite = [m for m in means if m == m]
@@ -931,5 +932,12 @@ def build_report(out_dir: str | Path) -> dict:
     (out_dir / "results.md").write_text(markdown(grid, rows, summary))
     failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     _write_json(out_dir / "failures.json", failures)
-    png = plot(grid, summary, out_dir / f"{grid.report_metric}.png") if any(s["mean"] is not None for s in summary) else None
-    return {"csv": out_dir / "results.csv", "md": out_dir / "results.md", "failures": out_dir / "failures.json", "png": png, "rows": rows, "summary": summary}
+    png, missing = None, None
+    if not any(s["mean"] is not None for s in summary):
+        missing = "no finished point yet"
+    else:
+        png = plot(grid, summary, out_dir / f"{grid.report_metric}.png")
+        if png is None:
+            missing = "matplotlib is not installed; pip install 'lcsm[plots]', then lcsm ablate --report DIR"
+    return {"csv": out_dir / "results.csv", "md": out_dir / "results.md", "failures": out_dir / "failures.json", "png": png,
+            "png_missing": missing, "rows": rows, "summary": summary}

@@ -280,6 +280,16 @@ def _summary_table(grid, summary) -> Table:
     return table
 
 
+def _wrote(rep: dict) -> None:
+    if rep["png"]:
+        plot = f", {escape(str(rep['png']))}"
+    elif rep["png_missing"]:
+        plot = f" (no plot: {rep['png_missing']})"
+    else:
+        plot = ""
+    out.print(f"wrote {escape(str(rep['csv']))}, {escape(str(rep['md']))}{plot}")
+
+
 def cmd_ablate(args) -> int:
     from lcsm import ablate
 
@@ -290,7 +300,7 @@ def cmd_ablate(args) -> int:
             rep = ablate.build_report(folder)
             grid, _ = ablate.load_ablation(folder)
             out.print(_summary_table(grid, rep["summary"]))
-            out.print(f"wrote {escape(str(rep['csv']))}, {escape(str(rep['md']))}" + (f", {escape(str(rep['png']))}" if rep["png"] else ""))
+            _wrote(rep)
         return 0
     if not args.recipes:
         raise UsageError(f"give an ablation recipe (shipped: {', '.join(ablate.shipped_ablations())}) or --report DIR")
@@ -323,7 +333,7 @@ def cmd_ablate(args) -> int:
     for ab in abls:
         rep = ablate.build_report(ab.out_dir)
         out.print(_summary_table(ab.grid, rep["summary"]))
-        out.print(f"wrote {escape(str(rep['csv']))}, {escape(str(rep['md']))}" + (f", {escape(str(rep['png']))}" if rep["png"] else ""))
+        _wrote(rep)
     if counts["failed"]:
         err.print(f"{counts['failed']} point(s) failed; their errors are in results.md and failures.json (rerun the command to retry them)")
         return 1
