@@ -625,6 +625,9 @@ def _run_pool(todo, devices, report, advance, console) -> None:
 
     ctx = mp.get_context("spawn")
     tasks, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    # after Ctrl-C the queue still holds the unstarted points: this process must not wait at exit
+    # to push them into a pipe nobody reads
+    tasks.cancel_join_thread()
     for index, (_, p) in enumerate(todo):
         tasks.put((index, p.recipe))
     for _ in devices:
