@@ -210,3 +210,13 @@ def test_every_shipped_ablation_recipe_expands_into_valid_recipes(name, tmp_path
     else:
         assert all(p.recipe["task"]["kind"] == "text" and p.recipe["task"]["tokenizer"]["kind"] == "byte" for p in full.points)
         assert full.grid.report_metric == "bits_per_byte"
+
+
+def test_one_worker_per_gpu_times_jobs(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ablate.workers_for(3) == ["0", "0", "0", "1", "1", "1"]  # each worker's CUDA_VISIBLE_DEVICES
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ablate.workers_for(2) == [None, None]
