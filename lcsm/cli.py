@@ -263,6 +263,88 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds as 0,1,2 (got {text!r})") from None
+    if not seeds or any(x < 0 for x in seeds):
+        raise argparse.ArgumentTypeError(f"expected non-negative seeds as 0,1,2 (got {text!r})")
+    return seeds
+
+
+def _summary_table(grid, summary) -> Table:
+    key = grid.best_of.key if grid.best_of else None
+    axes = [a for a in grid.grid if a != key]
+    table = Table(title=f"{grid.name}: {grid.report_metric}" + (f" at the best {key}" if key else ""), title_justify="left")
+    for a in axes + ([f"best {key.split('.')[-1]}"] if key else []) + [grid.report_metric, "seeds"]:
+        table.add_column(a, justify="right" if a in (grid.report_metric, "seeds") else "left")
+    for s in summary:
+        value = "-" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
+        table.add_row(*[escape(s["labels"][a]) for a in axes], *([escape(str(s["best"] or "-"))] if key else []), value, str(s["n"]))
+    return table
+
+
+def _wrote(rep: dict) -> None:
+    if rep["png"]:
+        plot = f", {escape(str(rep['png']))}"
+    elif rep["png_missing"]:
+        plot = f" (no plot: {rep['png_missing']})"
+    else:
+        plot = ""
+    out.print(f"wrote {escape(str(rep['csv']))}, {escape(str(rep['md']))}{plot}")
+
+
+def cmd_ablate(args) -> int:
+    from lcsm import ablate
+
+    if args.report:
+        if args.recipes:
+            raise UsageError("--report DIR rebuilds a report from an ablation directory; give no recipe with it")
+        for folder in args.report:
+            rep = ablate.build_report(folder)
+            grid, _ = ablate.load_ablation(folder)
+            out.print(_summary_table(grid, rep["summary"]))
+            _wrote(rep)
+        return 0
+    if not args.recipes:
+        raise UsageError(f"give an ablation recipe (shipped: {', '.join(ablate.shipped_ablations())}) or --report DIR")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1 (got {args.jobs})")
+    abls = [ablate.prepare(r, args.out, args.set or [], args.grid or [], args.seeds, args.reduced) for r in args.recipes]
+    names = [a.out_dir for a in abls]
+    if len(set(names)) < len(names):
+        raise UsageError("two recipes share a name (and so an output directory); rename one")
+    if args.dry_run:
+        for ab in abls:
+            axes = list(ab.grid.grid)
+            table = Table(title=f"{ab.grid.name}: {len(ab.points)} points -> {escape(str(ab.out_dir))}", title_justify="left")
+            for col in ["#", *axes, "seed", "steps", "status"]:
+                table.add_column(col, justify="right" if col in ("#", "seed", "steps") else "left")
+            for n, p in enumerate(ab.points):
+                length = str(p.recipe.get("steps") or f"{p.recipe.get('epochs')} ep")
+                table.add_row(str(n), *[escape(p.labels[a]) for a in axes], str(p.seed), length, ablate.point_status(p.run_dir))
+            out.print(table)
+        out.print(f"{sum(len(a.points) for a in abls)} points, every one a valid recipe (dry run: nothing trained)")
+        return 0
+    try:
+        counts = ablate.run(abls, jobs=args.jobs, console=out)
+    except KeyboardInterrupt:
+        again = shlex.join(["lcsm", "ablate", *sys.argv[sys.argv.index("ablate") + 1:]]) if "ablate" in sys.argv else "the same command"
+        err.print(f"interrupted; finished points are kept and interrupted ones saved. Continue with: {escape(again)}")
+        for ab in abls:
+            ablate.build_report(ab.out_dir)
+        return 130
+    for ab in abls:
+        rep = ablate.build_report(ab.out_dir)
+        out.print(_summary_table(ab.grid, rep["summary"]))
+        _wrote(rep)
+    if counts["failed"]:
+        err.print(f"{counts['failed']} point(s) failed; their errors are in results.md and failures.json (rerun the command to retry them)")
+        return 1
+    return 130 if counts["interrupted"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcsm",
@@ -308,6 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")
     p.add_argument("-o", "--output", help="PNG file (default RUN/curves.png for one run, curves.png for several)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "ablate",
+        help="run a grid of training runs (an ablation recipe) and report results.csv, results.md and plots",
+        description="Expand an ablation recipe (recipes/ablations) into training runs, run the unfinished ones "
+        "(resumable; failures recorded, the grid goes on; one worker process per GPU, --jobs per GPU) and "
+        "write OUT/<name>/results.csv, results.md and a PNG. See docs/ablations.md.",
+    )
+    p.add_argument("recipes", nargs="*", metavar="RECIPE", help="ablation YAML or shipped name (recipes/ablations); several share one worker pool")
+    p.add_argument("--out", metavar="DIR", help="parent of the ablation directories (default ./ablations): DIR/<name>/")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes per GPU (or on the CPU); default 1")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a field of the base recipe for every point, e.g. --set steps=200")
+    p.add_argument("--grid", action="append", metavar="AXIS=VALUES", help="replace an axis, e.g. --grid model.d_model=[64,128]; for a named axis the labels to keep")
+    p.add_argument("--seeds", type=_seeds, metavar="S1,S2", help="replace the seeds, e.g. --seeds 0,1,2")
+    p.add_argument("--reduced", action="store_true", help="apply the recipe's reduced: section (the smaller GPU grid)")
+    p.add_argument("--dry-run", action="store_true", help="list every point (validated) and its status; train nothing")
+    p.add_argument("--report", nargs="+", metavar="DIR", help="rebuild results.csv, results.md and the plot of ablation directories")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("bench", help="benchmarks on the GPU")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
