@@ -71,11 +71,16 @@ def eos_recurrence(
             raise ValueError(f"eos_recurrence: the triton backend uses chunks of 64 (got chunk_size={chunk_size})")
         from .triton_api import chunk_eos, scan_eos  # imported late: triton is only needed here
 
+        # the kernels' matrix products need one dtype: under autocast a parameter-only stage or a
+        # power stays fp32 beside bf16 activations, so promote to the widest of s, e, i
+        out_dtype = s.dtype
+        common = torch.promote_types(torch.promote_types(s.dtype, e.dtype), i.dtype)
+        s, e, i = s.to(common), e.to(common), i.to(common)
         if dt is None and A is None:
             y, ht = chunk_eos(s, e, i, g, gk, gv, h0, output_final_state, cu_seqlens)
         else:
             y, ht = scan_eos(s, e, i, g, gk, gv, dt, A, h0, output_final_state, cu_seqlens)
-        return y, (ht if output_final_state else None)
+        return y.to(out_dtype), (ht if output_final_state else None)
     if backend == "reference":
         def run(s, e, i, h0, **gates):
             y, ht = eos_reference(s, e, i, h0=h0, **gates)

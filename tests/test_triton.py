@@ -153,6 +153,26 @@ def test_inference_forward_matches_the_reference(form):
     assert rel(y, y_ref) < TOL and rel(ht, ht_ref) < TOL
 
 
+@pytest.mark.parametrize("form", ["outer", "full_dt_A"])
+def test_mixed_input_dtypes_are_promoted(form, monkeypatch):
+    # under autocast a parameter-only stage gives fp32 s, e beside bf16 i; the kernels' products
+    # need one dtype (Triton refuses fp32 x bf16), so the API promotes and returns y in s's dtype
+    from lcsm.kernels import triton_api
+
+    seen = []
+    for name in ("chunk_eos", "scan_eos"):
+        real = getattr(triton_api, name)
+        monkeypatch.setattr(triton_api, name, lambda q, k, v, *a, _real=real: seen.append((q.dtype, k.dtype, v.dtype)) or _real(q, k, v, *a))
+    gen = torch.Generator().manual_seed(10)
+    K, V = dims(form)
+    gates = {n: x.to(DEVICE) for n, x in gates_for(form, 0.3, gen).items()}
+    s, e = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    i = torch.randn(B, T, H, V, generator=gen).half()
+    y, _ = eos_recurrence(s.to(DEVICE), e.to(DEVICE), i.to(DEVICE), backend="triton", **gates)
+    y_ref, _ = eos_recurrence(s.double(), e.double(), i.double(), backend="reference", **{n: x.cpu().double() for n, x in gates.items()})
+    assert seen == [(torch.float32,) * 3] and y.dtype == torch.float32 and rel(y, y_ref) < TOL
+
+
 @pytest.mark.parametrize("form", ["scalar", "vector_k_static", "outer", "full_dt_A", "full"])
 def test_decode_step_matches_the_recurrence(form):
     gen = torch.Generator().manual_seed(8)
