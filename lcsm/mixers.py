@@ -28,6 +28,8 @@ class EOSMixer(nn.Module):
     oscillation.*, shrink.proj.proj, out_norm, gate_proj, D, o_proj.
     """
 
+    fixed_state = True  # the decoding state has one size at any context (lcsm.generate may graph it)
+
     def __init__(self, spec: EOSSpec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float = 1e-5):
         super().__init__()
         H, K, V = spec.dims(d_model, n_heads)
@@ -58,7 +60,9 @@ class EOSMixer(nn.Module):
         B, T, _ = x.shape
         positions = torch.arange(T, device=x.device)
         if cache is not None:
-            offset = cache.setdefault("offset", torch.zeros((), dtype=torch.long, device=x.device))
+            if "offset" not in cache:
+                cache["offset"] = torch.zeros((), dtype=torch.long, device=x.device)
+            offset = cache["offset"]
             positions = positions + offset
         osc = self.oscillation(x, positions, lower_bound, sub(cache, "oscillation"))
         i, i_raw = self.input(x, osc, sub(cache, "input"))
@@ -131,6 +135,8 @@ def rope(x: torch.Tensor, base: float, start: int = 0) -> torch.Tensor:
 
 class AttentionMixer(nn.Module):
     """Causal softmax attention through torch's scaled_dot_product_attention."""
+
+    fixed_state = False  # the KV cache grows with the context
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float = 1e-5):
         super().__init__()

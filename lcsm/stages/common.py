@@ -23,6 +23,16 @@ FEATURE_MAPS = {
 }
 
 
+def on_device(owner: nn.Module, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """owner.<name> (an fp64 constant kept outside the buffers) on x's device in `dtype`, copied
+    once per device and dtype: no host-to-device copy per call (a captured decoding step has none)."""
+    memo = owner.__dict__.setdefault("_on_device", {})
+    key = (name, x.device, dtype)
+    if key not in memo:
+        memo[key] = getattr(owner, name).to(device=x.device, dtype=dtype)
+    return memo[key]
+
+
 def gate_dtype(x: torch.Tensor) -> torch.dtype:
     """Log decays are fp32 (fp64 when the model runs in fp64, as in the tests)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -128,7 +138,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None):
         dtype = gate_dtype(x)
         if self.source == "fixed":
-            return self._fixed.to(device=x.device, dtype=dtype), None
+            return on_device(self, "_fixed", x, dtype), None
         if self.source == "param":
             z = self.z.to(dtype)
         else:

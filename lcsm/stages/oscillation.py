@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lcsm.cache import store
 
-from .common import Gate, fixed_log_decay, gate_dtype, param_for_log_decay
+from .common import Gate, fixed_log_decay, gate_dtype, on_device, param_for_log_decay
 
 
 @dataclass
@@ -146,7 +146,7 @@ class Rotation(nn.Module):
 
     def forward(self, x, positions, lower_bound=None, cache=None):
         dtype = gate_dtype(x)
-        theta = self.theta if hasattr(self, "theta") else self._theta.to(x.device)
+        theta = self.theta if hasattr(self, "theta") else on_device(self, "_theta", x, torch.float64)
         return OscillationOut(angles=positions.to(dtype)[:, None] * theta.to(dtype))
 
 
