@@ -249,11 +249,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from lcsm.cli import UsageError
+
     for name in ("batch", "steps", "d_model", "layers", "heads", "vocab", "step_iters"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"lcsm bench decode: --{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or min(args.contexts) < 1 or min(args.kv_contexts) < 1 or min(args.step_shape) < 1:
-        raise SystemExit("lcsm bench decode: --warmup must be >= 0 and --contexts, --kv-contexts, --step-shape >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0 (got {args.warmup})")
+    for name in ("contexts", "kv_contexts", "step_shape"):
+        if min(getattr(args, name)) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: every value must be at least 1 (got {getattr(args, name)})")
+    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise UsageError(f"--device: '{args.device}' is not available here; allowed: auto, cpu, cuda (with a GPU)")
     if args.small:
         args.d_model, args.layers, args.heads, args.vocab = 64, 2, 2, 256
         args.contexts, args.kv_contexts, args.step_shape = [64, 256], [64, 256], [2, 2, 16, 16]
@@ -261,8 +268,16 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    threads = torch.get_num_threads()
     if args.small and device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and noise on shared machines)
+    try:
+        return _run(args, device, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, device, dtype) -> int:
     env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": str(dtype).replace("torch.", "")}
     print(json.dumps(env), flush=True)

@@ -176,7 +176,8 @@ def _steps(model, prompt, max_new_tokens: int, temperature: float, top_k, top_p,
         generator = torch.Generator(device=device).manual_seed(seed)
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16 (got {precision!r})")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # no autocast weight cache: casts made while a CUDA graph is captured must stay in the graph
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if precision == "bf16" else nullcontext()
     was_training = model.training
     model.eval()
     try:
