@@ -390,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
-    p.add_argument("--prompt", help="text, encoded with the run's tokenizer (text runs)")
-    p.add_argument("--tokens", metavar="ID,ID,...", help="the prompt as token ids (any run, e.g. MQAR)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="text, encoded with the run's tokenizer (text runs)")
+    prompt.add_argument("--tokens", metavar="ID,ID,...", help="the prompt as token ids (any run, e.g. MQAR)")
     p.add_argument("--max-tokens", type=int, default=200, help="new tokens at most (default 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1.0)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
