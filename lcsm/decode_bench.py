@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +111,19 @@ def bench_models(args, device, dtype) -> list[dict]:
         model = Model(spec).to(device=device, dtype=dtype).eval()
         params = sum(p.numel() for p in model.parameters())
         for context in args.contexts:
+            graph = not args.no_cuda_graph
             try:
                 with torch.no_grad():
-                    row = decode_row(model, spec.name or name, context, args.batch, args.steps, args.warmup, not args.no_cuda_graph, device)
+                    row = decode_row(model, spec.name or name, context, args.batch, args.steps, args.warmup, graph, device)
             except torch.OutOfMemoryError:
                 row = {"model": spec.name or name, "context": context, "error": "out of memory"}
+            except Exception as e:  # one failing row must not cost the rest of a GPU session
+                traceback.print_exc()
+                row = {"model": spec.name or name, "context": context, "error": f"{type(e).__name__}: {e}"}
+                if graph and device.type == "cuda":  # say so, and measure it without the graph
+                    with torch.no_grad():
+                        row = {**decode_row(model, spec.name or name, context, args.batch, args.steps, args.warmup, False, device),
+                               "graph_error": row["error"]}
             row["params_M"] = params / 1e6
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -125,6 +134,15 @@ def bench_models(args, device, dtype) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- one layer's step
+
+
+def _guard(measure) -> dict:
+    """measure() -> dict, or {"error": ...} with the traceback on stderr (the other rows go on)."""
+    try:
+        return measure()
+    except Exception as e:
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def bench_step(args, device) -> list[dict]:
@@ -145,10 +163,10 @@ def bench_step(args, device) -> list[dict]:
             def one(backend=backend):
                 eos_step(s, e, i, state, **gates, backend=backend)
 
-            row = {"what": f"eos_step {form}", "backend": backend, "shape": [B, H, K, V],
-                   "eager_ms": timed_ms(one, args.step_iters, device)}
+            row = {"what": f"eos_step {form}", "backend": backend, "shape": [B, H, K, V]}
+            row.update(_guard(lambda: {"eager_ms": timed_ms(one, args.step_iters, device)}))
             if device.type == "cuda" and backend == "triton":
-                row["graph_ms"] = graphed_ms(one, args.step_iters)
+                row.update(_guard(lambda: {"graph_ms": graphed_ms(one, args.step_iters)}))
             rows.append(row)
             print(json.dumps(row), flush=True)
     # a whole layer: a one-layer GLA-style model (projections, gate, norm, a tiny head) at d = H·K
@@ -160,12 +178,13 @@ def bench_step(args, device) -> list[dict]:
     model = Model.from_spec(spec).to(device=device, dtype=dtype).eval()
     tok = torch.zeros(B, dtype=torch.long, device=device)
     for graph in ([False, True] if device.type == "cuda" else [False]):
-        with torch.no_grad():
-            decoder = Decoder(model, cuda_graph=graph)
-            decoder.prefill(tok[:, None].expand(B, 4))
-            ms = timed_ms(lambda: decoder.step(tok), args.step_iters, device)
-        row = {"what": f"one-layer model step (d={d}, GLA layer)", "backend": "auto", "shape": [B, H, K, V],
-               ("graph_ms" if graph else "eager_ms"): ms}
+        def layer_step(graph=graph):
+            with torch.no_grad():
+                decoder = Decoder(model, cuda_graph=graph)
+                decoder.prefill(tok[:, None].expand(B, 4))
+                return {"graph_ms" if graph else "eager_ms": timed_ms(lambda: decoder.step(tok), args.step_iters, device)}
+
+        row = {"what": f"one-layer model step (d={d}, GLA layer)", "backend": "auto", "shape": [B, H, K, V], **_guard(layer_step)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     # softmax attention over a KV cache, one query per sequence
@@ -182,8 +201,8 @@ def bench_step(args, device) -> list[dict]:
             if device.type == "cuda":
                 row["graph_ms"] = graphed_ms(attend, args.step_iters)
             del kc, vc
-        except torch.OutOfMemoryError:
-            row = {"what": f"SDPA decode, KV cache {L}", "error": "out of memory"}
+        except Exception as e:
+            row = {"what": f"SDPA decode, KV cache {L}", "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -218,7 +237,7 @@ def markdown(model_rows: list[dict], step_rows: list[dict]) -> str:
     if step_rows:
         out += ["| step | backend | B,H,K,V | eager ms | CUDA-graph ms |", "|---|---|---|---|---|"]
         for r in step_rows:
-            if "error" in r:
+            if "error" in r and "eager_ms" not in r and "graph_ms" not in r:
                 out.append(f"| {r['what']} | — | — | {r['error']} | — |")
                 continue
             out.append(f"| {r['what']} | {r['backend']} | {','.join(map(str, r['shape']))} | "
