@@ -103,46 +103,46 @@ def decode_row(model, name: str, context: int, batch: int, steps: int, warmup: i
     return row
 
 
+def _guard(measure) -> dict:
+    """measure() -> dict, or {"error": ...} with the traceback on stderr (the other rows go on)."""
+    try:
+        return measure()
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except Exception as e:  # one failing row must not cost the rest of a GPU session
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def bench_models(args, device, dtype) -> list[dict]:
     rows = []
     for name in args.models:
         spec = resized(name, args.d_model, args.layers, args.heads, args.vocab)
+        label = spec.name or name
         torch.manual_seed(0)
         model = Model(spec).to(device=device, dtype=dtype).eval()
         params = sum(p.numel() for p in model.parameters())
-        for context in args.contexts:
-            graph = not args.no_cuda_graph
-            try:
-                with torch.no_grad():
-                    row = decode_row(model, spec.name or name, context, args.batch, args.steps, args.warmup, graph, device)
-            except torch.OutOfMemoryError:
-                row = {"model": spec.name or name, "context": context, "error": "out of memory"}
-            except Exception as e:  # one failing row must not cost the rest of a GPU session
-                traceback.print_exc()
-                row = {"model": spec.name or name, "context": context, "error": f"{type(e).__name__}: {e}"}
-                if graph and device.type == "cuda":  # say so, and measure it without the graph
+        for batch in args.batch:
+            for context in args.contexts:
+                def attempt(graph, batch=batch, context=context):
                     with torch.no_grad():
-                        row = {**decode_row(model, spec.name or name, context, args.batch, args.steps, args.warmup, False, device),
-                               "graph_error": row["error"]}
-            row["params_M"] = params / 1e6
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                        return decode_row(model, label, context, batch, args.steps, args.warmup, graph, device)
+
+                where = {"model": label, "context": context, "batch": batch}
+                row = {**where, **_guard(lambda: attempt(not args.no_cuda_graph))}
+                if "error" in row and not args.no_cuda_graph and device.type == "cuda" and supports_cuda_graph(model):
+                    # say so, and measure it without the graph
+                    row = {**where, **_guard(lambda: attempt(False)), "graph_error": row["error"]}
+                row["params_M"] = params / 1e6
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         del model
     return rows
 
 
 # --------------------------------------------------------------------------- one layer's step
-
-
-def _guard(measure) -> dict:
-    """measure() -> dict, or {"error": ...} with the traceback on stderr (the other rows go on)."""
-    try:
-        return measure()
-    except Exception as e:
-        traceback.print_exc()
-        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def bench_step(args, device) -> list[dict]:
@@ -218,20 +218,20 @@ def _num(x, fmt):
 def markdown(model_rows: list[dict], step_rows: list[dict]) -> str:
     out = []
     if model_rows:
-        out += ["| model | context | ms/token | tokens/s | cache (MiB) | decode peak (GiB) | prefill (s) | CUDA graph |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += ["| model | params (M) | batch | context | ms/token | tokens/s | cache (MiB) | decode peak (GiB) | prefill (s) | CUDA graph |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in model_rows:
-            if "error" in r:
-                out.append(f"| {r['model']} | {r['context']:,} | {r['error']} | — | — | — | — | — |")
+            head = f"| {r['model']} | {r['params_M']:.1f} | {r['batch']} | {r['context']:,} |"
+            if "ms_per_token" not in r:
+                out.append(f"{head} {r['error']} | — | — | — | — | — |")
                 continue
-            out.append(f"| {r['model']} | {r['context']:,} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | "
-                       f"{r['cache_MiB']:.3g} | {_num(r.get('decode_peak_GiB'), '.2f')} | {r['prefill_s']:.2f} | "
-                       f"{'yes' if r['cuda_graph'] else 'no'} |")
+            out.append(f"{head} {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | {r['cache_MiB']:.3g} | "
+                       f"{_num(r.get('decode_peak_GiB'), '.2f')} | {r['prefill_s']:.2f} | {'yes' if r['cuda_graph'] else 'no'} |")
         out.append("")
-        for name in dict.fromkeys(r["model"] for r in model_rows):
-            ms = [r["ms_per_token"] for r in model_rows if r["model"] == name and "ms_per_token" in r]
+        for key in dict.fromkeys((r["model"], r["batch"]) for r in model_rows):
+            ms = [r["ms_per_token"] for r in model_rows if (r["model"], r["batch"]) == key and "ms_per_token" in r]
             if len(ms) > 1:
-                out.append(f"{name}: ms/token from {min(ms):.3f} to {max(ms):.3f} across contexts "
+                out.append(f"{key[0]}, batch {key[1]}: ms/token from {min(ms):.3f} to {max(ms):.3f} across contexts "
                            f"(max/min − 1 = {100 * (max(ms) / min(ms) - 1):.1f}%)")
         out.append("")
     if step_rows:
@@ -252,7 +252,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="sequences decoded together (default: 1, then 8)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="prefill lengths")
     p.add_argument("--steps", type=int, default=128, help="timed one-token steps per context (default 128)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (the CUDA graph is captured here)")
@@ -270,19 +270,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from lcsm.cli import UsageError
 
-    for name in ("batch", "steps", "d_model", "layers", "heads", "vocab", "step_iters"):
+    for name in ("steps", "d_model", "layers", "heads", "vocab", "step_iters"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0 (got {args.warmup})")
-    for name in ("contexts", "kv_contexts", "step_shape"):
+    for name in ("batch", "contexts", "kv_contexts", "step_shape"):
         if min(getattr(args, name)) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: every value must be at least 1 (got {getattr(args, name)})")
     if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         raise UsageError(f"--device: '{args.device}' is not available here; allowed: auto, cpu, cuda (with a GPU)")
     if args.small:
         args.d_model, args.layers, args.heads, args.vocab = 64, 2, 2, 256
-        args.contexts, args.kv_contexts, args.step_shape = [64, 256], [64, 256], [2, 2, 16, 16]
+        args.contexts, args.kv_contexts, args.step_shape, args.batch = [64, 256], [64, 256], [2, 2, 16, 16], [1, 2]
         args.steps, args.warmup, args.step_iters = 8, 2, 20
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
