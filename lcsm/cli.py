@@ -255,6 +255,95 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _run_tokenizer(recipe, run_dir: Path):
+    """The text tokenizer of a run, or None for tasks without text (MQAR, copying, induction)."""
+    from lcsm.recipe import RecipeError
+    from lcsm.tasks import TaskError
+    from lcsm.tasks.text import BPETokenizer, ByteTokenizer
+
+    if recipe.task.kind != "text":
+        return None
+    if recipe.task.tokenizer.kind == "byte":
+        return ByteTokenizer()
+    path = run_dir / "tokenizer.json"
+    if not path.exists():
+        raise RecipeError(f"{run_dir}: a BPE text run without its tokenizer.json")
+    try:
+        return BPETokenizer.load(path)
+    except TaskError as e:
+        raise RecipeError(str(e)) from None
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--tokens: comma-separated token ids, e.g. --tokens 1,2,3 (got {text!r})") from None
+    if not ids:
+        raise UsageError("--tokens: give at least one token id")
+    return ids
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from lcsm.evaluate import load_run, resolve_precision
+    from lcsm.generate import check_sampling, stream
+    from lcsm.recipe import DEVICE
+    from lcsm.train import resolve_device
+
+    temperature = 0.0 if args.greedy else args.temperature
+    try:
+        check_sampling(args.max_tokens, temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UsageError(str(e).replace("max_new_tokens", "--max-tokens").replace("top_k", "--top-k").replace("top_p", "--top-p")
+                         .replace("temperature", "--temperature")) from None
+    if args.prompt is None and args.tokens is None:
+        raise UsageError("give a prompt: --prompt TEXT (text runs) or --tokens ID,ID,... (any run)")
+    if not DEVICE.match(args.device):
+        raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    device = resolve_device(args.device)
+    recipe, model, run_dir, step = load_run(args.run, device)
+    tok = _run_tokenizer(recipe, run_dir)
+    if args.tokens is not None:
+        ids = _parse_ids(args.tokens)
+    elif tok is None:
+        raise UsageError(
+            f"{run_dir} is a {recipe.task.kind} run: it has no tokenizer to encode --prompt; give token ids with --tokens 1,2,3"
+        )
+    else:
+        ids = tok.encode(args.prompt)
+        if not ids:
+            raise UsageError("--prompt: the prompt is empty; give at least one character")
+    vocab = recipe.model.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise UsageError(f"--tokens: token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    if args.eos_token is not None and not 0 <= args.eos_token < vocab:
+        raise UsageError(f"--eos-token: {args.eos_token} is outside the model's vocabulary [0, {vocab})")
+    precision = resolve_precision(args.precision, device)
+    tokens = stream(model, ids, args.max_tokens, temperature, args.top_k, args.top_p, args.seed, args.eos_token,
+                    cuda_graph=False if args.no_cuda_graph else "auto", precision=precision)
+    new: list[int] = []
+    shown = ""
+    if tok is not None and args.tokens is None and not args.quiet_prompt:
+        print(args.prompt, end="", flush=True)
+    for t in tokens:
+        new.append(t)
+        if tok is None or args.ids:
+            print(t, end=" ", flush=True)
+            continue
+        text = tok.decode(new)
+        # hold back an incomplete UTF-8 character until its last byte arrives
+        ready = text.rstrip("\ufffd")
+        print(ready[len(shown):], end="", flush=True)
+        shown = ready
+    if tok is not None and not args.ids:
+        print(tok.decode(new)[len(shown):], end="")
+    print(flush=True)
+    return 0
+
+
 def cmd_plot(args) -> int:
     from lcsm.plot import plot_runs
 
@@ -386,6 +475,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="JSON file (default RUN/eval.json, or RUN/eval-TASK.json with --task)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="text, encoded with the run's tokenizer (text runs)")
+    prompt.add_argument("--tokens", metavar="ID,ID,...", help="the prompt as token ids (any run, e.g. MQAR)")
+    p.add_argument("--max-tokens", type=int, default=200, help="new tokens at most (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with probability >= p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (same as --temperature 0)")
+    p.add_argument("--eos-token", type=int, help="stop after this token id (end of text)")
+    p.add_argument("--ids", action="store_true", help="print token ids instead of text")
+    p.add_argument("--quiet-prompt", action="store_true", help="print only the continuation, not the prompt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each step's kernels instead of replaying a captured graph")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")
     p.add_argument("-o", "--output", help="PNG file (default RUN/curves.png for one run, curves.png for several)")
@@ -426,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_mom.add_arguments(m)
     m.set_defaults(func=lambda args: bench_mom.run(args))
+    d = what.add_parser("decode", help="decoding: ms/token and memory against context length (EOS vs KV cache), one-layer step")
+    from lcsm import decode_bench
+
+    decode_bench.add_arguments(d)
+    d.set_defaults(func=lambda args: decode_bench.run(args))
     return parser
 
 

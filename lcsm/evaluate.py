@@ -30,16 +30,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def hidden_states(model, tokens: torch.Tensor) -> torch.Tensor:
+def hidden_states(model, tokens: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
     """tokens [B,T] -> the final normalised hidden states [B,T,d] (the LM head's input).
 
     The same computation as Model.forward without the head, so that the head runs only where a
     label is (MQAR has a handful of queries per example; a vocabulary of 8192 would otherwise cost
-    more than the whole model). tests/test_train.py checks it against Model.forward.
+    more than the whole model). tests/test_train.py checks it against Model.forward. cache: as
+    in Model.forward (decoding: the prefill needs the head at the last position only).
     """
     x = model.embed(tokens)
-    for block, bound in zip(model.blocks, model.layer_bounds()):
-        x = block(x, lower_bound=bound)
+    for block, bound, layer_cache in zip(model.blocks, model.layer_bounds(), cache or [None] * len(model.blocks)):
+        x = block(x, lower_bound=bound, cache=layer_cache)
     return model.norm(x)
 
 

@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lcsm import kernels
+from lcsm.cache import store, sub
+from lcsm.kernels.common import STATIC_DIMS
 from lcsm.spec import AttentionMixer as AttentionSpec
 from lcsm.spec import EOSMixer as EOSSpec
 from lcsm.stages.expand import Expand
@@ -25,6 +27,8 @@ class EOSMixer(nn.Module):
     Parameter names are stable (tests and checkpoints read them): input.proj.proj, expand.proj.proj,
     oscillation.*, shrink.proj.proj, out_norm, gate_proj, D, o_proj.
     """
+
+    fixed_state = True  # the decoding state has one size at any context (lcsm.generate may graph it)
 
     def __init__(self, spec: EOSSpec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float = 1e-5):
         super().__init__()
@@ -50,17 +54,45 @@ class EOSMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(H, V)) if out.skip else None
         self.o_proj = nn.Linear(H * V, d_model, bias=spec.bias)
 
-    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        """x [B,T,d] -> [B,T,d]. cache (decoding, see lcsm/cache.py): "state" [B,H,K,V] fp32, the
+        absolute position "offset" (a 0-d tensor, for rotations) and the stages' own sub-dicts."""
         B, T, _ = x.shape
         positions = torch.arange(T, device=x.device)
-        osc = self.oscillation(x, positions, lower_bound)
-        i, i_raw = self.input(x, osc)
-        e = self.expand(x, osc)
-        s = self.shrink(x, osc)
-        y, _ = kernels.eos_recurrence(s, e, i, **osc.gates(), backend=self.backend)
+        if cache is not None:
+            if "offset" not in cache:
+                cache["offset"] = torch.zeros((), dtype=torch.long, device=x.device)
+            offset = cache["offset"]
+            positions = positions + offset
+        osc = self.oscillation(x, positions, lower_bound, sub(cache, "oscillation"))
+        i, i_raw = self.input(x, osc, sub(cache, "input"))
+        e = self.expand(x, osc, sub(cache, "expand"))
+        s = self.shrink(x, osc, sub(cache, "shrink"))
+        if cache is None:
+            y, _ = kernels.eos_recurrence(s, e, i, **osc.gates(), backend=self.backend)
+        else:
+            y = self.recur(s, e, i, osc.gates(), cache)
+            offset.add_(T)  # in place: a captured decoding step advances it on replay
         if self.D is not None:
             y = y + self.D.to(y.dtype) * i_raw
         return self.readout(y, x)
+
+    def recur(self, s, e, i, gates: dict, cache: dict) -> torch.Tensor:
+        """The recurrence from cache["state"] (zero when absent), leaving the final state there:
+        the one-token step for T = 1, the chunked kernel (prefill) otherwise. Returns y [B,T,H,V]."""
+        B, T = s.shape[:2]
+        state = cache.get("state")
+        if T > 1:
+            y, ht = kernels.eos_recurrence(s, e, i, **gates, h0=state, output_final_state=True, backend=self.backend)
+            store(cache, "state", ht)
+            return y
+        if state is None:
+            state = cache["state"] = s.new_zeros(B, self.H, self.K, self.V, dtype=torch.float32)
+        # per-token gates lose their time axis; static ones ([H], [H,K], [H,K,V]) stay as they are
+        one = {k: v if v.dim() <= STATIC_DIMS[k] else v[:, 0] for k, v in gates.items()}
+        y, new = kernels.eos_step(s[:, 0], e[:, 0], i[:, 0], state, **one, backend=self.backend)
+        store(cache, "state", new)
+        return y[:, None]
 
     def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y [B,T,H,V] -> norm, output gate, projection -> [B,T,d]."""
@@ -91,11 +123,11 @@ class EOSMixer(nn.Module):
         return (2 + 2 + decays) * self.H * self.K * self.V
 
 
-def rope(x: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding on [B,T,H,D] (rotate-half convention)."""
+def rope(x: torch.Tensor, base: float, start: int = 0) -> torch.Tensor:
+    """Rotary position embedding on [B,T,H,D] (rotate-half convention), positions start..start+T-1."""
     T, D = x.shape[1], x.shape[-1]
     inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
-    ang = torch.arange(T, device=x.device, dtype=torch.float64)[:, None] * inv
+    ang = torch.arange(start, start + T, device=x.device, dtype=torch.float64)[:, None] * inv
     cos, sin = torch.cos(ang).to(x.dtype)[:, None, :], torch.sin(ang).to(x.dtype)[:, None, :]
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -103,6 +135,8 @@ def rope(x: torch.Tensor, base: float) -> torch.Tensor:
 
 class AttentionMixer(nn.Module):
     """Causal softmax attention through torch's scaled_dot_product_attention."""
+
+    fixed_state = False  # the KV cache grows with the context
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, layer_idx: int, n_layers: int, norm_eps: float = 1e-5):
         super().__init__()
@@ -114,12 +148,45 @@ class AttentionMixer(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=spec.bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.bias)
 
-    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        """x [B,T,d] -> [B,T,d]. cache (decoding): the KV cache "k", "v" [B,H,capacity,Dh] and the
+        context length "len"; "max_len", when the caller sets it, sizes the buffers once."""
+        start = 0 if cache is None else cache.get("len", 0)
         q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.spec.position == "rope":
-            q, k = rope(q, self.spec.rope_base), rope(k, self.spec.rope_base)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            q, k = rope(q, self.spec.rope_base, start), rope(k, self.spec.rope_base, start)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            keys, values = self.append(cache, k, v)
+            if start > 0:  # attend to the whole context: no mask for one query, else causal from `start`
+                T, L = q.shape[2], keys.shape[2]
+                mask = None if T == 1 else torch.arange(L, device=x.device) <= torch.arange(start, L, device=x.device)[:, None]
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                return self.o_proj(y.transpose(1, 2).flatten(-2))
+        # no context before these tokens: plain causal attention (FlashAttention for a long prefill)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).flatten(-2))
+
+    @staticmethod
+    def append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B,H,T,Dh] after the cached context; return views of the whole context.
+
+        The buffers double when full (or are sized to cache["max_len"] at once), so appending a
+        token copies nothing in the common case."""
+        start, T = cache.get("len", 0), k.shape[2]
+        end = start + T
+        buf = cache.get("k")
+        if buf is None or buf.shape[2] < end or buf.dtype != k.dtype:
+            cap = max(end, cache.get("max_len", 0), 2 * buf.shape[2] if buf is not None else 0)
+            for name, new in (("k", k), ("v", v)):
+                grown = new.new_empty(new.shape[0], new.shape[1], cap, new.shape[3])
+                if start:
+                    grown[:, :, :start] = cache[name][:, :, :start]
+                cache[name] = grown
+        cache["k"][:, :, start:end] = k
+        cache["v"][:, :, start:end] = v
+        cache["len"] = end
+        return cache["k"][:, :, :end], cache["v"][:, :, :end]
 
     def state_size(self) -> int:
         """Per token of context: a key and a value per head (the KV cache grows with the context)."""

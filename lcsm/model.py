@@ -55,8 +55,8 @@ class Block(nn.Module):
             self.channel_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
             self.channel_mixer = (GLU if cm.kind == "glu" else MLP)(cm, spec.d_model)
 
-    def forward(self, x, lower_bound=None):
-        x = x + self.mixer(self.mixer_norm(x), lower_bound=lower_bound)
+    def forward(self, x, lower_bound=None, cache=None):
+        x = x + self.mixer(self.mixer_norm(x), lower_bound=lower_bound, cache=cache)
         if self.channel_mixer is not None:
             x = x + self.channel_mixer(self.channel_norm(x))
         return x
@@ -114,11 +114,21 @@ class Model(nn.Module):
         beta = beta - beta[0]
         return list(beta)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
+        """tokens [B,T] -> logits [B,T,vocab]. cache: one dict per layer (lcsm.cache.new_cache)
+        to decode: the layers start from the state found there and leave their new state."""
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache: one dict per layer ({len(self.blocks)}), got {len(cache)}")
         x = self.embed(tokens)
-        for block, bound in zip(self.blocks, self.layer_bounds()):
-            x = block(x, lower_bound=bound)
+        for block, bound, layer_cache in zip(self.blocks, self.layer_bounds(), cache or [None] * len(self.blocks)):
+            x = block(x, lower_bound=bound, cache=layer_cache)
         return self.lm_head(self.norm(x))
+
+    def generate(self, prompt, max_new_tokens: int = 256, **sampling):
+        """Sample a continuation of `prompt` (token ids): see lcsm.generate.generate."""
+        from lcsm.generate import generate
+
+        return generate(self, prompt, max_new_tokens, **sampling)
 
     def aux_loss(self) -> torch.Tensor | float:
         """Sum of the weighted auxiliary losses left by the last forward (0.0 when there are none).

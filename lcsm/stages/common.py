@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcsm.cache import store
+
 FEATURE_MAPS = {
     "identity": lambda x: x,
     "relu": F.relu,
@@ -19,6 +21,16 @@ FEATURE_MAPS = {
     "relu_squared": lambda x: F.relu(x) ** 2,
     "square": lambda x: x * x,
 }
+
+
+def on_device(owner: nn.Module, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """owner.<name> (an fp64 constant kept outside the buffers) on x's device in `dtype`, copied
+    once per device and dtype: no host-to-device copy per call (a captured decoding step has none)."""
+    memo = owner.__dict__.setdefault("_on_device", {})
+    key = (name, x.device, dtype)
+    if key not in memo:
+        memo[key] = getattr(owner, name).to(device=x.device, dtype=dtype)
+    return memo[key]
 
 
 def gate_dtype(x: torch.Tensor) -> torch.dtype:
@@ -34,9 +46,17 @@ class ShortConv(nn.Module):
         self.size = size
         self.conv = nn.Conv1d(channels, channels, size, groups=channels, bias=bias, padding=size - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         T = x.shape[1]
-        return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        if cache is None:
+            return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        # decoding: the last size-1 inputs stand in for the zero padding (cache["conv"] [B,size-1,C])
+        tail = cache.get("conv")
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], self.size - 1, x.shape[2])
+        xx = torch.cat([tail.to(x.dtype), x], dim=1)
+        store(cache, "conv", xx[:, xx.shape[1] - (self.size - 1) :])
+        return F.conv1d(xx.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.groups).transpose(1, 2)
 
 
 def alibi_slopes(H: int) -> torch.Tensor:
@@ -118,7 +138,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None):
         dtype = gate_dtype(x)
         if self.source == "fixed":
-            return self._fixed.to(device=x.device, dtype=dtype), None
+            return on_device(self, "_fixed", x, dtype), None
         if self.source == "param":
             z = self.z.to(dtype)
         else:
@@ -167,7 +187,8 @@ class Projection(nn.Module):
         elif source == "param":
             self.param = nn.Parameter(0.1 * torch.randn(H, D))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """cache: the stage's sub-dict while decoding (holds the short convolution's tail)."""
         B, T, _ = x.shape
         if self.source == "fixed":
             return x.new_full((B, T, self.H, self.D), self.scale)
@@ -176,6 +197,6 @@ class Projection(nn.Module):
         else:
             h = self.proj(x)
             if self.conv is not None:
-                h = self.conv(h)
+                h = self.conv(h, cache)
             h = self.feature_map(h).unflatten(-1, (self.H, self.D))
         return h * self.scale if self.scale != 1.0 else h

@@ -24,12 +24,12 @@ class Expand(nn.Module):
             width = K // 2 if rotated else K
             self.proj = Projection(spec.resolved_source, d_model, H, width, spec.feature_map, spec.conv, bias, key_scale(spec, K))
 
-    def forward(self, x: torch.Tensor, osc: OscillationOut) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, osc: OscillationOut, cache: dict | None = None) -> torch.Tensor:
         if self.tie == "one_minus_oscillation":
             B, T, _ = x.shape
             e = (-torch.expm1(osc.log_decay_k())).expand(B, T, self.H, self.K).to(x.dtype)
         else:
-            e = self.proj(x)
+            e = self.proj(x, cache)
         if osc.angles is not None:
             e = rotate(e, osc.angles)
         if osc.expand_scale is not None:

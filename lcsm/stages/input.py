@@ -17,8 +17,8 @@ class Input(nn.Module):
         self.scale_by = spec.scale_by
         self.proj = Projection("data", d_model, H, V, spec.feature_map, spec.conv, bias)
 
-    def forward(self, x: torch.Tensor, osc: OscillationOut) -> tuple[torch.Tensor, torch.Tensor]:
-        i = self.proj(x)
+    def forward(self, x: torch.Tensor, osc: OscillationOut, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.proj(x, cache)
         if self.scale_by != "dt":
             return i, i
         delta = osc.delta  # Mamba: Δ_t ⊙ x_t; Δ per head ([B,T,H] / [H]) or along V

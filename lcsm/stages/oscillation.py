@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import Gate, fixed_log_decay, gate_dtype, param_for_log_decay
+from lcsm.cache import store
+
+from .common import Gate, fixed_log_decay, gate_dtype, on_device, param_for_log_decay
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Ones(nn.Module):
     def __init__(self, spec, d_model, H, K, V, layer_idx, n_layers):
         super().__init__()
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         return OscillationOut()
 
 
@@ -51,7 +53,7 @@ class Scalar(nn.Module):
         super().__init__()
         self.gate = Gate(spec, d_model, (H,), layer_idx, n_layers)
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         g, delta = self.gate(x, lower_bound)
         return OscillationOut(g=g, delta=delta)
 
@@ -61,7 +63,7 @@ class VectorK(nn.Module):
         super().__init__()
         self.gate = Gate(spec, d_model, (H, K), layer_idx, n_layers)
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         gk, delta = self.gate(x, lower_bound)
         return OscillationOut(gk=gk, delta=delta)
 
@@ -71,7 +73,7 @@ class VectorV(nn.Module):
         super().__init__()
         self.gate = Gate(spec, d_model, (H, V), layer_idx, n_layers)
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         gv, delta = self.gate(x, lower_bound)
         return OscillationOut(gv=gv, delta=delta)
 
@@ -84,7 +86,7 @@ class Outer(nn.Module):
         self.gate_k = Gate(spec, d_model, (H, K), layer_idx, n_layers)
         self.gate_v = Gate(spec, d_model, (H, V), layer_idx, n_layers)
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         (gk, _), (gv, _) = self.gate_k(x, lower_bound), self.gate_v(x, lower_bound)
         return OscillationOut(gk=gk, gv=gv)
 
@@ -112,7 +114,7 @@ class Full(nn.Module):
                 self.proj._keep_init = True
         self.H, self.V = H, V
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         dtype = gate_dtype(x)
         if self.spec.parametrization == "exp_softplus":
             neg_delta, delta = self.delta(x)
@@ -142,9 +144,9 @@ class Rotation(nn.Module):
         else:
             self._theta = theta  # fp64, outside the buffers: model.half() must not round angles
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         dtype = gate_dtype(x)
-        theta = self.theta if hasattr(self, "theta") else self._theta.to(x.device)
+        theta = self.theta if hasattr(self, "theta") else on_device(self, "_theta", x, torch.float64)
         return OscillationOut(angles=positions.to(dtype)[:, None] * theta.to(dtype))
 
 
@@ -163,10 +165,17 @@ class CumSoftmax(nn.Module):
             else nn.Linear(d_model, n)
         )
 
-    def forward(self, x, positions, lower_bound=None):
+    def forward(self, x, positions, lower_bound=None, cache=None):
         z = self.proj(x).to(gate_dtype(x)).unflatten(-1, self.dims).clamp(-10.0, 10.0)
         lse = torch.logcumsumexp(z, dim=1)
-        log_o = torch.cat([torch.zeros_like(lse[:, :1]), lse[:, :-1] - lse[:, 1:]], dim=1)
+        prev = None if cache is None else cache.get("lse")  # the running normaliser LSE_{t-1} [B,*dims]
+        if prev is None:
+            log_o = torch.cat([torch.zeros_like(lse[:, :1]), lse[:, :-1] - lse[:, 1:]], dim=1)
+        else:
+            lse = torch.logaddexp(prev[:, None], lse)
+            log_o = torch.cat([prev[:, None], lse[:, :-1]], dim=1) - lse
+        if cache is not None:
+            store(cache, "lse", lse[:, -1])
         scale = torch.exp(z - lse)
         if len(self.dims) == 1:
             return OscillationOut(g=log_o, expand_scale=scale[..., None])

@@ -17,8 +17,8 @@ class Shrink(nn.Module):
         width = K // 2 if rotated else K
         self.proj = Projection(spec.resolved_source, d_model, H, width, spec.feature_map, spec.conv, bias, key_scale(spec, K))
 
-    def forward(self, x: torch.Tensor, osc: OscillationOut) -> torch.Tensor:
-        s = self.proj(x)
+    def forward(self, x: torch.Tensor, osc: OscillationOut, cache: dict | None = None) -> torch.Tensor:
+        s = self.proj(x, cache)
         if osc.angles is not None:
             s = rotate(s, osc.angles)
         return s
