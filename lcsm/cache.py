@@ -24,6 +24,10 @@ def new_cache(model, max_len: int | None = None) -> list[dict]:
 def store(cache: dict, key: str, value: torch.Tensor) -> torch.Tensor:
     """cache[key] = value, in place when a tensor of the same shape and dtype is already there."""
     old = cache.get(key)
+    if torch.is_grad_enabled() and (value.requires_grad or getattr(old, "requires_grad", False)):
+        # differentiating through the cache (training from a given state): keep the graph, no copy
+        cache[key] = value
+        return value
     if isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
         if old.data_ptr() != value.data_ptr():
             old.copy_(value)
