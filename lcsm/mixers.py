@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lcsm import kernels
+from lcsm import parallel
+from lcsm.parallel import lasp
 from lcsm.spec import AttentionMixer as AttentionSpec
 from lcsm.spec import EOSMixer as EOSSpec
 from lcsm.stages.expand import Expand
@@ -52,12 +54,16 @@ class EOSMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        positions = torch.arange(T, device=x.device)
+        sp = parallel.current()  # sequence parallel: x is this rank's slice of the sequence
+        positions = torch.arange(T, device=x.device) + (sp.offset if sp else 0)
         osc = self.oscillation(x, positions, lower_bound)
         i, i_raw = self.input(x, osc)
         e = self.expand(x, osc)
         s = self.shrink(x, osc)
-        y, _ = kernels.eos_recurrence(s, e, i, **osc.gates(), backend=self.backend)
+        gates = osc.gates()
+        y, ht = kernels.eos_recurrence(s, e, i, **gates, output_final_state=sp is not None, backend=self.backend)
+        if sp is not None:  # LASP-2: add the decayed state of the earlier slices
+            y = lasp.lasp2(y, ht, s, gates, sp)
         if self.D is not None:
             y = y + self.D.to(y.dtype) * i_raw
         return self.readout(y, x)
@@ -91,11 +97,11 @@ class EOSMixer(nn.Module):
         return (2 + 2 + decays) * self.H * self.K * self.V
 
 
-def rope(x: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding on [B,T,H,D] (rotate-half convention)."""
+def rope(x: torch.Tensor, base: float, offset: int = 0) -> torch.Tensor:
+    """Rotary position embedding on [B,T,H,D] (rotate-half convention), positions offset..offset+T-1."""
     T, D = x.shape[1], x.shape[-1]
     inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
-    ang = torch.arange(T, device=x.device, dtype=torch.float64)[:, None] * inv
+    ang = (offset + torch.arange(T, device=x.device, dtype=torch.float64))[:, None] * inv
     cos, sin = torch.cos(ang).to(x.dtype)[:, None, :], torch.sin(ang).to(x.dtype)[:, None, :]
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -116,9 +122,15 @@ class AttentionMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        sp = parallel.current()
         if self.spec.position == "rope":
-            q, k = rope(q, self.spec.rope_base), rope(k, self.spec.rope_base)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            offset = sp.offset if sp else 0
+            q, k = rope(q, self.spec.rope_base, offset), rope(k, self.spec.rope_base, offset)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if sp is not None:  # LASP-2H: all-gather K and V along the sequence
+            y = lasp.attention(q, k, v, sp)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).flatten(-2))
 
     def state_size(self) -> int:

@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcsm import parallel
+from lcsm.parallel.context import previous_tail
+
 FEATURE_MAPS = {
     "identity": lambda x: x,
     "relu": F.relu,
@@ -35,8 +38,13 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(channels, channels, size, groups=channels, bias=bias, padding=size - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
-        return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        T, n = x.shape[1], self.size - 1
+        sp = parallel.current()
+        if sp is None:
+            return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        # sequence parallel: the window of the first tokens reaches into the previous rank's slice
+        x = torch.cat([previous_tail(x, n, sp), x], dim=1)
+        return self.conv(x.transpose(1, 2))[..., n : n + T].transpose(1, 2)
 
 
 def alibi_slopes(H: int) -> torch.Tensor:

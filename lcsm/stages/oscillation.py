@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcsm import parallel
+from lcsm.parallel.context import all_gather
+
 from .common import Gate, fixed_log_decay, gate_dtype, param_for_log_decay
 
 
@@ -166,7 +169,18 @@ class CumSoftmax(nn.Module):
     def forward(self, x, positions, lower_bound=None):
         z = self.proj(x).to(gate_dtype(x)).unflatten(-1, self.dims).clamp(-10.0, 10.0)
         lse = torch.logcumsumexp(z, dim=1)
-        log_o = torch.cat([torch.zeros_like(lse[:, :1]), lse[:, :-1] - lse[:, 1:]], dim=1)
+        first = torch.zeros_like(lse[:, :1])
+        sp = parallel.current()
+        if sp is not None:
+            # the running normaliser starts from the earlier slices' LSE (one all-gather of [B,*dims])
+            totals = all_gather(lse[:, -1], sp)
+            if sp.rank > 0:
+                before = torch.logsumexp(totals[: sp.rank], dim=0)[:, None]
+                lse = torch.logaddexp(before, lse)
+                first = before - lse[:, :1]
+            else:
+                lse = lse + 0.0 * totals.sum()  # every rank joins the all-gather's backward
+        log_o = torch.cat([first, lse[:, :-1] - lse[:, 1:]], dim=1)
         scale = torch.exp(z - lse)
         if len(self.dims) == 1:
             return OscillationOut(g=log_o, expand_scale=scale[..., None])
