@@ -85,21 +85,26 @@ def data_parallel_worker(rank: int, world: int, port: int, spec: dict, out: str,
     def fresh():
         torch.manual_seed(0)
         model = Model.from_spec(spec).double()
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the gradient: rounding stays rounding
 
     model, opt = fresh()
     ref_loss = train_step(model, opt, tokens, labels, None)
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
     model, opt = fresh()
     model = wrap(model, grid)
     loss = train_step(model, opt, tokens, labels, grid)
     err = abs(loss - ref_loss) / abs(ref_loss)
+    if os.environ.get("LCSM_DEBUG"):
+        print(rank, "loss", loss, ref_loss, flush=True)
     # compare the step taken, not just the weights (which barely move)
     start, _ = fresh()
     start = dict(start.named_parameters())
     for n, p in model.named_parameters():
         step, ref_step = p.detach() - start[n].detach(), ref[n] - start[n].detach()
-        err = max(err, float((step - ref_step).abs().max() / ref_step.abs().max().clamp_min(1e-8)))
+        err = max(err, float((step - ref_step).abs().max() / ref_step.abs().max().clamp_min(1e-4)), _rel(p.grad, ref_grad[n]))
+        if os.environ.get("LCSM_DEBUG"):
+            print(rank, n, _rel(p.grad, ref_grad[n]), flush=True)
     err = _max_over_ranks(err)
     if rank == 0:
         with open(out, "w") as f:

@@ -52,3 +52,12 @@ def sp_errors(tmp_path_factory):
 def test_sequence_parallel_equals_one_process(sp_errors, name):
     # logits and every parameter's gradient, fp64
     assert sp_errors[name] < 1e-9, sp_errors[name]
+
+
+@pytest.mark.parametrize("world,sequence", [(2, 1), (4, 2)], ids=["data2", "sequence2xdata2"])
+def test_parallel_step_equals_single_process_step(tmp_path, world, sequence):
+    # one AdamW step on a (sequence × data) grid against one process on the whole batch; the model
+    # has short convolutions and an unevenly labelled batch (the mean is over labelled tokens)
+    out = tmp_path / "dp.json"
+    spawn(parallel_workers.data_parallel_worker, world, tiny("mamba2"), str(out), sequence)
+    assert json.loads(out.read_text())["error"] < 1e-8

@@ -30,7 +30,8 @@ def sharded_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: Grid |
     mask = labels != IGNORE
     count = mask.sum().to(torch.float64)
     h = hidden_states(model, tokens)
-    total = F.cross_entropy(model.lm_head(h[mask]).float(), labels[mask], reduction="sum")
+    logits = model.lm_head(h[mask])
+    total = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[mask], reduction="sum")
     stats = torch.stack([total.detach().to(torch.float64), count])
     if grid is not None and grid.world > 1:
         dist.all_reduce(stats)
@@ -82,7 +83,8 @@ def train_step(model, optimizer, tokens, labels, grid: Grid | None, grad_clip: f
             aux = aux / grid.world  # the ranks' aux losses are averaged
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
-    sync_gradients(model)
+    if grid is not None and grid.world > 1:
+        sync_gradients(model)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
