@@ -44,6 +44,15 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+def build_channel_mixer(cm, d_model: int) -> nn.Module:
+    if cm.kind == "moe":
+        from lcsm.moe import MoE
+
+        shared = GLU(cm, d_model) if cm.shared_expert else None
+        return MoE(cm, d_model, _round_hidden(d_model, cm.hidden_ratio), ACTIVATIONS[cm.activation], shared)
+    return (GLU if cm.kind == "glu" else MLP)(cm, d_model)
+
+
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
@@ -53,7 +62,7 @@ class Block(nn.Module):
         self.channel_mixer = None
         if cm.kind != "none":
             self.channel_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
-            self.channel_mixer = (GLU if cm.kind == "glu" else MLP)(cm, spec.d_model)
+            self.channel_mixer = build_channel_mixer(cm, spec.d_model)
 
     def forward(self, x, lower_bound=None):
         x = x + self.mixer(self.mixer_norm(x), lower_bound=lower_bound)
@@ -135,7 +144,8 @@ class Model(nn.Module):
         """Metrics of the routed modules from the last forward, keyed `<module path>.<name>`."""
         stats = {}
         for name, m in self.named_modules():
-            for key, value in (getattr(m, "aux_stats", None) or {}).items():
+            found = getattr(m, "aux_stats", None)
+            for key, value in (found if isinstance(found, dict) else {}).items():  # (Model's own is this method)
                 stats[f"{name}.{key}"] = float(value)
         return stats
 

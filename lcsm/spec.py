@@ -377,7 +377,30 @@ class NoChannelMixer(Base):
     kind: Literal["none"]
 
 
-ChannelMixer = Annotated[Union[GLUChannelMixer, MLPChannelMixer, NoChannelMixer], Field(discriminator="kind")]
+class MoEChannelMixer(Base):
+    """Top-k mixture of GLU experts with a Switch-style load-balancing loss (lcsm/moe.py)."""
+
+    kind: Literal["moe"]
+    experts: int = Field(8, ge=2, description="number of routed experts E")
+    top_k: int = Field(2, ge=1, description="experts per token")
+    hidden_ratio: float = Field(8 / 3, gt=0, description="each expert's hidden size / d_model")
+    activation: Literal["silu", "gelu", "identity"] = "silu"
+    shared_expert: bool = Field(False, description="an always-on GLU expert added to the routed ones")
+    aux_loss_weight: float = Field(0.01, ge=0, description="weight α of α·E·Σ f_e P_e")
+    capacity_factor: float | None = Field(None, gt=0, description="none: dropless; else drop tokens past ceil(factor·N·k/E) per expert")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v, info: ValidationInfo):
+        experts = info.data.get("experts")
+        if experts is not None and v > experts:
+            raise ValueError(f"top_k = {v} must be at most experts = {experts}")
+        return v
+
+
+ChannelMixer = Annotated[
+    Union[GLUChannelMixer, MLPChannelMixer, NoChannelMixer, MoEChannelMixer], Field(discriminator="kind")
+]
 
 
 class ModelSpec(Base):
