@@ -129,6 +129,18 @@ def cmd_show(args) -> int:
     if isinstance(spec.mixer, EOSMixer):
         H, K, V = spec.mixer.dims(spec.d_model, spec.n_heads)
         out.print(f"  {'heads':<12} H={H}  K={K}  V={V}")
+    for name, mixer in spec.mixers.items():
+        text = describe_stages(spec.model_copy(update={"mixer": mixer}))
+        out.print(f"  {name:<12} " + escape(" · ".join(f"{k} {v}" for k, v in text.items())))
+    if spec.pattern:
+        out.print(f"  {'pattern':<12} {' '.join(spec.pattern)} (× {spec.n_layers // len(spec.pattern)})")
+    cm = spec.channel_mixer
+    if cm.kind == "moe":
+        out.print(
+            f"  {'channel':<12} moe: {cm.experts} experts, top-{cm.top_k}"
+            + (", shared expert" if cm.shared_expert else "")
+            + (f", capacity ×{cm.capacity_factor:g}" if cm.capacity_factor else ", dropless")
+        )
     table = Table(title_justify="left")
     for col in ("layer", "mixer", "parameters", "state size", "FLOPs/token"):
         table.add_column(col, justify="right" if col != "mixer" else "left")

@@ -57,7 +57,7 @@ class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         self.mixer_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
-        self.mixer = build_mixer(spec.mixer, spec.d_model, spec.n_heads, layer_idx, spec.n_layers, spec.norm_eps)
+        self.mixer = build_mixer(spec.layer_mixer(layer_idx), spec.d_model, spec.n_heads, layer_idx, spec.n_layers, spec.norm_eps)
         cm = spec.channel_mixer
         self.channel_mixer = None
         if cm.kind != "none":
@@ -106,7 +106,7 @@ class Model(nn.Module):
         return cls(load_model_spec(spec))
 
     def _gate_width(self) -> int:
-        mixer = self.blocks[0].mixer
+        mixer = next(b.mixer for b in self.blocks if b.mixer.spec is self.spec.mixer)  # hybrids: a layer of the main mixer
         return mixer.H * (mixer.K if mixer.spec.oscillation.kind == "vector_k" else 1)
 
     @staticmethod

@@ -23,7 +23,11 @@ def free_port() -> int:
 
 
 def tiny(name: str) -> dict:
-    return resized(name, **TINY).model_dump(mode="json", exclude_unset=True) | {"vocab_size": TINY["vocab"]}
+    from lcsm.spec import load_model_spec
+
+    pattern = load_model_spec(name).pattern
+    size = TINY | ({"n_layers": len(pattern)} if pattern else {})
+    return resized(name, **size).model_dump(mode="json", exclude_unset=True) | {"vocab_size": TINY["vocab"]}
 
 
 def sp_specs() -> dict:
@@ -34,6 +38,8 @@ def sp_specs() -> dict:
     static = tiny("gla")
     static["mixer"]["oscillation"] = {"kind": "vector_k", "source": "param", "parametrization": "sigmoid_tau", "tau": 16}
     specs["vector_k_param"] = static
+    moe = tiny("mamba2") | {"channel_mixer": {"kind": "moe", "experts": 4, "top_k": 2, "shared_expert": True}}
+    specs["mamba2_moe"] = moe  # token-local: must not notice the split
     return specs
 
 
