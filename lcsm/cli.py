@@ -197,11 +197,15 @@ def cmd_train(args) -> int:
     from lcsm.train import TrainingError, train
 
     recipe = load_recipe(args.recipe, args.set or [])
+    if args.nproc is not None:
+        return _launch(args, recipe)
     try:
         result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, console=out)
     except TrainingError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         return 1
+    if _distributed_rank() > 0:
+        return 0  # rank 0 reports
     run = escape(str(result.run_dir))
     if result.status == "interrupted":
         again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)])
@@ -220,6 +224,40 @@ def cmd_train(args) -> int:
     )
     out.print(f"[bold]{headline}[/bold]. Run: {run}  (lcsm eval {run} · lcsm plot {run})")
     return 0
+
+
+def _distributed_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        return rank
+    return 0
+
+
+def _launch(args, recipe) -> int:
+    """--nproc N: run this same command under torchrun with N processes on this machine."""
+    import subprocess
+
+    n, par = args.nproc, recipe.parallel
+    if n < 1:
+        raise UsageError(f"--nproc must be at least 1 (got {n})")
+    sets = list(args.set or [])
+    if par.sequence * par.data == 1:
+        sets.append(f"parallel.data={n}")  # no grid in the recipe: plain data parallelism
+    elif par.sequence * par.data != n:
+        raise UsageError(
+            f"--nproc {n} does not match the recipe's parallel: sequence × data = {par.sequence} × {par.data}; "
+            f"use --nproc {par.sequence * par.data} or --set parallel.data=..."
+        )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lcsm.cli", "train"]
+    cmd += [args.recipe] if args.recipe else []
+    cmd += [a for x in sets for a in ("--set", x)]
+    cmd += ["--resume", "auto"] if args.resume else []
+    cmd += ["--overwrite"] if args.overwrite else []
+    out.print(f"launching: {escape(shlex.join(cmd))}")
+    return subprocess.call(cmd)
 
 
 def cmd_eval(args) -> int:
@@ -299,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", choices=["auto"], help="auto: continue the run in the output directory from its checkpoint")
     again.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.add_argument("--nproc", type=int, metavar="N", help="run under torchrun with N processes (GPUs) on this machine; "
+                   "the recipe's parallel: {sequence: S, data: D} splits them (default: data = N)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")

@@ -67,3 +67,54 @@ def test_parallel_step_equals_single_process_step(tmp_path, world, sequence):
     out = tmp_path / "dp.json"
     spawn(parallel_workers.data_parallel_worker, world, tiny("mamba2"), str(out), sequence)
     assert json.loads(out.read_text())["error"] < 1e-8
+
+
+def test_lcsm_train_nproc_matches_one_process_and_checkpoint_loads_on_one(tmp_path, monkeypatch):
+    # the real CLI under torchrun: 2 processes splitting every sequence (LASP-2, short convs),
+    # the same losses as one process; the checkpoint then loads and evaluates in one process
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from lcsm.train import train
+    from lcsm.recipe import load_recipe
+    from tests.test_train import tiny as tiny_recipe, train_losses
+
+    monkeypatch.setenv("LCSM_CACHE", str(tmp_path / "cache"))
+    data = tiny_recipe(tmp_path / "one", steps=4, eval_every=4, threads=1)
+    one = train(load_recipe(data), quiet=True)
+    data["out_dir"] = str(tmp_path / "two")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lcsm.cli", "train", str(path), "--nproc", "2", "--set", "parallel.sequence=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train_losses(one.run_dir), train_losses(tmp_path / "two")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 * abs(a[k]) for k in a), (a, b)
+    saved = json.loads((tmp_path / "two" / "eval.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "lcsm.cli", "eval", str(tmp_path / "two"), "-o", str(tmp_path / "e.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "e.json").read_text())["metrics"]
+    assert abs(again["loss"] - saved["loss"]) < 1e-6
+
+
+def test_bad_parallel_settings_fail_clearly(tmp_path):
+    from lcsm.cli import main
+    from lcsm.recipe import RecipeError, load_recipe
+    from lcsm.train import train
+    from tests.test_train import tiny as tiny_recipe
+
+    with pytest.raises(RecipeError, match=r"parallel.data: data = 3 must divide batch_size = 16"):
+        load_recipe(tiny_recipe(tmp_path, parallel={"data": 3}))
+    with pytest.raises(RecipeError, match=r"parallel.sequence: .*greater than or equal to 1"):
+        load_recipe(tiny_recipe(tmp_path, parallel={"sequence": 0}))
+    with pytest.raises(RecipeError, match="unknown key"):
+        load_recipe(tiny_recipe(tmp_path, parallel={"tensor": 2}))
+    # a grid of 2 in a single process: says how to launch
+    with pytest.raises(RecipeError, match="launch with torchrun or lcsm train --nproc N"):
+        train(load_recipe(tiny_recipe(tmp_path, parallel={"sequence": 2})), quiet=True)
+    assert main(["train", "--nproc", "3", "--set", "parallel.sequence=2", "--set", f"out_dir={tmp_path}/x"]) == 2

@@ -37,14 +37,16 @@ class Grid:
         return SequenceParallel(self.sp_group, self.sp_rank, self.sequence, self.sp_rank * T_local)
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's rows (data) and time slice (sequence) of a global batch [B,T,...]."""
+        """This rank's rows (data) and time slice (sequence) of a global batch [B,T,...].
+
+        Rows are split as evenly as they go (an epoch's last batch may be short); the loss is
+        normalised over the whole batch, so uneven rows do not change the gradient."""
         B, T = x.shape[:2]
-        if B % self.data:
-            raise ParallelError(f"parallel.data = {self.data} must divide the batch size ({B})")
         if T % self.sequence:
-            raise ParallelError(f"parallel.sequence = {self.sequence} must divide the sequence length ({T})")
-        b, t = B // self.data, T // self.sequence
-        return x[self.dp_rank * b : (self.dp_rank + 1) * b, self.sp_rank * t : (self.sp_rank + 1) * t]
+            raise ParallelError(f"parallel.sequence = {self.sequence} must divide the sequence length (here {T} tokens)")
+        t = T // self.sequence
+        rows = torch.tensor_split(x, self.data, dim=0)[self.dp_rank]
+        return rows[:, self.sp_rank * t : (self.sp_rank + 1) * t]
 
 
 def check_sizes(sequence: int, data: int, world: int) -> None:
