@@ -368,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     throughput.add_arguments(t)
     t.set_defaults(func=lambda args: throughput.run(args))
+    s = what.add_parser("parallel", help="sequence parallelism on N GPUs: SP = N against one process, tokens/s per GPU "
+                        "for SP against DP, the longest sequence that trains (--nproc N, or under torchrun)")
+    from lcsm import bench_parallel
+
+    bench_parallel.add_arguments(s)
+    s.set_defaults(func=lambda args: bench_parallel.run(args))
     return parser
 
 
