@@ -167,6 +167,8 @@ class Model(nn.Module):
             is_attn = mixer.spec.kind == "attention"
             matmul = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear))
             flops = 2 * matmul + (mixer.flops_per_token(context) if is_attn else mixer.flops_per_token())
+            if hasattr(block.channel_mixer, "flops_per_token"):  # MoE: only the routed experts run
+                flops += block.channel_mixer.flops_per_token() - 2 * block.channel_mixer.router.weight.numel()
             rows.append(
                 LayerSummary(
                     index=idx,

@@ -38,6 +38,11 @@ class MoE(nn.Module):
         self.aux_loss = None
         self.aux_stats = None
 
+    def flops_per_token(self) -> int:
+        """Matmul FLOPs of the k active experts and the router (the shared expert is an nn.Linear GLU)."""
+        d, hidden = self.w_gate.shape[1:]
+        return 2 * (self.k * 3 * d * hidden + d * self.E)
+
     def route(self, x: torch.Tensor):
         """x [N,d] -> (weights [N,k], experts [N,k] long, probs [N,E] fp32)."""
         logits = self.router(x)

@@ -72,3 +72,19 @@ def test_moe_spec_errors():
         load_model_spec(SPEC | {"channel_mixer": {"kind": "moe", "experts": 4, "top_k": 5}})
     with pytest.raises(SpecError, match="experts"):
         load_model_spec(SPEC | {"channel_mixer": {"kind": "moe", "experts": 1}})
+
+
+def test_moe_model_trains_and_logs_its_load(tmp_path, monkeypatch):
+    import json
+
+    from lcsm.recipe import load_recipe
+    from lcsm.train import train
+    from tests.test_train import tiny
+
+    monkeypatch.setenv("LCSM_CACHE", str(tmp_path / "cache"))
+    data = tiny(tmp_path, steps=2, eval_every=2)
+    data["model"]["channel_mixer"] = {"kind": "moe", "experts": 4, "top_k": 2}
+    train(load_recipe(data), quiet=True)
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    train_lines = [l for l in lines if l["split"] == "train"]
+    assert all(l["aux_loss"] > 0 and "blocks.1.channel_mixer.max_load" in l for l in train_lines)
