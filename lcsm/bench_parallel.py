@@ -176,6 +176,11 @@ def longest(grid, device, args, spec, report) -> list[dict]:
         model = checkpointed(wrap(Model(spec).set_backend(args.backend), grid))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     total_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    # a first short step allocates AdamW's state, so that what grows with T is measured alone
+    warm = max(grid.sequence * 64, args.longest_start // 16)
+    x = torch.randint(0, spec.vocab_size, (1, warm // grid.sequence), device=device)
+    train_step(model, opt, x, x, grid, device, device.type == "cuda")
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the gradients'
     rows, T = [], args.longest_start  # total tokens, split over the ranks
     while T <= args.longest_max:
         t = T // grid.sequence
@@ -199,8 +204,10 @@ def longest(grid, device, args, spec, report) -> list[dict]:
             peak = _max(torch.cuda.max_memory_allocated(), device)
             fixed = _max(max(fixed, torch.cuda.memory_allocated()), device)  # params, grads, optimizer state
             row["peak_GiB"] = peak / 2**30
-            # activations grow linearly in T: the next doubling's peak, with 5% to spare
-            row["next_peak_GiB_predicted"] = (fixed + 2.1 * (peak - fixed)) / 2**30
+            # activations grow linearly in T (weights, optimizer state and gradients do not):
+            # the next doubling's peak, with 5% to spare
+            grows = max(peak - fixed - param_bytes, 0)
+            row["next_peak_GiB_predicted"] = (fixed + param_bytes + 2.1 * grows) / 2**30
         rows.append(row)
         report(rows)
         if total_mem is not None and row["next_peak_GiB_predicted"] * 2**30 > 0.95 * total_mem:

@@ -118,3 +118,15 @@ def test_bad_parallel_settings_fail_clearly(tmp_path):
     with pytest.raises(RecipeError, match="launch with torchrun or lcsm train --nproc N"):
         train(load_recipe(tiny_recipe(tmp_path, parallel={"sequence": 2})), quiet=True)
     assert main(["train", "--nproc", "3", "--set", "parallel.sequence=2", "--set", f"out_dir={tmp_path}/x"]) == 2
+
+
+def test_grid_shards_rows_and_slices_and_rejects_uneven_slices():
+    from lcsm.parallel.grid import Grid, ParallelError, check_sizes
+
+    x = torch.arange(5 * 8).view(5, 8)
+    grid = Grid(world=4, rank=3, sequence=2, data=2, sp_rank=1, dp_rank=1)
+    assert torch.equal(grid.shard(x), x[3:, 4:])  # rows split as evenly as they go (a short last batch)
+    with pytest.raises(ParallelError, match=r"parallel.sequence = 2 must divide the sequence length \(here 7 tokens\)"):
+        grid.shard(x[:, :7])
+    with pytest.raises(ParallelError, match=r"sequence × data = 2 × 2 = 4 must equal the number of processes \(3\)"):
+        check_sizes(2, 2, 3)
