@@ -195,10 +195,12 @@ def longest(grid, device, args, spec, report) -> list[dict]:
             train_step(model, opt, x, x, grid, device, device.type == "cuda")
             _sync(device)
         except torch.OutOfMemoryError:
-            # only reached when every rank runs out in the same place; otherwise torchrun stops the job
-            rows.append({"seq_total": T, "error": "out of memory"})
+            # the other ranks may be waiting in a collective: record, then end this process so that
+            # torchrun stops the job (the JSON keeps every length measured before)
+            rows.append({"seq_total": T, "error": f"out of memory on rank {grid.rank}"})
             report(rows)
-            break
+            print(f"rank {grid.rank}: out of memory at {T:,} tokens; results so far in {args.json}", flush=True)
+            os._exit(3)
         row = {"seq_total": T, "seq_per_gpu": t, "step_s": _max(time.perf_counter() - t0, device)}
         if device.type == "cuda":
             peak = _max(torch.cuda.max_memory_allocated(), device)
@@ -275,7 +277,7 @@ def run(args) -> int:
         args.check_seq, args.check_d = 64, 32
         args.longest_start, args.longest_max = 64, 128
     world = int(os.environ["WORLD_SIZE"])
-    sp = init_grid(sequence=world)
+    sp = init_grid(sequence=world, timeout_s=300)  # a rank that dies must not leave the others waiting long
     dp = init_grid(sequence=1, data=world)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     main = sp.rank == 0

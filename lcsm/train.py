@@ -333,7 +333,8 @@ def _grid(recipe: Recipe):
     from lcsm.parallel.grid import ParallelError, init_grid
 
     try:
-        grid = init_grid(par.sequence, par.data)
+        # no grid in the recipe but several processes (plain torchrun): data parallel over all of them
+        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data)
     except ParallelError as e:
         raise RecipeError(str(e)) from None
     return grid if grid.world > 1 else None

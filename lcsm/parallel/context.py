@@ -61,7 +61,8 @@ class _AllGather(torch.autograd.Function):
             out = grad.new_empty(grad.shape[1:])
             dist.reduce_scatter(out, list(grad.unbind(0)), group=ctx.group)
             return out, None, None, None
-        # gloo has no reduce-scatter: sum everything, keep this rank's part
+        # gloo has no reduce-scatter: sum everything (in a copy: autograd owns grad), keep this rank's part
+        grad = grad.clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank].clone(), None, None, None
 

@@ -59,7 +59,7 @@ def check_sizes(sequence: int, data: int, world: int) -> None:
         )
 
 
-def init_grid(sequence: int = 1, data: int | None = None, backend: str | None = None) -> Grid:
+def init_grid(sequence: int = 1, data: int | None = None, backend: str | None = None, timeout_s: float | None = None) -> Grid:
     """Join (or start) the default process group and build the sequence and data groups.
 
     Reads torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) when no group exists yet;
@@ -76,7 +76,12 @@ def init_grid(sequence: int = 1, data: int | None = None, backend: str | None = 
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        if timeout_s is None:
+            dist.init_process_group(backend)
+        else:
+            from datetime import timedelta
+
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     world, rank = dist.get_world_size(), dist.get_rank()
     data = data or max(1, world // sequence)
     check_sizes(sequence, data, world)
