@@ -231,3 +231,13 @@ def test_hybrid_pattern_errors(change, message):
 
     with pytest.raises(SpecError, match=re.escape(message)):
         load_model_spec(HYBRID | change)
+
+
+def test_show_prints_the_pattern_and_the_experts(tmp_path, capsys):
+    assert main(["show", "hybrid_gla"]) == 0
+    shown = capsys.readouterr().out
+    assert "pattern      mixer mixer mixer mixer mixer mixer mixer attn" in shown and "attention" in shown
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(HYBRID | {"pattern": "mixer attn", "channel_mixer": {"kind": "moe", "experts": 4, "shared_expert": True}}))
+    assert main(["show", str(path)]) == 0
+    assert "moe: 4 experts, top-2, shared expert, dropless" in capsys.readouterr().out
