@@ -243,6 +243,10 @@ def _launch(args, recipe) -> int:
     n, par = args.nproc, recipe.parallel
     if n < 1:
         raise UsageError(f"--nproc must be at least 1 (got {n})")
+    import torch
+
+    if torch.cuda.is_available() and recipe.device != "cpu" and n > torch.cuda.device_count():
+        raise UsageError(f"--nproc {n}: one GPU per process, and this machine has {torch.cuda.device_count()}")
     sets = list(args.set or [])
     if par.sequence * par.data == 1:
         sets.append(f"parallel.data={n}")  # no grid in the recipe: plain data parallelism

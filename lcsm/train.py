@@ -334,7 +334,8 @@ def _grid(recipe: Recipe):
 
     try:
         # no grid in the recipe but several processes (plain torchrun): data parallel over all of them
-        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data)
+        backend = "nccl" if resolve_device(recipe.device).type == "cuda" else "gloo"
+        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data, backend=backend)
     except ParallelError as e:
         raise RecipeError(str(e)) from None
     return grid if grid.world > 1 else None
