@@ -79,7 +79,7 @@ def test_moe_model_trains_and_logs_its_load(tmp_path, monkeypatch):
 
     from lcsm.recipe import load_recipe
     from lcsm.train import train
-    from tests.test_train import tiny
+    from test_train import tiny
 
     monkeypatch.setenv("LCSM_CACHE", str(tmp_path / "cache"))
     data = tiny(tmp_path, steps=2, eval_every=2)

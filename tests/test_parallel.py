@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from lcsm.throughput import resized
 from lcsm.zoo import zoo_names
-from tests import parallel_workers
+import parallel_workers  # tests/ is on sys.path (pytest puts a test file's folder there)
 
 TINY = dict(d_model=16, n_layers=2, n_heads=2, vocab=32)
 
@@ -80,7 +80,7 @@ def test_lcsm_train_nproc_matches_one_process_and_checkpoint_loads_on_one(tmp_pa
 
     from lcsm.train import train
     from lcsm.recipe import load_recipe
-    from tests.test_train import tiny as tiny_recipe, train_losses
+    from test_train import tiny as tiny_recipe, train_losses
 
     monkeypatch.setenv("LCSM_CACHE", str(tmp_path / "cache"))
     data = tiny_recipe(tmp_path / "one", steps=4, eval_every=4, threads=1)
@@ -106,7 +106,7 @@ def test_bad_parallel_settings_fail_clearly(tmp_path):
     from lcsm.cli import main
     from lcsm.recipe import RecipeError, load_recipe
     from lcsm.train import train
-    from tests.test_train import tiny as tiny_recipe
+    from test_train import tiny as tiny_recipe
 
     with pytest.raises(RecipeError, match=r"parallel.data: data = 3 must divide batch_size = 16"):
         load_recipe(tiny_recipe(tmp_path, parallel={"data": 3}))
