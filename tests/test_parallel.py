@@ -101,6 +101,23 @@ def test_lcsm_train_nproc_matches_one_process_and_checkpoint_loads_on_one(tmp_pa
     again = json.loads((tmp_path / "e.json").read_text())["metrics"]
     assert abs(again["loss"] - saved["loss"]) < 1e-6
 
+    # a run checkpointed by one process resumes on two (parallel may change on --resume auto)
+    import signal
+
+    data["out_dir"] = str(tmp_path / "three")
+
+    def ctrl_c(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(load_recipe(data), quiet=True, on_step=ctrl_c).status == "interrupted"
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.run(cmd[:-2] + ["--set", "parallel.sequence=2", "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 2" in " ".join(proc.stdout.split())  # it resumed from the checkpoint, not from scratch
+    c = train_losses(tmp_path / "three")
+    assert c.keys() == a.keys() and all(abs(a[k] - c[k]) < 1e-4 * abs(a[k]) for k in a), (a, c)
+
 
 def test_bad_parallel_settings_fail_clearly(tmp_path):
     from lcsm.cli import main
