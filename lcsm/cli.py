@@ -134,6 +134,18 @@ def cmd_show(args) -> int:
     if isinstance(spec.mixer, EOSMixer):
         H, K, V = spec.mixer.dims(spec.d_model, spec.n_heads)
         out.print(f"  {'heads':<12} H={H}  K={K}  V={V}")
+    for name, mixer in spec.mixers.items():
+        text = describe_stages(spec.model_copy(update={"mixer": mixer}))
+        out.print(f"  {name:<12} " + escape(" · ".join(f"{k} {v}" for k, v in text.items())))
+    if spec.pattern:
+        out.print(f"  {'pattern':<12} {' '.join(spec.pattern)} (× {spec.n_layers // len(spec.pattern)})")
+    cm = spec.channel_mixer
+    if cm.kind == "moe":
+        out.print(
+            f"  {'channel':<12} moe: {cm.experts} experts, top-{cm.top_k}"
+            + (", shared expert" if cm.shared_expert else "")
+            + (f", capacity ×{cm.capacity_factor:g}" if cm.capacity_factor else ", dropless")
+        )
     table = Table(title_justify="left")
     for col in ("layer", "mixer", "parameters", "state size", "FLOPs/token"):
         table.add_column(col, justify="right" if col != "mixer" else "left")
@@ -190,11 +202,15 @@ def cmd_train(args) -> int:
     from lcsm.train import TrainingError, train
 
     recipe = load_recipe(args.recipe, args.set or [])
+    if args.nproc is not None:
+        return _launch(args, recipe)
     try:
         result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, console=out)
     except TrainingError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         return 1
+    if _distributed_rank() > 0:
+        return 0  # rank 0 reports
     run = escape(str(result.run_dir))
     if result.status == "interrupted":
         again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)])
@@ -213,6 +229,44 @@ def cmd_train(args) -> int:
     )
     out.print(f"[bold]{headline}[/bold]. Run: {run}  (lcsm eval {run} · lcsm plot {run})")
     return 0
+
+
+def _distributed_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        return rank
+    return 0
+
+
+def _launch(args, recipe) -> int:
+    """--nproc N: run this same command under torchrun with N processes on this machine."""
+    import subprocess
+
+    n, par = args.nproc, recipe.parallel
+    if n < 1:
+        raise UsageError(f"--nproc must be at least 1 (got {n})")
+    import torch
+
+    if torch.cuda.is_available() and recipe.device != "cpu" and n > torch.cuda.device_count():
+        raise UsageError(f"--nproc {n}: one GPU per process, and this machine has {torch.cuda.device_count()}")
+    sets = list(args.set or [])
+    if par.sequence * par.data == 1:
+        sets.append(f"parallel.data={n}")  # no grid in the recipe: plain data parallelism
+    elif par.sequence * par.data != n:
+        raise UsageError(
+            f"--nproc {n} does not match the recipe's parallel: sequence × data = {par.sequence} × {par.data}; "
+            f"use --nproc {par.sequence * par.data} or --set parallel.data=..."
+        )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lcsm.cli", "train"]
+    cmd += [args.recipe] if args.recipe else []
+    cmd += [a for x in sets for a in ("--set", x)]
+    cmd += ["--resume", "auto"] if args.resume else []
+    cmd += ["--overwrite"] if args.overwrite else []
+    out.print(f"launching: {escape(shlex.join(cmd))}")
+    return subprocess.call(cmd)
 
 
 def cmd_eval(args) -> int:
@@ -463,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", choices=["auto"], help="auto: continue the run in the output directory from its checkpoint")
     again.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.add_argument("--nproc", type=int, metavar="N", help="run under torchrun with N processes (GPUs) on this machine; "
+                   "the recipe's parallel: {sequence: S, data: D} splits them (default: data = N)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")
@@ -539,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     decode_bench.add_arguments(d)
     d.set_defaults(func=lambda args: decode_bench.run(args))
+    s = what.add_parser("parallel", help="sequence parallelism on N GPUs: SP = N against one process, tokens/s per GPU "
+                        "for SP against DP, the longest sequence that trains (--nproc N, or under torchrun)")
+    from lcsm import bench_parallel
+
+    bench_parallel.add_arguments(s)
+    s.set_defaults(func=lambda args: bench_parallel.run(args))
     return parser
 
 

@@ -7,8 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lcsm import kernels
+from lcsm import parallel
 from lcsm.cache import store, sub
 from lcsm.kernels.common import STATIC_DIMS
+from lcsm.parallel import lasp
 from lcsm.spec import AttentionMixer as AttentionSpec
 from lcsm.spec import EOSMixer as EOSSpec
 from lcsm.stages.expand import Expand
@@ -58,7 +60,8 @@ class EOSMixer(nn.Module):
         """x [B,T,d] -> [B,T,d]. cache (decoding, see lcsm/cache.py): "state" [B,H,K,V] fp32, the
         absolute position "offset" (a 0-d tensor, for rotations) and the stages' own sub-dicts."""
         B, T, _ = x.shape
-        positions = torch.arange(T, device=x.device)
+        sp = parallel.current()  # sequence parallel: x is this rank's slice of the sequence
+        positions = torch.arange(T, device=x.device) + (sp.offset if sp else 0)
         if cache is not None:
             if "offset" not in cache:
                 cache["offset"] = torch.zeros((), dtype=torch.long, device=x.device)
@@ -68,11 +71,14 @@ class EOSMixer(nn.Module):
         i, i_raw = self.input(x, osc, sub(cache, "input"))
         e = self.expand(x, osc, sub(cache, "expand"))
         s = self.shrink(x, osc, sub(cache, "shrink"))
-        if cache is None:
-            y, _ = kernels.eos_recurrence(s, e, i, **osc.gates(), backend=self.backend)
-        else:
-            y = self.recur(s, e, i, osc.gates(), cache)
+        gates = osc.gates()
+        if cache is not None:
+            y = self.recur(s, e, i, gates, cache)
             offset.add_(T)  # in place: a captured decoding step advances it on replay
+        else:
+            y, ht = kernels.eos_recurrence(s, e, i, **gates, output_final_state=sp is not None, backend=self.backend)
+            if sp is not None:  # LASP-2: add the decayed state of the earlier slices
+                y = lasp.lasp2(y, ht, s, gates, sp)
         if self.D is not None:
             y = y + self.D.to(y.dtype) * i_raw
         return self.readout(y, x)
@@ -153,8 +159,10 @@ class AttentionMixer(nn.Module):
         context length "len"; "max_len", when the caller sets it, sizes the buffers once."""
         start = 0 if cache is None else cache.get("len", 0)
         q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        sp = parallel.current()
         if self.spec.position == "rope":
-            q, k = rope(q, self.spec.rope_base, start), rope(k, self.spec.rope_base, start)
+            offset = start + (sp.offset if sp else 0)
+            q, k = rope(q, self.spec.rope_base, offset), rope(k, self.spec.rope_base, offset)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             keys, values = self.append(cache, k, v)
@@ -163,8 +171,10 @@ class AttentionMixer(nn.Module):
                 mask = None if T == 1 else torch.arange(L, device=x.device) <= torch.arange(start, L, device=x.device)[:, None]
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
                 return self.o_proj(y.transpose(1, 2).flatten(-2))
-        # no context before these tokens: plain causal attention (FlashAttention for a long prefill)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if sp is not None:  # LASP-2H: all-gather K and V along the sequence
+            y = lasp.attention(q, k, v, sp)
+        else:  # no context before these tokens: plain causal attention (FlashAttention for a long prefill)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).flatten(-2))
 
     @staticmethod

@@ -44,16 +44,25 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+def build_channel_mixer(cm, d_model: int) -> nn.Module:
+    if cm.kind == "moe":
+        from lcsm.moe import MoE
+
+        shared = GLU(cm, d_model) if cm.shared_expert else None
+        return MoE(cm, d_model, _round_hidden(d_model, cm.hidden_ratio), ACTIVATIONS[cm.activation], shared)
+    return (GLU if cm.kind == "glu" else MLP)(cm, d_model)
+
+
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         self.mixer_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
-        self.mixer = build_mixer(spec.mixer, spec.d_model, spec.n_heads, layer_idx, spec.n_layers, spec.norm_eps)
+        self.mixer = build_mixer(spec.layer_mixer(layer_idx), spec.d_model, spec.n_heads, layer_idx, spec.n_layers, spec.norm_eps)
         cm = spec.channel_mixer
         self.channel_mixer = None
         if cm.kind != "none":
             self.channel_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
-            self.channel_mixer = (GLU if cm.kind == "glu" else MLP)(cm, spec.d_model)
+            self.channel_mixer = build_channel_mixer(cm, spec.d_model)
 
     def forward(self, x, lower_bound=None, cache=None):
         x = x + self.mixer(self.mixer_norm(x), lower_bound=lower_bound, cache=cache)
@@ -97,7 +106,7 @@ class Model(nn.Module):
         return cls(load_model_spec(spec))
 
     def _gate_width(self) -> int:
-        mixer = self.blocks[0].mixer
+        mixer = next(b.mixer for b in self.blocks if b.mixer.spec is self.spec.mixer)  # hybrids: a layer of the main mixer
         return mixer.H * (mixer.K if mixer.spec.oscillation.kind == "vector_k" else 1)
 
     @staticmethod
@@ -145,9 +154,8 @@ class Model(nn.Module):
         """Metrics of the routed modules from the last forward, keyed `<module path>.<name>`."""
         stats = {}
         for name, m in self.named_modules():
-            if m is self:  # Model.aux_stats is this method, not a dict
-                continue
-            for key, value in (getattr(m, "aux_stats", None) or {}).items():
+            found = getattr(m, "aux_stats", None)
+            for key, value in (found if isinstance(found, dict) else {}).items():  # (Model's own is this method)
                 stats[f"{name}.{key}"] = float(value)
         return stats
 
@@ -169,6 +177,8 @@ class Model(nn.Module):
             is_attn = mixer.spec.kind == "attention"
             matmul = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear))
             flops = 2 * matmul + (mixer.flops_per_token(context) if is_attn else mixer.flops_per_token())
+            if hasattr(block.channel_mixer, "flops_per_token"):  # MoE: only the routed experts run
+                flops += block.channel_mixer.flops_per_token() - 2 * block.channel_mixer.router.weight.numel()
             rows.append(
                 LayerSummary(
                     index=idx,

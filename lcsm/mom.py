@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lcsm import kernels
+from lcsm import kernels, parallel
 from lcsm.cache import store
 from lcsm.mixers import EOSMixer
 from lcsm.spec import EOSMixer as EOSSpec
@@ -125,6 +125,11 @@ class MoMMixer(EOSMixer):
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         """x [B,T,d]; cache (optional, one dict per layer): {"state": [B,M,H,K,V], "x_tail": [B,<=c-1,d]}."""
         B, T, _ = x.shape
+        if parallel.current() is not None:
+            raise NotImplementedError(
+                "Mixture-of-Memories layers do not run under sequence parallelism yet (parallel.sequence > 1); "
+                "use parallel.sequence: 1 (data parallelism works) or a mixer without routing"
+            )
         tail = cache.get("x_tail") if cache is not None else None
         xs = x if tail is None else torch.cat([tail, x], dim=1)
         path = self.choose_path(x)

@@ -196,6 +196,13 @@ class Schedule(Base):
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
+class Parallel(Base):
+    """The process grid: world size = sequence × data (docs/parallel.md)."""
+
+    sequence: int = Field(1, ge=1, description="ranks that split each sequence along time (LASP-2)")
+    data: int = Field(1, ge=1, description="ranks that take different rows of each batch")
+
+
 class Recipe(Base):
     """Everything one training run needs."""
 
@@ -219,6 +226,7 @@ class Recipe(Base):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice (all cores)")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     out_dir: str | None = Field(None, description="the run directory; default runs/<name>")
+    parallel: Parallel = Field(default_factory=Parallel, description="sequence × data parallel grid (launch with torchrun or --nproc)")
 
     @field_validator("device")
     @classmethod
@@ -240,6 +248,8 @@ class Recipe(Base):
     def _length_and_vocab(self):
         if (self.steps is None) == (self.epochs is None):
             raise FieldError("steps", "give exactly one of steps or epochs")
+        if self.batch_size % self.parallel.data:
+            raise FieldError(("parallel", "data"), f"data = {self.parallel.data} must divide batch_size = {self.batch_size}")
         vocab = self.task.model_vocab_size
         if self.model.vocab_size != vocab:
             # the task owns the vocabulary: a spec's own vocab_size (zoo specs say 8192) is replaced

@@ -452,7 +452,30 @@ class NoChannelMixer(Base):
     kind: Literal["none"]
 
 
-ChannelMixer = Annotated[Union[GLUChannelMixer, MLPChannelMixer, NoChannelMixer], Field(discriminator="kind")]
+class MoEChannelMixer(Base):
+    """Top-k mixture of GLU experts with a Switch-style load-balancing loss (lcsm/moe.py)."""
+
+    kind: Literal["moe"]
+    experts: int = Field(8, ge=2, description="number of routed experts E")
+    top_k: int = Field(2, ge=1, description="experts per token")
+    hidden_ratio: float = Field(8 / 3, gt=0, description="each expert's hidden size / d_model")
+    activation: Literal["silu", "gelu", "identity"] = "silu"
+    shared_expert: bool = Field(False, description="an always-on GLU expert added to the routed ones")
+    aux_loss_weight: float = Field(0.01, ge=0, description="weight α of α·E·Σ f_e P_e")
+    capacity_factor: float | None = Field(None, gt=0, description="none: dropless; else drop tokens past ceil(factor·N·k/E) per expert")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v, info: ValidationInfo):
+        experts = info.data.get("experts")
+        if experts is not None and v > experts:
+            raise ValueError(f"top_k = {v} must be at most experts = {experts}")
+        return v
+
+
+ChannelMixer = Annotated[
+    Union[GLUChannelMixer, MLPChannelMixer, NoChannelMixer, MoEChannelMixer], Field(discriminator="kind")
+]
 
 
 class ModelSpec(Base):
@@ -471,26 +494,76 @@ class ModelSpec(Base):
     channel_mixer: ChannelMixer = GLUChannelMixer(kind="glu")
     tie_embeddings: bool = True
 
+    mixers: dict[str, Mixer] = Field(
+        default_factory=dict, description="more named token mixers, for a hybrid `pattern` (e.g. attn: {kind: attention})"
+    )
+    pattern: list[str] | str | None = Field(
+        None,
+        description="hybrid layer pattern, repeated to fill n_layers: mixer names ('mixer' is the main one), "
+        "as a list or a string with repeats, e.g. 'mixer*7 attn'",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v):
+        if v is None or isinstance(v, list):
+            return v
+        names = []
+        for part in v.replace(",", " ").split():
+            name, _, times = part.partition("*")
+            if times and not (times.isdigit() and int(times) >= 1):
+                raise ValueError(f"'{part}': a repeat is name*N with N a whole number >= 1")
+            names += [name] * int(times or 1)
+        return names
+
+    def layer_mixer(self, layer_idx: int):
+        """The token-mixer spec of layer `layer_idx` (the pattern repeats; no pattern: `mixer`)."""
+        if not self.pattern:
+            return self.mixer
+        name = self.pattern[layer_idx % len(self.pattern)]
+        return self.mixer if name == "mixer" else self.mixers[name]
+
     @model_validator(mode="after")
     def _shapes(self):
-        mixer = self.mixer
+        if self.mixers and not self.pattern:
+            raise FieldError("mixers", "named mixers need a `pattern` that says which layer uses which")
+        if self.pattern is not None:
+            if not self.pattern:
+                raise FieldError("pattern", "an empty pattern; give at least one mixer name")
+            if "mixer" in self.mixers:
+                raise FieldError(("mixers", "mixer"), "the name 'mixer' is the main mixer's; choose another name")
+            allowed = ["mixer", *self.mixers]
+            for name in self.pattern:
+                if name not in allowed:
+                    raise FieldError("pattern", f"unknown mixer '{name}'; allowed: {', '.join(allowed)} (name more under `mixers`)")
+            if self.n_layers % len(self.pattern):
+                raise FieldError(
+                    "pattern", f"the pattern has {len(self.pattern)} layers, which must divide n_layers = {self.n_layers}"
+                )
+        self._check_mixer(self.mixer, ("mixer",))
+        for name, mixer in self.mixers.items():
+            self._check_mixer(mixer, ("mixers", name))
+            if getattr(getattr(mixer, "oscillation", None), "lower_bound", None) == "layerwise":
+                raise FieldError(("mixers", name, "oscillation", "lower_bound"), "layerwise lower bounds belong to the main `mixer` only")
+        return self
+
+    def _check_mixer(self, mixer, where: tuple):
         heads = mixer.heads or self.n_heads
         if isinstance(mixer, AttentionMixer):
             if self.d_model % heads:
-                where = ("mixer", "heads") if mixer.heads else ("n_heads",)
-                raise FieldError(where, f"heads = {heads} must divide d_model = {self.d_model}")
+                at = where + ("heads",) if mixer.heads else ("n_heads",)
+                raise FieldError(at, f"heads = {heads} must divide d_model = {self.d_model}")
             if mixer.position == "rope" and (self.d_model // heads) % 2:
-                raise FieldError(("mixer", "position"), f"rope needs an even head size (d_model/heads = {self.d_model // heads})")
-            return self
+                raise FieldError(where + ("position",), f"rope needs an even head size (d_model/heads = {self.d_model // heads})")
+            return
         if mixer.heads is None and self.d_model % heads:
             raise FieldError(("n_heads",), f"n_heads = {heads} must divide d_model = {self.d_model}")
         try:
             _, k, _ = mixer.dims(self.d_model, self.n_heads)
         except FieldError as err:
-            raise FieldError(("mixer",) + err.path, str(err)) from None
+            raise FieldError(where + err.path, str(err)) from None
         if mixer.oscillation.kind == "rotation" and k % 2:
-            raise FieldError(("mixer", "head_k"), f"rotation needs an even K per head (cos and sin halves); got K = {k}")
-        return self
+            raise FieldError(where + ("head_k",), f"rotation needs an even K per head (cos and sin halves); got K = {k}")
 
 
 # --------------------------------------------------------------------------- loading and errors

@@ -14,6 +14,7 @@ name and renamed into place, so a crash never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from lcsm.tasks import TaskError, build_task, derive_seed, epoch_batches, steps_
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "curves.png")
 # recipe fields that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads")
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel")
 
 
 class TrainingError(Exception):
@@ -306,7 +307,12 @@ def train(
     Raises RecipeError for bad input and TrainingError when the loss stops being finite.
     """
     console = console or Console(highlight=False)
+    grid = _grid(recipe)
+    if grid is not None and not grid.is_main:
+        quiet = True
     device = resolve_device(recipe.device)
+    if grid is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # one GPU per process (LOCAL_RANK)
     precision = resolve_precision(recipe.precision, device)
     if recipe.backend == "triton" and device.type != "cuda":
         raise RecipeError(f"backend: 'triton' needs a CUDA device (device is {device}); use backend: auto or torch")
@@ -314,25 +320,77 @@ def train(
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     try:
-        return _run(recipe, device, precision, resume, overwrite, console, quiet, on_step)
+        return _run(recipe, device, precision, resume, overwrite, console, quiet, on_step, grid)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, console: Console, quiet: bool, on_step) -> RunResult:
-    say = (lambda *a: None) if quiet else console.print
-    run_dir, resuming = prepare_run_dir(recipe, resume, overwrite)
+def _grid(recipe: Recipe):
+    """The process grid when the recipe asks for one or torchrun started us (else None)."""
+    par = recipe.parallel
+    if par.sequence * par.data == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    from lcsm.parallel.grid import ParallelError, init_grid
 
     try:
-        data = build_task(recipe.task, recipe.seed, run_dir=run_dir, log=say)
-    except TaskError as e:
-        raise RecipeError(f"task: {e}") from None
+        # no grid in the recipe but several processes (plain torchrun): data parallel over all of them
+        backend = "nccl" if resolve_device(recipe.device).type == "cuda" else "gloo"
+        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data, backend=backend)
+    except ParallelError as e:
+        raise RecipeError(str(e)) from None
+    return grid if grid.world > 1 else None
+
+
+def _on_main(grid, fn):
+    """fn() on rank 0 only (files, directories); every rank gets its result or its RecipeError."""
+    if grid is None:
+        return fn()
+    import torch.distributed as dist
+
+    box = [None, None]
+    if grid.is_main:
+        try:
+            box[0] = fn()
+        except (RecipeError, TaskError) as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise RecipeError(box[1])
+    return box[0]
+
+
+def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, console: Console, quiet: bool, on_step,
+         grid=None) -> RunResult:
+    say = (lambda *a: None) if quiet else console.print
+    main = grid is None or grid.is_main  # rank 0 writes the run directory, evaluates and checkpoints
+    run_dir, resuming = _on_main(grid, lambda: prepare_run_dir(recipe, resume, overwrite))
+
+    def task():
+        try:
+            return build_task(recipe.task, recipe.seed, run_dir=run_dir, log=say)
+        except TaskError as e:
+            raise RecipeError(f"task: {e}") from None
+
+    data = None
+
+    def first():
+        nonlocal data
+        data = task()
+
+    # rank 0 first: a text task may train and save a tokenizer in the run directory
+    _on_main(grid, first)
+    if data is None:
+        data = task()
 
     from lcsm.model import Model
 
     torch.manual_seed(derive_seed(recipe.seed, "init"))
     model = Model(recipe.model).set_backend(recipe.backend).to(device)
     model.train()
+    if grid is not None:
+        from lcsm.parallel.data import sync_gradients, wrap
+
+        model = wrap(model, grid)
     spe = steps_per_epoch(data.train, recipe.batch_size)
     total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
     eval_every = recipe.eval_every or max(1, total // 10)
@@ -340,7 +398,7 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
     eval_bs = recipe.eval_batch_size or recipe.batch_size
     optimizer = make_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, total))
-    if not resuming:
+    if not resuming and main:
         _write_text(run_dir / "config.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True))
 
     step, elapsed, acc = 0, 0.0, {"loss": 0.0, "n": 0, "tokens": 0}
@@ -349,7 +407,10 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
         state = load_checkpoint(run_dir, model, optimizer, scheduler, device)
         step, elapsed, acc = state["step"], state["elapsed_s"], state["log_window"]
         last_eval, last_ckpt = state.get("last_eval"), step
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if grid is not None:
+            torch.distributed.barrier()
         say(f"resuming {run_dir} at step {step}")
     start_step = step
 
@@ -365,18 +426,25 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
 
     def checkpoint():
         nonlocal last_ckpt
-        save_checkpoint(run_dir, model, optimizer, scheduler, state_at(step))
+        if main:  # replicated weights: rank 0's full state dict loads on any number of processes
+            save_checkpoint(run_dir, model, optimizer, scheduler, state_at(step))
         last_ckpt = step
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
 
     def log(record: dict):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
     def run_eval():
+        # rank 0 evaluates whole sequences on its own; the others get its metrics
         nonlocal last_eval
-        metrics = evaluate(model, data, eval_bs, device, precision)
+        metrics = evaluate(model, data, eval_bs, device, precision) if main else None
+        if grid is not None:
+            box = [metrics]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
         last_eval = {"step": step, **metrics}
         log({"split": "eval", **last_eval})
         return metrics
@@ -394,7 +462,7 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
             bar = progress.add_task("train", total=total, completed=step, loss="-", tps="-", lr="-")
             window_start = time.perf_counter()
             while step < total:
-                if stop.requested:
+                if _agree(grid, stop.requested):
                     status = "interrupted"
                     break
                 t0 = time.perf_counter()
@@ -404,17 +472,33 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
                 seg_index, rows = batches[index]
                 seg = data.train[seg_index]
                 x, y = seg.inputs[rows].to(device), seg.labels[rows].to(device)
-                with autocast(device, precision):
-                    loss = batch_loss(model, x, y)
-                    aux = model.aux_loss()
-                value = loss.item()
+                if grid is None:
+                    with autocast(device, precision):
+                        loss = batch_loss(model, x, y)
+                        aux = model.aux_loss()
+                    value = loss.item()
+                else:
+                    from lcsm.parallel import sequence_parallel
+                    from lcsm.parallel.data import sharded_loss
+
+                    try:
+                        ctx = grid.context(grid.shard(x).shape[1])
+                    except ValueError as e:
+                        raise RecipeError(str(e)) from None
+                    with sequence_parallel(ctx), autocast(device, precision):
+                        loss, value = sharded_loss(model, x, y, grid)
+                        aux = model.aux_loss()
+                        aux = aux / grid.world if torch.is_tensor(aux) else aux  # the ranks' aux losses averaged
                 if not math.isfinite(value):
                     raise TrainingError(_nonfinite(step + 1, "loss", value, run_dir, last_ckpt))
                 aux_value = float(aux.detach()) if torch.is_tensor(aux) else 0.0
                 if aux_value:
                     acc["aux_loss"] = acc.get("aux_loss", 0.0) + aux_value
                 optimizer.zero_grad(set_to_none=True)
-                (loss + aux).backward()
+                with sequence_parallel(ctx) if grid is not None else contextlib.nullcontext():
+                    (loss + aux).backward()
+                if grid is not None:
+                    sync_gradients(model)
                 if recipe.optimizer.grad_clip:
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip).item()
                     if not math.isfinite(norm):
@@ -445,7 +529,7 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
                     metrics = run_eval()
                     if not quiet:
                         progress.console.print(_eval_line(step, metrics))
-                    if recipe.early_stop is not None and metrics["accuracy"] >= recipe.early_stop:
+                    if recipe.early_stop is not None and metrics.get("accuracy", 0.0) >= recipe.early_stop:
                         status = "early_stop"
                 if step % ckpt_every == 0 or step == total or status == "early_stop":
                     checkpoint()
@@ -456,14 +540,25 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
         if status == "interrupted" and last_ckpt != step:
             checkpoint()
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
     if status != "interrupted":
         if last_eval is None or last_eval["step"] != step:
             run_eval()
         if last_ckpt != step:
             checkpoint()
-        _write_text(run_dir / "eval.json", json.dumps(last_eval, indent=2) + "\n")
+        if main:
+            _write_text(run_dir / "eval.json", json.dumps(last_eval, indent=2) + "\n")
     return RunResult(run_dir, step, total, status, last_eval, elapsed, start_step)
+
+
+def _agree(grid, flag: bool) -> bool:
+    """True on every rank when any rank's flag is set (Ctrl-C reaches processes one by one)."""
+    if grid is None:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _nonfinite(step: int, what: str, value: float, run_dir: Path, last_ckpt: int | None) -> str:

@@ -1,6 +1,7 @@
 """The spec language: what it accepts, what it rejects and how it says so."""
 
 import itertools
+import re
 import json
 
 import pytest
@@ -58,7 +59,7 @@ BAD = [
     ({**BASE, "mixer": {"kind": "rnn"}}, "mixer", "allowed: eos, attention"),
     ({**BASE, "mixer": {"oscillation": {"kind": "ones"}}}, "mixer", "missing 'kind'"),
     (spec_with({}), "mixer.oscillation", "required field is missing"),
-    ({**BASE, "mixer": {"kind": "attention"}, "channel_mixer": {"kind": "moe"}}, "channel_mixer", "allowed: glu, mlp, none"),
+    ({**BASE, "mixer": {"kind": "attention"}, "channel_mixer": {"kind": "lstm"}}, "channel_mixer", "allowed: glu, mlp, none, moe"),
     ({**BASE, "mixer": {"kind": "attention"}, "d_modle": 3}, "d_modle", "did you mean 'd_model'"),
 ]
 
@@ -196,3 +197,47 @@ def test_model_reports_state_size():
     H, K, V = 2, 8, 8
     assert row.state_size == H * K * V + 3 * H * V and not row.state_grows
     assert row.parameters == sum(p.numel() for p in model.blocks[0].parameters())
+
+
+# --------------------------------------------------------------------------- hybrid patterns
+
+HYBRID = {"d_model": 16, "n_layers": 4, "n_heads": 2, "mixer": {"kind": "eos", "oscillation": {"kind": "ones"}},
+          "mixers": {"attn": {"kind": "attention"}}}
+
+
+def test_hybrid_pattern_string_and_list():
+    from lcsm.spec import load_model_spec
+
+    a = load_model_spec(HYBRID | {"pattern": "mixer*3 attn"})
+    b = load_model_spec(HYBRID | {"pattern": ["mixer", "mixer", "mixer", "attn"]})
+    assert a.pattern == b.pattern == ["mixer"] * 3 + ["attn"]
+    assert [a.layer_mixer(l).kind for l in range(4)] == ["eos"] * 3 + ["attention"]
+    c = load_model_spec(HYBRID | {"n_layers": 4, "pattern": "mixer attn"})
+    assert [c.layer_mixer(l).kind for l in range(4)] == ["eos", "attention"] * 2
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"pattern": "mixer*3 mlp"}, "pattern: unknown mixer 'mlp'; allowed: mixer, attn"),
+        ({"pattern": "mixer*2 attn"}, "the pattern has 3 layers, which must divide n_layers = 4"),
+        ({"pattern": "mixer*x"}, "a repeat is name*N"),
+        ({}, "named mixers need a `pattern`"),
+        ({"pattern": "attn", "mixers": {"attn": {"kind": "attention", "heads": 3}}}, "heads = 3 must divide d_model = 16"),
+    ],
+)
+def test_hybrid_pattern_errors(change, message):
+    from lcsm.spec import SpecError, load_model_spec
+
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_model_spec(HYBRID | change)
+
+
+def test_show_prints_the_pattern_and_the_experts(tmp_path, capsys):
+    assert main(["show", "hybrid_gla"]) == 0
+    shown = capsys.readouterr().out
+    assert "pattern      mixer mixer mixer mixer mixer mixer mixer attn" in shown and "attention" in shown
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(HYBRID | {"pattern": "mixer attn", "channel_mixer": {"kind": "moe", "experts": 4, "shared_expert": True}}))
+    assert main(["show", str(path)]) == 0
+    assert "moe: 4 experts, top-2, shared expert, dropless" in capsys.readouterr().out

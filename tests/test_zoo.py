@@ -300,6 +300,7 @@ PUBLISHED = {
     "transformer": transformer,
     "mom_gla": mom_gla,
     "mom_scalar": mom_scalar,
+    "hybrid_gla": gla,  # layer LAYER is a GLA layer; the attention layer is checked below
 }
 
 
@@ -340,3 +341,15 @@ def test_zoo_mixer_equals_published_recurrence(name):
             theirs = PUBLISHED[name](mixer, params, x)
     err = (ours - theirs).norm() / theirs.norm()
     assert err < 1e-10, f"{name}: relative error {err:.3e}"
+
+
+def test_hybrid_pattern_places_attention_every_eighth_layer():
+    torch.manual_seed(0)
+    model = Model.from_spec("hybrid_gla").double()
+    kinds = [b.mixer.spec.kind for b in model.blocks]
+    assert kinds == ["eos"] * 7 + ["attention"]
+    mixer = model.blocks[7].mixer
+    x = torch.randn(B, T, model.spec.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        ours, theirs = mixer(x), transformer(mixer, dict(mixer.named_parameters()), x)
+    assert (ours - theirs).norm() / theirs.norm() < 1e-10

@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcsm import parallel
 from lcsm.cache import store
+from lcsm.parallel.context import previous_tail
 
 FEATURE_MAPS = {
     "identity": lambda x: x,
@@ -47,15 +49,20 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(channels, channels, size, groups=channels, bias=bias, padding=size - 1)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        T = x.shape[1]
-        if cache is None:
+        T, n = x.shape[1], self.size - 1
+        sp = parallel.current()
+        if cache is None and sp is None:
             return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        if cache is None:
+            # sequence parallel: the window of the first tokens reaches into the previous rank's slice
+            x = torch.cat([previous_tail(x, n, sp), x], dim=1)
+            return self.conv(x.transpose(1, 2))[..., n : n + T].transpose(1, 2)
         # decoding: the last size-1 inputs stand in for the zero padding (cache["conv"] [B,size-1,C])
         tail = cache.get("conv")
         if tail is None:
-            tail = x.new_zeros(x.shape[0], self.size - 1, x.shape[2])
+            tail = x.new_zeros(x.shape[0], n, x.shape[2])
         xx = torch.cat([tail.to(x.dtype), x], dim=1)
-        store(cache, "conv", xx[:, xx.shape[1] - (self.size - 1) :])
+        store(cache, "conv", xx[:, xx.shape[1] - n :])
         return F.conv1d(xx.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.groups).transpose(1, 2)
 
 

@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcsm import parallel
 from lcsm.cache import store
+from lcsm.parallel.context import all_gather
 
 from .common import Gate, fixed_log_decay, gate_dtype, on_device, param_for_log_decay
 
@@ -169,6 +171,14 @@ class CumSoftmax(nn.Module):
         z = self.proj(x).to(gate_dtype(x)).unflatten(-1, self.dims).clamp(-10.0, 10.0)
         lse = torch.logcumsumexp(z, dim=1)
         prev = None if cache is None else cache.get("lse")  # the running normaliser LSE_{t-1} [B,*dims]
+        sp = parallel.current()
+        if sp is not None and prev is None:
+            # sequence parallel: the normaliser starts from the earlier slices' LSE (one all-gather of [B,*dims])
+            totals = all_gather(lse[:, -1], sp)
+            if sp.rank > 0:
+                prev = torch.logsumexp(totals[: sp.rank], dim=0)
+            else:
+                lse = lse + 0.0 * totals.sum()  # every rank joins the all-gather's backward
         if prev is None:
             log_o = torch.cat([torch.zeros_like(lse[:, :1]), lse[:, :-1] - lse[:, 1:]], dim=1)
         else:
