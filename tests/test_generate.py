@@ -31,6 +31,9 @@ def tiny_zoo(name: str, **changes) -> Model:
     """
     data = load_model_spec(name).model_dump(exclude_unset=True)
     data.update(d_model=32, n_layers=2, n_heads=2, vocab_size=VOCAB, **changes)
+    if data.get("pattern"):  # a hybrid: one layer of each mixer it names
+        data["pattern"] = ["mixer", *data["mixers"]]
+        data["n_layers"] = len(data["pattern"])
     for key in ("heads", "head_k", "head_v"):
         data["mixer"].pop(key, None)
     osc = data["mixer"].get("oscillation", {})
@@ -111,7 +114,13 @@ def test_the_decoding_check_catches_a_forgotten_state(name):
         assert rel(stepwise(model, tokens), model(tokens)) > 1e-3
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO if n != "transformer"])
+def _fixed_state(name: str) -> bool:
+    """No attention layer (a KV cache grows with the context, so it is not updated in place)."""
+    spec = load_model_spec(name)
+    return spec.mixer.kind == "eos" and all(m.kind == "eos" for m in (getattr(spec, "mixers", None) or {}).values())
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if _fixed_state(n)])
 def test_a_step_updates_the_cache_in_place(name):
     """What a captured CUDA graph relies on: after the prefill, a step changes only the contents
     of the cache's tensors; putting the old contents back replays the same step exactly."""

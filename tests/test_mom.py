@@ -292,3 +292,12 @@ def test_one_memory_is_the_plain_mixer(path):
     plain.load_state_dict(state)
     x = torch.randn(B, T, D, dtype=torch.float64)
     torch.testing.assert_close(mixer(x), plain(x), rtol=1e-10, atol=1e-12)
+
+
+def test_sequence_parallelism_is_refused_clearly(monkeypatch):
+    from lcsm import parallel
+
+    model, mixer = mixer_of(spec({"kind": "scalar", "source": "data"}))
+    monkeypatch.setattr(parallel, "current", lambda: object())
+    with pytest.raises(NotImplementedError, match="sequence parallelism"):
+        mixer(torch.randn(1, 4, D, dtype=torch.float64))
