@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lcsm import kernels
 from lcsm import parallel
@@ -129,6 +130,9 @@ class EOSMixer(nn.Module):
         return (2 + 2 + decays) * self.H * self.K * self.V
 
 
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def rope(x: torch.Tensor, base: float, start: int = 0) -> torch.Tensor:
     """Rotary position embedding on [B,T,H,D] (rotate-half convention), positions start..start+T-1."""
     T, D = x.shape[1], x.shape[-1]
@@ -169,7 +173,10 @@ class AttentionMixer(nn.Module):
             if start > 0:  # attend to the whole context: no mask for one query, else causal from `start`
                 T, L = q.shape[2], keys.shape[2]
                 mask = None if T == 1 else torch.arange(L, device=x.device) <= torch.arange(start, L, device=x.device)[:, None]
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                # the context grows by one every step: keep SDPA off the cuDNN backend, which plans
+                # anew for every new length (milliseconds a layer) — flash/efficient kernels do not
+                with sdpa_kernel(DECODE_BACKENDS):
+                    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
                 return self.o_proj(y.transpose(1, 2).flatten(-2))
         if sp is not None:  # LASP-2H: all-gather K and V along the sequence
             y = lasp.attention(q, k, v, sp)
