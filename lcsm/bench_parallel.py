@@ -122,7 +122,7 @@ def check(grid, device, T: int, args) -> list[dict]:
             t0 = ctx.offset
             local = model(tokens[:, t0 : t0 + T // grid.world])
             (local * weight[:, t0 : t0 + T // grid.world]).sum().backward()
-        err_y = float((local.detach() - logits.detach()[:, t0 : t0 + T // grid.world]).abs().max() / logits.abs().max())
+        err_y = float((local.detach() - logits.detach()[:, t0 : t0 + T // grid.world]).abs().max() / logits.detach().abs().max())
         err_g = 0.0
         for k, p in model.named_parameters():
             g = p.grad if p.grad is not None else torch.zeros_like(p)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import traceback
 
@@ -309,6 +310,10 @@ def _run(args, device, dtype) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "args": {k: v for k, v in vars(args).items() if not callable(v)}, "models": model_rows, "step": step_rows}, f, indent=1)
+    failed = [r for r in model_rows + step_rows if "error" in r]
+    if failed:  # the other rows were kept and printed; the exit code still says something failed
+        print(f"{len(failed)} row(s) failed (see 'error' above)", file=sys.stderr)
+        return 1
     return 0
 
 

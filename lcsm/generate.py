@@ -56,8 +56,12 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 
 
 def supports_cuda_graph(model) -> bool:
-    """Every layer keeps fixed-size state updated in place (a KV cache grows: not capturable)."""
-    return all(getattr(block.mixer, "fixed_state", False) for block in model.blocks)
+    """Every layer keeps fixed-size state updated in place (a KV cache grows: not capturable), and
+    no channel mixer sizes its work from the data on the host (MoE: `graph_safe = False`)."""
+    return all(
+        getattr(block.mixer, "fixed_state", False) and getattr(block.channel_mixer, "graph_safe", True)
+        for block in model.blocks
+    )
 
 
 class Decoder:

@@ -19,11 +19,14 @@ import torch.nn.functional as F
 class MoE(nn.Module):
     """x [..., d] -> [..., d]: Σ_{e in top-k} w_e GLU_e(x) (+ a shared GLU expert).
 
-    Router: softmax over E experts in (at least) fp32, top-k, weights renormalised to sum to one (Mixtral).
+    Router: softmax over E experts in (at least) fp32, top-k, weights renormalised to sum to one (Mixtral;
+    with top_k = 1 the raw probability, as in Switch).
     Load balancing (Switch Transformer): aux = weight · E · Σ_e f_e P_e, f_e the fraction of routed
     slots that went to expert e and P_e the mean router probability of e; left in self.aux_loss
     for Model.aux_loss(); self.aux_stats holds the largest expert load (f_e · E, 1 = balanced).
     """
+
+    graph_safe = False  # buffers sized from the routing on the host: not capturable in a CUDA graph
 
     def __init__(self, spec, d_model: int, hidden: int, activation, shared: nn.Module | None = None):
         super().__init__()
@@ -48,7 +51,9 @@ class MoE(nn.Module):
         logits = self.router(x)
         probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         w, idx = torch.topk(probs, self.k, dim=-1)
-        return w / w.sum(-1, keepdim=True), idx, probs
+        # renormalised over the chosen k (Mixtral); one expert keeps its probability (Switch), or
+        # its weight would be 1 and the router would learn from the balancing loss alone
+        return (w / w.sum(-1, keepdim=True) if self.k > 1 else w), idx, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -82,7 +87,7 @@ class MoE(nn.Module):
 
         f = counts.float() / (N * k)
         self.aux_loss = self.aux_weight * E * torch.sum(f * probs.mean(0))
-        self.aux_stats = {"max_load": float(f.max() * E)}
+        self.aux_stats = {"max_load": (f.max() * E).detach()}  # tensors: converted at logging time
         if keep is not None:
-            self.aux_stats["dropped"] = float(1 - keep.float().mean())
+            self.aux_stats["dropped"] = (1 - keep.float().mean()).detach()
         return y.reshape(shape)

@@ -353,6 +353,8 @@ def _on_main(grid, fn):
             box[0] = fn()
         except (RecipeError, TaskError) as e:
             box[1] = str(e)
+        except Exception as e:  # any failure here must reach every rank, or they wait until the timeout
+            box[1] = f"{type(e).__name__}: {e}"
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise RecipeError(box[1])
@@ -492,6 +494,13 @@ def _run(recipe: Recipe, device, precision: str, resume: bool, overwrite: bool, 
                 if not math.isfinite(value):
                     raise TrainingError(_nonfinite(step + 1, "loss", value, run_dir, last_ckpt))
                 aux_value = float(aux.detach()) if torch.is_tensor(aux) else 0.0
+                if grid is not None and torch.is_tensor(aux):
+                    # the objective holds each rank's aux / world: the sum over ranks is their mean
+                    import torch.distributed as dist
+
+                    total_aux = aux.detach().to(torch.float64).reshape(1)
+                    dist.all_reduce(total_aux)
+                    aux_value = float(total_aux)
                 if aux_value:
                     acc["aux_loss"] = acc.get("aux_loss", 0.0) + aux_value
                 optimizer.zero_grad(set_to_none=True)

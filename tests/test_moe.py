@@ -22,7 +22,7 @@ def reference(moe, x):
     out = []
     for n in range(x2.shape[0]):
         w, idx = torch.topk(probs[n], moe.k)
-        w = w / w.sum()
+        w = w / w.sum() if moe.k > 1 else w
         y = 0
         for wj, e in zip(w, idx):
             h = F.silu(x2[n] @ moe.w_gate[e]) * (x2[n] @ moe.w_up[e])
@@ -88,3 +88,18 @@ def test_moe_model_trains_and_logs_its_load(tmp_path, monkeypatch):
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     train_lines = [l for l in lines if l["split"] == "train"]
     assert all(l["aux_loss"] > 0 and "blocks.1.channel_mixer.max_load" in l for l in train_lines)
+
+
+@pytest.mark.parametrize("kind", ["moe", "mom"])
+def test_a_single_choice_keeps_the_router_learning(kind):
+    # top_k = 1: a renormalised weight would always be 1 and the router would get no gradient from the loss
+    if kind == "moe":
+        model = Model.from_spec(SPEC | {"channel_mixer": {"kind": "moe", "experts": 4, "top_k": 1, "aux_loss_weight": 0.0}}).double()
+        router = model.blocks[0].channel_mixer.router.weight
+    else:
+        data = SPEC | {"mixer": {"kind": "eos", "oscillation": {"kind": "scalar", "source": "data"},
+                                 "routing": {"memories": 3, "top_k": 1, "aux_loss_weight": 0.0}}}
+        model = Model.from_spec(data).double()
+        router = model.blocks[0].mixer.router.proj.weight
+    model(torch.randint(0, 32, (2, 12))).square().mean().backward()
+    assert router.grad is not None and router.grad.abs().max() > 1e-6

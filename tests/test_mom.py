@@ -304,3 +304,11 @@ def test_sequence_parallelism_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(parallel, "current", lambda: object())
     with pytest.raises(NotImplementedError, match="sequence parallelism"):
         mixer(torch.randn(1, 4, D, dtype=torch.float64))
+
+
+def test_a_recipe_asking_sequence_parallelism_for_routed_layers_is_refused():
+    from lcsm.recipe import load_recipe
+    from lcsm.spec import SpecError
+
+    with pytest.raises(SpecError, match="parallel.sequence.*routing"):
+        load_recipe("mqar_mom_256", ["parallel.sequence=2", "parallel.data=1"])

@@ -31,7 +31,8 @@ class Routed:
 
 class Router(nn.Module):
     """x [B,T,d] -> Routed: probs = softmax(W x) over E memories, the top_k of them, weights
-    renormalised over the chosen ones (Mixtral style). Computed in fp32 (fp64 for fp64 x)."""
+    renormalised over the chosen ones (Mixtral style; with top_k = 1 the raw probability, as in
+    Switch). Computed in fp32 (fp64 for fp64 x)."""
 
     def __init__(self, d_model: int, memories: int, top_k: int):
         super().__init__()
@@ -41,7 +42,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routed:
         probs = F.softmax(self.proj(x).to(gate_dtype(x)), dim=-1)
         top, index = torch.topk(probs, self.top_k, dim=-1)
-        return Routed(weights=top / top.sum(-1, keepdim=True), index=index, probs=probs)
+        # renormalised over the chosen k; one memory keeps its probability (Switch), or its weight
+        # would always be 1 and the router would learn from the balancing loss alone
+        weights = top / top.sum(-1, keepdim=True) if self.top_k > 1 else top
+        return Routed(weights=weights, index=index, probs=probs)
 
 
 def load_balancing_loss(routed: Routed, memories: int) -> tuple[torch.Tensor, torch.Tensor]:
