@@ -58,6 +58,7 @@ from lcsm.recipe import (
     resolve_task,
 )
 from lcsm.spec import Base, FieldError, SpecError, format_errors, load_yaml
+from lcsm.train import RESUMABLE_CHANGES, _diff
 
 METRICS = ("loss", "accuracy", "token_accuracy", "bits_per_byte", "perplexity")
 LOWER_IS_BETTER = ("loss", "bits_per_byte", "perplexity")
@@ -330,16 +331,36 @@ def expand(grid: GridRecipe, folder: Path | None, out_dir: Path, sets: list[tupl
             except SpecError as e:
                 raise RecipeError(f"{grid.name}: point {where}: {e}") from None
             points.append(Point(pid, labels, dict(zip(axes, combo)), seed, recipe.run_dir, recipe.resolved()))
+    seen: dict[str, Point] = {}
+    for p in points:  # two labels can spell the same directory name: they must not share a run
+        if p.id in seen:
+            a, b = seen[p.id].labels, p.labels
+            raise RecipeError(f"{grid.name}: the points {a} and {b} get the same run directory '{p.id}'; "
+                              "give their variants labels that differ in letters or digits")
+        seen[p.id] = p
     return points
 
 
 # --------------------------------------------------------------------------- running one point
 
 
-def point_status(run_dir: Path) -> str:
-    """done (eval.json), failed (point.json says so), started (a run without eval.json) or pending."""
+def stale_keys(run_dir: Path, recipe: dict) -> list[str]:
+    """The recipe fields in which a finished run's config.yaml differs from `recipe` (fields that
+    may change on resume, and the run's name, do not count): a point finished under other settings,
+    e.g. with --reduced or another --set, must not pass for this one."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    ignore = {*RESUMABLE_CHANGES, "name"}
+    return [k for k in _diff(saved or {}, recipe) if k.split(".")[0] not in ignore]
+
+
+def point_status(run_dir: Path, recipe: dict | None = None) -> str:
+    """done (eval.json), stale (done, but under a recipe other than `recipe`), failed (point.json
+    says so), started (a run without eval.json) or pending."""
     if (run_dir / "eval.json").exists():
-        return "done"
+        return "stale" if recipe is not None and stale_keys(run_dir, recipe) else "done"
     info = _read_json(run_dir / "point.json")
     if info and info.get("status") == "failed":
         return "failed"
@@ -511,6 +532,13 @@ def run(
     counts = {"done": 0, "failed": 0, "skipped": 0, "interrupted": 0, "copied": 0}
     finished: dict[str, Point] = {}
     todo, twins = [], {}
+    stale = [(ab, p) for ab in ablations for p in ab.points if point_status(p.run_dir, p.recipe) == "stale"]
+    if stale:
+        ab, p = stale[0]
+        raise RecipeError(
+            f"{len(stale)} finished point(s) were trained under another recipe, e.g. {p.run_dir} "
+            f"({', '.join(stale_keys(p.run_dir, p.recipe)[:5])} differ); run into another --out, or remove them"
+        )
     for ab in ablations:
         for p in ab.points:
             if point_status(p.run_dir) == "done":

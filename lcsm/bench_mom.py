@@ -13,10 +13,11 @@ import json
 import time
 
 import torch
+from pydantic import ValidationError
 
 from lcsm.mixers import build_mixer
 from lcsm.model import Model
-from lcsm.spec import ModelSpec, SpecError, load_model_spec
+from lcsm.spec import ModelSpec, SpecError, format_errors, load_model_spec
 
 
 def layer_spec(base: str, d_model: int, heads: int, routing: dict | None) -> ModelSpec:
@@ -28,7 +29,10 @@ def layer_spec(base: str, d_model: int, heads: int, routing: dict | None) -> Mod
     if routing is not None:
         mixer["routing"] = routing
     data.update(d_model=d_model, n_layers=1, n_heads=heads)
-    return ModelSpec.model_validate(data)
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as err:  # e.g. --top-k above --memories, or a --model that cannot be routed
+        raise SpecError(format_errors(err, data, f"lcsm bench mom --model {base}")) from None
 
 
 def time_layer(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device, dtype) -> dict:
@@ -89,7 +93,11 @@ def run_row(run: str) -> dict:
         cfg = yaml.safe_load((d / "config.yaml").read_text())
     except (OSError, ValueError) as err:
         raise SpecError(f"lcsm bench mom --table: {run}: not a finished run ({err})") from None
-    spec = ModelSpec.model_validate(cfg["model"])
+    try:
+        spec = ModelSpec.model_validate(cfg["model"])
+        ev["accuracy"], ev["loss"]  # noqa: B018 - an MQAR run's eval.json has both
+    except (KeyError, TypeError, ValidationError) as err:
+        raise SpecError(f"lcsm bench mom --table: {run}: not a finished MQAR run ({type(err).__name__}: {err})") from None
     r = spec.mixer.routing
     train = [line for line in lines if line["split"] == "train"]
     aux = [line["aux_loss"] for line in train if "aux_loss" in line]
@@ -145,7 +153,7 @@ def run(args) -> int:
     if args.small:
         args.batch, args.seq, args.d_model, args.heads, args.steps, args.warmup = 2, 128, 64, 2, 2, 1
     elif device.type != "cuda":
-        raise SystemExit("lcsm bench mom: the default shape needs a CUDA GPU; use --small on the CPU")
+        raise SpecError("lcsm bench mom: the default shape needs a CUDA GPU; use --small on the CPU")
     dtype = torch.bfloat16 if args.dtype == "bf16" and device.type == "cuda" else torch.float32
     shared = not args.no_shared
     routing = {"memories": args.memories, "top_k": args.top_k, "shared": shared}
@@ -154,9 +162,9 @@ def run(args) -> int:
            "shape": {"B": args.batch, "T": args.seq, "d_model": args.d_model, "heads": args.heads}, "routing": routing}
     print(json.dumps(env), flush=True)
     configs = [("single memory", None)] + [(f"MoM {path}", {**routing, "path": path}) for path in ("dense", "sparse")]
+    specs = [(label, layer_spec(args.model, args.d_model, args.heads, r)) for label, r in configs]  # all checked first
     rows = []
-    for label, r in configs:
-        spec = layer_spec(args.model, args.d_model, args.heads, r)
+    for label, spec in specs:
         try:
             row = {"layer": label, **time_layer(spec, args.batch, args.seq, args.steps, args.warmup, device, dtype)}
         except torch.OutOfMemoryError:

@@ -466,7 +466,7 @@ def cmd_ablate(args) -> int:
                 table.add_column(col, justify="right" if col in ("#", "seed", "steps") else "left")
             for n, p in enumerate(ab.points):
                 length = str(p.recipe.get("steps") or f"{p.recipe.get('epochs')} ep")
-                table.add_row(str(n), *[escape(p.labels[a]) for a in axes], str(p.seed), length, ablate.point_status(p.run_dir))
+                table.add_row(str(n), *[escape(p.labels[a]) for a in axes], str(p.seed), length, ablate.point_status(p.run_dir, p.recipe))
             out.print(table)
         out.print(f"{sum(len(a.points) for a in abls)} points, every one a valid recipe (dry run: nothing trained)")
         return 0

@@ -220,3 +220,20 @@ def test_one_worker_per_gpu_times_jobs(monkeypatch):
     assert ablate.workers_for(3) == ["0", "0", "0", "1", "1", "1"]  # each worker's CUDA_VISIBLE_DEVICES
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ablate.workers_for(2) == [None, None]
+
+
+def test_points_finished_under_another_recipe_are_not_taken_as_done(tmp_path):
+    grid = tiny_grid(grid={"optimizer.lr": [1e-2]})
+    assert ablate.run([ablate.prepare(grid, tmp_path / "out")])["done"] == 1
+    changed = ablate.prepare(grid, tmp_path / "out", sets=["steps=4"])
+    (p,) = changed.points
+    assert ablate.point_status(p.run_dir, p.recipe) == "stale"
+    with pytest.raises(RecipeError, match="another recipe.*steps"):
+        ablate.run([changed])
+
+
+def test_labels_that_spell_the_same_directory_are_refused(tmp_path):
+    grid = tiny_grid(best_of=None, grid={"fm": [{"label": "relu^2", "set": {"model.mixer.expand.feature_map": "relu_squared"}},
+                                  {"label": "relu*2", "set": {"model.mixer.expand.feature_map": "square"}}]})
+    with pytest.raises(RecipeError, match="same run directory"):
+        ablate.prepare(grid, tmp_path / "out")

@@ -14,7 +14,7 @@ from .common import gate_dtype
 
 @dataclass
 class Routed:
-    weights: torch.Tensor  # [B,T,k] renormalised over the chosen k (sum 1), in the gate dtype
+    weights: torch.Tensor  # [B,T,k] renormalised over the chosen k (sum 1; top-1 keeps its probability), gate dtype
     index: torch.Tensor  # [B,T,k] long, the chosen memories, distinct per token
     probs: torch.Tensor  # [B,T,E] the softmax over all memories (for the balancing loss)
 
