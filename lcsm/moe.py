@@ -85,8 +85,8 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
 
-        f = counts.float() / (N * k)
-        self.aux_loss = self.aux_weight * E * torch.sum(f * probs.mean(0))
+        f = counts.float() / max(N * k, 1)  # sums and max(·, 1): a shard without tokens gives 0, not NaN
+        self.aux_loss = self.aux_weight * E * torch.sum(f * probs.sum(0) / max(N, 1))
         self.aux_stats = {"max_load": (f.max() * E).detach()}  # tensors: converted at logging time
         if keep is not None:
             self.aux_stats["dropped"] = (1 - keep.float().mean()).detach()

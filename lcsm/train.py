@@ -335,7 +335,8 @@ def _grid(recipe: Recipe):
     try:
         # no grid in the recipe but several processes (plain torchrun): data parallel over all of them
         backend = "nccl" if resolve_device(recipe.device).type == "cuda" else "gloo"
-        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data, backend=backend)
+        # rank 0 alone evaluates and checkpoints while the others wait in a collective: allow an hour
+        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data, backend=backend, timeout_s=3600)
     except ParallelError as e:
         raise RecipeError(str(e)) from None
     return grid if grid.world > 1 else None

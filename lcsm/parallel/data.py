@@ -38,7 +38,7 @@ def sharded_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: Grid |
     n = stats[1].clamp_min(1)
     # the zero term keeps every layer in the graph on a rank without labels: the sequence-parallel
     # collectives in the backward need every rank
-    return total / n.to(total.dtype) + 0.0 * h.float().mean(), float(stats[0] / n)
+    return total / n.to(total.dtype) + 0.0 * h.float().sum(), float(stats[0] / n)  # sum: no NaN on a rank without rows
 
 
 def sync_gradients(model, group=None, bucket_bytes: int = 256 << 20) -> None:
