@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from lcsm.model import Model
 from lcsm.parallel import init_grid, sequence_parallel
+from lcsm.parallel.grid import run_torchrun
 from lcsm.parallel.data import sync_gradients, wrap
 from lcsm.spec import ModelSpec
 from lcsm.throughput import resized
@@ -272,7 +272,7 @@ def run(args) -> int:
         cleaned = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                    "-m", "lcsm.bench_parallel", *rest]
         print("launching:", " ".join(cleaned), flush=True)
-        return subprocess.call(cleaned)
+        return run_torchrun(cleaned)
     if "WORLD_SIZE" not in os.environ:
         raise SystemExit("lcsm bench parallel: run under torchrun, or pass --nproc N (e.g. --nproc 2)")
     if args.small:

@@ -243,8 +243,6 @@ def _distributed_rank() -> int:
 
 def _launch(args, recipe) -> int:
     """--nproc N: run this same command under torchrun with N processes on this machine."""
-    import subprocess
-
     n, par = args.nproc, recipe.parallel
     if n < 1:
         raise UsageError(f"--nproc must be at least 1 (got {n})")
@@ -266,7 +264,9 @@ def _launch(args, recipe) -> int:
     cmd += ["--resume", "auto"] if args.resume else []
     cmd += ["--overwrite"] if args.overwrite else []
     out.print(f"launching: {escape(shlex.join(cmd))}")
-    return subprocess.call(cmd)
+    from lcsm.parallel.grid import run_torchrun
+
+    return run_torchrun(cmd)
 
 
 def cmd_eval(args) -> int:

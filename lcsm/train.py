@@ -239,12 +239,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class _StopFlag:
-    """The first Ctrl-C asks the loop to stop at the end of the current step (and save);
-    a second one interrupts at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the end of the current step
+    (and save); a second one interrupts at once. SIGTERM is how torchrun stops its workers when
+    `lcsm train --nproc` gets Ctrl-C, and how schedulers preempt a job."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -256,11 +256,12 @@ class _StopFlag:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        self._previous = signal.signal(signal.SIGINT, self._handler)
+        previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, self._previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- the loop

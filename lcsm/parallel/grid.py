@@ -98,3 +98,19 @@ def init_grid(sequence: int = 1, data: int | None = None, backend: str | None = 
         if rank in ranks:
             dp_group = group
     return Grid(world, rank, sequence, data, rank % sequence, rank // sequence, sp_group, dp_group)
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """Run a torchrun command line and wait for it. Ctrl-C reaches torchrun from the terminal (same
+    process group) and torchrun stops its workers with SIGTERM, which the trainer treats like
+    Ctrl-C (save, then exit); this process only waits, so that torchrun is never killed under its
+    workers (they run in their own session and would be left behind)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
