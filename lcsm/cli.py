@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from contextlib import contextmanager
@@ -214,6 +215,9 @@ def cmd_train(args) -> int:
     run = escape(str(result.run_dir))
     if result.status == "interrupted":
         again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)])
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # started by torchrun (e.g. through --nproc): continue the same way
+            again += f" --nproc {world}"
         err.print(
             f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved in {run}/checkpoint. "
             f"Continue with: {escape(again)} --resume auto"
