@@ -110,3 +110,23 @@ def data_parallel_worker(rank: int, world: int, port: int, spec: dict, out: str,
         with open(out, "w") as f:
             json.dump({"error": err}, f)
     dist.destroy_process_group()
+
+
+def gradient_presence_worker(rank: int, world: int, port: int, out: str) -> None:
+    """sync_gradients: a gradient on one rank only is summed (as zeros elsewhere); a parameter
+    that no rank gave a gradient keeps none, as in one process."""
+    from lcsm.parallel.data import sync_gradients
+
+    _join(rank, world, port)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)})
+    x = torch.ones(1, 2)
+    loss = model["a"](x).sum() + (model["b"](x).sum() if rank == 0 else 0.0)
+    loss.backward()
+    sync_gradients(model)
+    ok = (model["a"].weight.grad is not None and float(model["a"].weight.grad.sum()) == 4.0 * world
+          and model["b"].weight.grad is not None and float(model["b"].weight.grad.sum()) == 4.0
+          and model["c"].weight.grad is None)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"ok": ok}, f)
+    dist.destroy_process_group()

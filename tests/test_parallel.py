@@ -149,3 +149,9 @@ def test_grid_shards_rows_and_slices_and_rejects_uneven_slices():
         grid.shard(x[:, :7])
     with pytest.raises(ParallelError, match=r"sequence × data = 2 × 2 = 4 must equal the number of processes \(3\)"):
         check_sizes(2, 2, 3)
+
+
+def test_gradient_sync_keeps_missing_gradients_missing(tmp_path):
+    out = tmp_path / "grads.json"
+    spawn(parallel_workers.gradient_presence_worker, 2, str(out))
+    assert json.loads(out.read_text())["ok"]

@@ -42,10 +42,15 @@ def sharded_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: Grid |
 
 
 def sync_gradients(model, group=None, bucket_bytes: int = 256 << 20) -> None:
-    """Sum every parameter's gradient over the group (a missing gradient counts as zeros)."""
+    """Sum every parameter's gradient over the group (a missing gradient counts as zeros; a
+    parameter that no rank gave a gradient keeps none, as in one process, so AdamW leaves it be)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    had = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(had, op=dist.ReduceOp.MAX, group=group)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -62,6 +67,9 @@ def sync_gradients(model, group=None, bucket_bytes: int = 256 << 20) -> None:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
             bucket, size = [], 0
+    for p, some_rank_had_one in zip(params, had.tolist()):
+        if not some_rank_had_one:
+            p.grad = None
 
 
 def wrap(model, grid: Grid | None):
