@@ -315,8 +315,10 @@ class MoMMixer(EOSMixer):
     # ------------------------------------------------------------------ summary
 
     def state_size(self) -> int:
-        """The M memories per head plus the short-conv tails (per memory where the stage is)."""
-        return super().state_size() + (self.M - 1) * self.H * self.K * self.V
+        """What decoding keeps (the cache): the M memories per head, plus the last conv - 1 inputs
+        [conv - 1, d_model] from which the convolved stages are recomputed."""
+        d_model = self.o_proj.out_features
+        return self.M * self.H * self.K * self.V + self.conv_tail * d_model
 
     def flops_per_token(self) -> int:
         """Each token decays, writes and reads k memories (plus the shared one)."""
