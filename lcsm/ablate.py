@@ -749,8 +749,11 @@ def load_ablation(out_dir: str | Path) -> tuple[GridRecipe, list[dict]]:
     out_dir = Path(out_dir)
     data = _read_json(out_dir / "ablation.json")
     if data is None:
-        raise RecipeError(f"{out_dir}: no ablation.json here; is this an lcsm ablate directory?")
-    return GridRecipe.model_validate(data["grid"]), data["points"]
+        raise RecipeError(f"{out_dir}: no readable ablation.json here; is this an lcsm ablate directory?")
+    try:
+        return GridRecipe.model_validate(data["grid"]), list(data["points"])
+    except (KeyError, TypeError, ValidationError) as err:
+        raise RecipeError(f"{out_dir}/ablation.json: not what lcsm ablate writes ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def collect(out_dir: str | Path) -> tuple[GridRecipe, list[dict]]:

@@ -187,7 +187,7 @@ def test_cli_dry_run_lists_every_point_and_errors_exit_2(tmp_path, capsys):
     assert main(["ablate", str(path), "--set", "optimizer.lr=1e-3", "--dry-run"]) == 2
     assert "--set optimizer.lr: the grid sets optimizer.lr at every point" in capsys.readouterr().err
     assert main(["ablate", "--report", str(tmp_path / "nothing")]) == 2
-    assert "no ablation.json" in capsys.readouterr().err
+    assert "no readable ablation.json" in capsys.readouterr().err
     assert main(["ablate", "no_such_ablation", "--dry-run"]) == 2
     assert "not a shipped ablation" in capsys.readouterr().err
 
