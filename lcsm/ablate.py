@@ -698,6 +698,9 @@ def _run_pool(todo, devices, report, advance, console) -> None:
                             if not stop.is_set():
                                 start(next_wid, device)
                                 next_wid += 1
+                        elif proc.exitcode != 0 and not stop.is_set():  # crashed between points: replace it
+                            start(next_wid, device)
+                            next_wid += 1
                 continue
             if kind == "start":
                 running[wid] = index
