@@ -257,7 +257,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="bench-parallel.json", help="results file (default bench-parallel.json)")
 
 
+def _check_arguments(args) -> None:
+    from lcsm.spec import SpecError
+
+    positive = {"--nproc": args.nproc, "--d-model": args.d_model, "--layers": args.layers, "--heads": args.heads,
+                "--vocab": args.vocab, "--seq": args.seq, "--batch": args.batch, "--steps": args.steps,
+                "--check-seq": args.check_seq, "--check-d": args.check_d, "--longest-start": args.longest_start,
+                "--longest-max": args.longest_max}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise SpecError(f"lcsm bench parallel {flag}: must be at least 1 (got {value})")
+    if args.warmup < 0:
+        raise SpecError(f"lcsm bench parallel --warmup: must be at least 0 (got {args.warmup})")
+
+
 def run(args) -> int:
+    _check_arguments(args)
     if args.nproc and "LOCAL_RANK" not in os.environ:
         argv = sys.argv[sys.argv.index("parallel") + 1 :] if "parallel" in sys.argv else sys.argv[1:]
         rest, skip = [], False
@@ -314,7 +329,7 @@ def run(args) -> int:
     if "longest" in args.parts:
         rows = longest(sp, device, args, spec, lambda r: report("longest", r))
         if main:
-            print(f"\n## longest sequence that trains: {args.model}, SP = {world}, bf16, activation checkpointing\n")
+            print(f"\n## longest sequence that trains: {args.model}, SP = {world}, {'bf16' if device.type == 'cuda' else 'fp32'}, activation checkpointing\n")
             print(table(rows, ["seq_total", "seq_per_gpu", "step_s", "peak_GiB", "next_peak_GiB_predicted", "error"]))
             ok = [r["seq_total"] for r in rows if "error" not in r]
             if ok:

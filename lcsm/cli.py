@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", nargs="+", metavar="DIR", help="rebuild results.csv, results.md and the plot of ablation directories")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("bench", help="benchmarks on the GPU")
+    p = sub.add_parser("bench", help="benchmarks (GPU; --small sizes and bench mom --table run on a CPU)")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     k = what.add_parser("kernels", help="the Triton recurrence beside fla-core, SDPA and the torch path, and a bf16 check")
     from lcsm import bench

@@ -62,6 +62,23 @@ def test_sequence_parallel_equals_one_process(sp_errors, name):
     assert sp_errors[name] < 1e-9, sp_errors[name]
 
 
+FOUR_RANKS = ["gla", "retnet", "mamba2", "hybrid_gla", "vector_v"]
+
+
+@pytest.fixture(scope="module")
+def sp4_errors(tmp_path_factory):
+    # four slices: the middle ranks' prefix states go through the decay of the slices between
+    out = tmp_path_factory.mktemp("sp4") / "errors.json"
+    specs = sp_specs()
+    spawn(parallel_workers.sequence_parallel_worker, 4, {n: specs[n] for n in FOUR_RANKS}, str(out), 2, 16)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", FOUR_RANKS)
+def test_sequence_parallel_over_four_ranks_equals_one_process(sp4_errors, name):
+    assert sp4_errors[name] < 1e-9, sp4_errors[name]
+
+
 @pytest.mark.parametrize("world,sequence", [(2, 1), (4, 2)], ids=["data2", "sequence2xdata2"])
 def test_parallel_step_equals_single_process_step(tmp_path, world, sequence):
     # one AdamW step on a (sequence × data) grid against one process on the whole batch; the model
