@@ -15,15 +15,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcsm.stages.routing import Routed, load_balancing_loss
+
 
 class MoE(nn.Module):
     """x [..., d] -> [..., d]: Σ_{e in top-k} w_e GLU_e(x) (+ a shared GLU expert).
 
     Router: softmax over E experts in (at least) fp32, top-k, weights renormalised to sum to one (Mixtral;
     with top_k = 1 the raw probability, as in Switch).
-    Load balancing (Switch Transformer): aux = weight · E · Σ_e f_e P_e, f_e the fraction of routed
-    slots that went to expert e and P_e the mean router probability of e; left in self.aux_loss
-    for Model.aux_loss(); self.aux_stats holds the largest expert load (f_e · E, 1 = balanced).
+    Load balancing: the loss of the Mixture-of-Memories router (lcsm.stages.routing), aux =
+    weight · E · Σ_e f_e P_e with f_e the fraction of tokens that chose expert e and P_e its mean
+    router probability (top_k at perfect balance); left in self.aux_loss for Model.aux_loss();
+    self.aux_stats holds the largest expert load (its share of routed slots · E, 1 = balanced).
     """
 
     graph_safe = False  # buffers sized from the routing on the host: not capturable in a CUDA graph
@@ -85,9 +88,10 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
 
-        f = counts.float() / max(N * k, 1)  # sums and max(·, 1): a shard without tokens gives 0, not NaN
-        self.aux_loss = self.aux_weight * E * torch.sum(f * probs.sum(0) / max(N, 1))
-        self.aux_stats = {"max_load": (f.max() * E).detach()}  # tensors: converted at logging time
+        # the balancing loss of the Mixture-of-Memories router (top_k at perfect balance)
+        balance, load = load_balancing_loss(Routed(weights=w, index=idx, probs=probs), E)
+        self.aux_loss = self.aux_weight * balance
+        self.aux_stats = {"max_load": (load.max() * E).detach()}  # 1 = balanced; tensors, converted at logging time
         if keep is not None:
             self.aux_stats["dropped"] = (1 - keep.float().mean()).detach()
         return y.reshape(shape)

@@ -14,18 +14,18 @@ from .common import gate_dtype
 
 @dataclass
 class Routed:
-    weights: torch.Tensor  # [B,T,k] renormalised over the chosen k (sum 1; top-1 keeps its probability), gate dtype
-    index: torch.Tensor  # [B,T,k] long, the chosen memories, distinct per token
-    probs: torch.Tensor  # [B,T,E] the softmax over all memories (for the balancing loss)
+    weights: torch.Tensor  # [..., k] ([B,T,k] for MoM, [N,k] for MoE) renormalised over the chosen k (sum 1; top-1 keeps its probability), gate dtype
+    index: torch.Tensor  # [..., k] long, the chosen memories, distinct per token
+    probs: torch.Tensor  # [..., E] the softmax over all memories (for the balancing loss)
 
     def dense_weights(self, memories: int) -> torch.Tensor:
         """[B,T,E]: the weight of every memory at every token, 0 where not chosen."""
-        out = self.weights.new_zeros(*self.weights.shape[:2], memories)
+        out = self.weights.new_zeros(*self.weights.shape[:-1], memories)
         return out.scatter(-1, self.index, self.weights)
 
     def mask(self, memories: int) -> torch.Tensor:
         """[B,T,E] bool: memory chosen at this token."""
-        out = torch.zeros(*self.index.shape[:2], memories, dtype=torch.bool, device=self.index.device)
+        out = torch.zeros(*self.index.shape[:-1], memories, dtype=torch.bool, device=self.index.device)
         return out.scatter(-1, self.index, True)
 
 
@@ -49,12 +49,15 @@ class Router(nn.Module):
 
 
 def load_balancing_loss(routed: Routed, memories: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Switch / Mixtral balancing loss as fla's MoM computes it, and the load of each memory.
+    """Switch / Mixtral balancing loss as fla's MoM computes it, and the load of each memory (or
+    expert: the MoE channel mixer uses the same loss).
 
     L = E · Σ_e f_e · P_e, f_e = fraction of tokens that chose memory e (over all B·T tokens),
     P_e = mean router probability of e. L = top_k at perfect balance; only P carries a gradient.
     Returns (L scalar, load [E] = f_e / top_k, the share of routed slots each memory received).
     """
-    f = routed.mask(memories).flatten(0, -2).to(routed.probs.dtype).mean(0)
-    P = routed.probs.flatten(0, -2).mean(0)
+    mask = routed.mask(memories).flatten(0, -2).to(routed.probs.dtype)
+    n = max(mask.shape[0], 1)  # sums over max(n, 1): no tokens (an empty shard) gives 0, not NaN
+    f = mask.sum(0) / n
+    P = routed.probs.flatten(0, -2).sum(0) / n
     return memories * (f * P).sum(), f / routed.index.shape[-1]
