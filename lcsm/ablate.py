@@ -53,7 +53,8 @@ from lcsm.recipe import (
     _find_file,
     apply_override,
     load_recipe,
-    recipes_dir,
+    resolve_shipped_path,
+    shipped_recipes,
     resolve_model,
     resolve_task,
 )
@@ -205,17 +206,7 @@ class Point:
 
 
 def shipped_ablations() -> dict[str, Path]:
-    return {p.stem: p for p in sorted((recipes_dir() / "ablations").glob("*.yaml"))}
-
-
-def resolve_grid_path(recipe: str | Path) -> Path:
-    path = Path(recipe)
-    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
-        return path
-    found = shipped_ablations().get(str(recipe))
-    if found is None:
-        raise RecipeError(f"{recipe}: no such file, and not a shipped ablation ({', '.join(shipped_ablations())})")
-    return found
+    return shipped_recipes("ablations")
 
 
 def load_grid(recipe: str | Path | dict) -> tuple[GridRecipe, Path | None]:
@@ -224,7 +215,7 @@ def load_grid(recipe: str | Path | dict) -> tuple[GridRecipe, Path | None]:
     if isinstance(recipe, dict):
         data, source = copy.deepcopy(recipe), "<ablation>"
     else:
-        path = resolve_grid_path(recipe)
+        path = resolve_shipped_path(recipe, "ablations", "ablation")
         data, node = load_yaml(path)
         source, folder, name = str(path), path.parent, path.stem
     if not isinstance(data, dict):
@@ -241,8 +232,6 @@ def _base_data(base: str | dict, folder: Path | None) -> dict:
     """The base training recipe as plain data with its model and task inlined, so that grid keys
     such as model.d_model act on spec fields whatever form the base gave the model in."""
     if isinstance(base, str):
-        from lcsm.recipe import shipped_recipes
-
         path = shipped_recipes().get(base) or _find_file(base, folder)
         data, _ = load_yaml(path)
         if not isinstance(data, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -492,6 +493,17 @@ def cmd_ablate(args) -> int:
     return 130 if counts["interrupted"] else 0
 
 
+# `lcsm bench NAME`: the module (lcsm.MODULE, with add_arguments and run) and its help line
+BENCHMARKS = [
+    ("kernels", "bench", "the Triton recurrence beside fla-core, SDPA and the torch path, and a bf16 check"),
+    ("train", "throughput", "training tokens/s of zoo models at one size (default ~125M), beside attention"),
+    ("mom", "bench_mom", "one Mixture-of-Memories layer (dense, sparse) against the single-memory layer, fwd and fwd+bwd"),
+    ("decode", "decode_bench", "decoding: ms/token and memory against context length (EOS vs KV cache), one-layer step"),
+    ("parallel", "bench_parallel", "sequence parallelism on N GPUs: SP = N against one process, tokens/s per GPU "
+     "for SP against DP, the longest sequence that trains (--nproc N, or under torchrun)"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcsm",
@@ -579,32 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (GPU; --small sizes and bench mom --table run on a CPU)")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
-    k = what.add_parser("kernels", help="the Triton recurrence beside fla-core, SDPA and the torch path, and a bf16 check")
-    from lcsm import bench
-
-    bench.add_arguments(k)
-    k.set_defaults(func=lambda args: bench.run(args))
-    t = what.add_parser("train", help="training tokens/s of zoo models at one size (default ~125M), beside attention")
-    from lcsm import throughput
-
-    throughput.add_arguments(t)
-    t.set_defaults(func=lambda args: throughput.run(args))
-    m = what.add_parser("mom", help="one Mixture-of-Memories layer (dense, sparse) against the single-memory layer, fwd and fwd+bwd")
-    from lcsm import bench_mom
-
-    bench_mom.add_arguments(m)
-    m.set_defaults(func=lambda args: bench_mom.run(args))
-    d = what.add_parser("decode", help="decoding: ms/token and memory against context length (EOS vs KV cache), one-layer step")
-    from lcsm import decode_bench
-
-    decode_bench.add_arguments(d)
-    d.set_defaults(func=lambda args: decode_bench.run(args))
-    s = what.add_parser("parallel", help="sequence parallelism on N GPUs: SP = N against one process, tokens/s per GPU "
-                        "for SP against DP, the longest sequence that trains (--nproc N, or under torchrun)")
-    from lcsm import bench_parallel
-
-    bench_parallel.add_arguments(s)
-    s.set_defaults(func=lambda args: bench_parallel.run(args))
+    for name, module, text in BENCHMARKS:
+        b = what.add_parser(name, help=text)
+        mod = importlib.import_module(f"lcsm.{module}")
+        mod.add_arguments(b)
+        b.set_defaults(func=mod.run)
     return parser
 
 

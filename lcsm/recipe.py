@@ -289,17 +289,21 @@ def shipped_recipes(folder: str = "train") -> dict[str, Path]:
 QUICKSTART = "quickstart"
 
 
-def resolve_recipe_path(recipe: str | Path | None) -> Path:
-    """A recipe file, or the name of a shipped one (recipes/train/NAME.yaml); None: the quick start."""
-    if recipe is None:
-        return shipped_recipes()[QUICKSTART]
+def resolve_shipped_path(recipe: str | Path, folder: str = "train", what: str = "recipe") -> Path:
+    """A YAML file, or the name of a shipped one (recipes/FOLDER/NAME.yaml)."""
     path = Path(recipe)
     if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         return path
-    found = shipped_recipes().get(str(recipe))
+    shipped = shipped_recipes(folder)
+    found = shipped.get(str(recipe))
     if found is None:
-        raise RecipeError(f"{recipe}: no such file, and not a shipped recipe ({', '.join(shipped_recipes())})")
+        raise RecipeError(f"{recipe}: no such file, and not a shipped {what} ({', '.join(shipped)})")
     return found
+
+
+def resolve_recipe_path(recipe: str | Path | None) -> Path:
+    """A recipe file, or the name of a shipped one (recipes/train/NAME.yaml); None: the quick start."""
+    return shipped_recipes()[QUICKSTART] if recipe is None else resolve_shipped_path(recipe)
 
 
 def _find_file(value: str, base: Path | None) -> Path | None:

@@ -16,6 +16,8 @@ from lcsm.train import train
 from lcsm.recipe import load_recipe
 from lcsm.zoo import zoo_paths
 
+from helpers import cli_error  # tests/helpers.py (tests/ is on sys.path)
+
 VOCAB, T = 50, 11
 
 
@@ -226,14 +228,6 @@ def tiny_run(tmp_path, task: dict, name: str) -> str:
     })
     train(recipe, quiet=True)
     return str(recipe.run_dir)
-
-
-def cli_error(args, capsys) -> str:
-    code = main(args)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    assert "Traceback" not in captured.err
-    return captured.err
 
 
 def test_cli_generate_streams_text_and_rejects_bad_input(tmp_path, capsys):

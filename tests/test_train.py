@@ -15,6 +15,8 @@ from lcsm.model import Model
 from lcsm.recipe import RecipeError, load_recipe
 from lcsm.train import TrainingError, train
 
+from helpers import cli_error  # tests/helpers.py (tests/ is on sys.path)
+
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
@@ -158,14 +160,6 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert main(["train", path, "--set", f"out_dir={tmp_path / 'run2'}", "--set", "steps=4"]) == 0
     assert main(["plot", str(run), str(tmp_path / "run2"), "-o", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def cli_error(args, capsys) -> str:
-    code = main(args)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    assert "Traceback" not in captured.err
-    return captured.err
 
 
 def test_cli_errors_exit_2_with_one_clear_line(tmp_path, capsys):
