@@ -27,6 +27,11 @@ class SequenceParallel:
 _CURRENT: SequenceParallel | None = None
 
 
+def distributed() -> bool:
+    """Several processes of one run (torch.distributed initialised with a world of more than one)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def current() -> SequenceParallel | None:
     """The active context, or None (one process holds the whole sequence)."""
     return _CURRENT if _CURRENT is not None and _CURRENT.size > 1 else None

@@ -19,56 +19,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lcsm.kernels.decay import Decay
+
 from .context import SequenceParallel, all_gather
 
 
-def _cum(log_o: torch.Tensor | None, B: int, T: int, static_dims: int):
-    """Inclusive cumulative log decay along T, and the slice total.
-
-    log_o is per token [B,T,*dims] or static [*dims] (the same every token)."""
-    if log_o is None:
-        return None, None
-    if log_o.dim() == static_dims:
-        steps = torch.arange(1, T + 1, device=log_o.device, dtype=log_o.dtype).view(T, *[1] * static_dims)
-        cum = (steps * log_o).expand(B, T, *log_o.shape)
-    else:
-        cum = torch.cumsum(log_o, dim=1)
-    return cum, cum[:, -1]
-
-
-def lasp2(y: torch.Tensor, ht: torch.Tensor, s: torch.Tensor, gates: dict, ctx: SequenceParallel) -> torch.Tensor:
+def lasp2(y: torch.Tensor, ht: torch.Tensor, s: torch.Tensor, decay: Decay, ctx: SequenceParallel) -> torch.Tensor:
     """Add the earlier ranks' contribution to this rank's outputs.
 
     y [B,T,H,V] (from zero state), ht [B,H,K,V] fp32 (this slice's final state), s [B,T,H,K],
-    gates: the log decays given to the recurrence (g [B,T,H]|[H], gk [B,T,H,K]|[H,K],
-    gv [B,T,H,V]|[H,V], dt [B,T,H,V] with A [H,K,V], or A [B,T,H,K,V]|[H,K,V]).
-    Returns y [B,T,H,V] in y's dtype.
+    decay: the slice's Decay (as given to the recurrence). Returns y [B,T,H,V] in y's dtype.
     """
     B, T, H, K = s.shape
     V = y.shape[-1]
     f = ht.dtype
-    g, gk, gv, dt, A = (gates.get(k) for k in ("g", "gk", "gv", "dt", "A"))
-    cg, tg = _cum(None if g is None else g.to(f), B, T, 1)
-    ck, tk = _cum(None if gk is None else gk.to(f), B, T, 2)
-    cv, tv = _cum(None if gv is None else gv.to(f), B, T, 2)
-    cf = tf = None
-    if dt is not None:  # log o_t = dt_t[v] · A[k,v]: Λ_t = (Σ dt)[v] · A[k,v]
-        cdt = torch.cumsum(dt.to(f), dim=1)
-        cf = cdt[:, :, :, None, :] * A.to(f)
-        tf = cf[:, -1]
-    elif A is not None:
-        cf, tf = _cum(A.to(f), B, T, 3)
-
-    # the slice's total log decay as one [B,H,K,V] tensor (broadcast parts summed)
-    total = torch.zeros(B, H, K, V, dtype=f, device=y.device)
-    if tg is not None:
-        total = total + tg[:, :, None, None]
-    if tk is not None:
-        total = total + tk[..., None]
-    if tv is not None:
-        total = total + tv[:, :, None, :]
-    if tf is not None:
-        total = total + tf
+    cum = decay.cumsum(B, T, f)  # Λ_t: the inclusive cumulative log decay of this slice
+    total = decay.total(B, T, (H, K, V), f, y.device)  # λ_r, one [B,H,K,V] tensor
     # one all-gather: every rank's final state and total decay
     gathered = all_gather(torch.stack([ht.to(f), total]), ctx)  # [R,2,B,H,K,V]
     states, totals = gathered[:, 0], gathered[:, 1]
@@ -79,21 +45,20 @@ def lasp2(y: torch.Tensor, ht: torch.Tensor, s: torch.Tensor, gates: dict, ctx: 
     # P_r = Σ_{j<r} exp(Σ_{l=j+1}^{r-1} λ_l) ⊙ M_j
     prefix = torch.zeros_like(ht, dtype=f)
     for j in range(r):
-        decay = totals[j + 1 : r].sum(0) if j + 1 < r else None
-        prefix = prefix + (states[j] if decay is None else torch.exp(decay) * states[j])
+        decay_j = totals[j + 1 : r].sum(0) if j + 1 < r else None
+        prefix = prefix + (states[j] if decay_j is None else torch.exp(decay_j) * states[j])
 
     # y_t += Σ_k s_t[k] exp(Λ_t[k,v]) P[k,v]
     q = s.to(f)
-    if cg is not None:
-        q = q * torch.exp(cg)[..., None]
-    if ck is not None:
-        q = q * torch.exp(ck)
-    if cf is not None:
-        extra = torch.einsum("bthk,bthkv,bhkv->bthv", q, torch.exp(cf), prefix)
+    along_k, along_v, full = cum.along_k(B, T, f), cum.along_v(B, T, f), cum.full(B, T, f)
+    if along_k is not None:
+        q = q * torch.exp(along_k)
+    if full is not None:
+        extra = torch.einsum("bthk,bthkv,bhkv->bthv", q, torch.exp(full), prefix)
     else:
         extra = torch.einsum("bthk,bhkv->bthv", q, prefix)
-    if cv is not None:
-        extra = extra * torch.exp(cv)
+    if along_v is not None:
+        extra = extra * torch.exp(along_v)
     return y + extra.to(y.dtype)
 
 

@@ -11,10 +11,48 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from typing import Literal
 
-from lcsm.tasks import IGNORE, Segment, TaskData, cached, derive_seed, sample_without_replacement
+from pydantic import Field, model_validator
+
+from lcsm.config.base import Base, FieldError
+
+from lcsm.tasks.base import TaskSpec, IGNORE, LengthSetting, Segment, TaskData, cached, derive_seed, sample_without_replacement
 
 VERSION = 1
+
+
+# --------------------------------------------------------------------------- config
+
+
+class CopyingTask(TaskSpec):
+    """Selective copying (S4's torch_copying_data, as in the Mamba paper): M tokens scattered among
+    noise, then M markers; the model must emit the tokens in order at the markers."""
+
+    kind: Literal["selective_copying"]
+    vocab_size: int = Field(16, ge=4, description="0 is noise, 1..vocab-2 data tokens, vocab-1 the marker")
+    num_tokens: int = Field(16, ge=1, description="M, the tokens to memorise")
+    variable: bool = Field(True, description="scatter the tokens at random positions (selective); else a prefix")
+    train: list[LengthSetting] = Field(
+        default_factory=lambda: [LengthSetting(seq_len=256, num_examples=20_000)], min_length=1
+    )
+    test: list[LengthSetting] = Field(default_factory=lambda: [LengthSetting(seq_len=256, num_examples=1_000)], min_length=1)
+    cache: bool = True
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        for split in ("train", "test"):
+            for n, s in enumerate(getattr(self, split)):
+                if s.seq_len < 2 * self.num_tokens:
+                    raise FieldError((split, n, "seq_len"), f"must be at least 2·num_tokens = {2 * self.num_tokens} (tokens and markers)")
+        return self
+
+    @property
+    def model_vocab_size(self) -> int:
+        return self.vocab_size
+
+
+# --------------------------------------------------------------------------- data
 
 
 def selective_copying(vocab_size: int, num_examples: int, seq_len: int, num_tokens: int, seed: int, variable: bool = True):

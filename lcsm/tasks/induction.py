@@ -13,10 +13,52 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from typing import Literal
 
-from lcsm.tasks import IGNORE, Segment, TaskData, cached, derive_seed
+from pydantic import Field, model_validator
+
+from lcsm.config.base import Base, FieldError
+
+from lcsm.tasks.base import TaskSpec, IGNORE, LengthSetting, Segment, TaskData, cached, derive_seed
 
 VERSION = 1
+
+
+# --------------------------------------------------------------------------- config
+
+
+class InductionTask(TaskSpec):
+    """Induction heads (safari's generate_induction_head, as in the Mamba paper): random tokens with a
+    trigger token inserted; after the final trigger the model must emit the token that followed the
+    first one."""
+
+    kind: Literal["induction"]
+    vocab_size: int = Field(16, ge=4, description="including the two special tokens (trigger, no-op)")
+    induction_len: int = Field(1, ge=1, description="tokens to copy after the trigger")
+    num_triggers: int = Field(1, ge=1, description="triggers in the sequence (half the examples have one)")
+    loss: Literal["all", "answer"] = Field("all", description="train on every next token (safari) or the answer only")
+    train: list[LengthSetting] = Field(
+        default_factory=lambda: [LengthSetting(seq_len=256, num_examples=20_000)], min_length=1
+    )
+    test: list[LengthSetting] = Field(
+        default_factory=lambda: [LengthSetting(seq_len=n, num_examples=500) for n in (64, 256, 1024)], min_length=1
+    )
+    cache: bool = True
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        for split in ("train", "test"):
+            for n, s in enumerate(getattr(self, split)):
+                if s.seq_len < self.induction_len + 3:
+                    raise FieldError((split, n, "seq_len"), f"must be at least induction_len + 3 = {self.induction_len + 3}")
+        return self
+
+    @property
+    def model_vocab_size(self) -> int:
+        return self.vocab_size
+
+
+# --------------------------------------------------------------------------- data
 
 
 def induction_heads(vocab_size: int, num_examples: int, seq_len: int, seed: int, induction_len: int = 1, num_triggers: int = 1):

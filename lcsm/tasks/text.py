@@ -11,12 +11,62 @@ seq_len + 1 tokens do not overlap.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal, Union
 
 import torch
+from pydantic import Field
 
-from lcsm.tasks import Segment, TaskData, TaskError
+from lcsm.config.base import Base
+
+from lcsm.tasks.base import TaskSpec, Segment, TaskData, TaskError
 
 MIN_WINDOWS = 1
+
+
+# --------------------------------------------------------------------------- config
+
+
+class ByteTokenizerSpec(Base):
+    """UTF-8 bytes: 256 tokens, nothing to train."""
+
+    kind: Literal["byte"]
+
+
+class BPETokenizerSpec(Base):
+    """Byte-level BPE trained on the training split with the `tokenizers` package; saved in the run."""
+
+    kind: Literal["bpe"]
+    vocab_size: int = Field(4096, ge=257, le=1 << 20)
+    min_frequency: int = Field(2, ge=1)
+
+
+Tokenizer = Annotated[Union[ByteTokenizerSpec, BPETokenizerSpec], Field(discriminator="kind")]
+
+
+class TextTask(TaskSpec):
+    """Language modelling on text: next-token loss at every position."""
+
+    kind: Literal["text"]
+    corpus: str = Field("pydoc", description="'pydoc' (CPython's embedded docs, offline) or a text file or folder")
+    tokenizer: Tokenizer = Field(default_factory=lambda: ByteTokenizerSpec(kind="byte"))
+    seq_len: int = Field(256, ge=2, description="tokens per training window")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="the tail of the corpus held out for validation")
+
+    @property
+    def model_vocab_size(self) -> int:
+        return 256 if self.tokenizer.kind == "byte" else self.tokenizer.vocab_size
+
+    def load_tokenizer(self, run_dir: Path):
+        """Bytes, or the BPE tokenizer saved in the run directory (tokenizer.json)."""
+        if self.tokenizer.kind == "byte":
+            return ByteTokenizer()
+        path = Path(run_dir) / "tokenizer.json"
+        if not path.exists():
+            raise TaskError(f"{run_dir}: a BPE text run without its tokenizer.json")
+        return BPETokenizer.load(path)
+
+
+# --------------------------------------------------------------------------- data
 
 
 def read_corpus(corpus: str) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks: one module per `lcsm bench NAME`, on one shared scaffold (lcsm/bench/common.py)."""

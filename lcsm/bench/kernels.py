@@ -1,0 +1,393 @@
+"""`lcsm bench kernels`: the Triton recurrence beside fla-core, FlashAttention (SDPA) and the torch
+path, in one process, on one GPU; and a full-size bf16 correctness check against an fp64 oracle.
+
+Timings are medians of triton.testing.do_bench. The memory floor of a call is the bytes it must
+move (every input read once, every output written once) over the copy bandwidth measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lcsm.bench import common
+from lcsm.bench.common import BenchError
+from lcsm.kernels import eos_recurrence
+
+DEFAULT_SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128)]
+FORMS = ["ones", "scalar", "scalar_static", "vector_k", "vector_v", "outer", "full"]
+FULL_K = 16  # `full` runs at K = 16 (Mamba's state size), V = D
+
+
+def make_inputs(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: float | None = None, seed: int = 0):
+    """Canonical tensors for one form: s, e, i and the log gates (fp32).
+
+    Gates default to logσ(z)/16 with z ~ N(0, 1) (GLA's parametrisation, about -0.05 per step);
+    `scale` instead draws log gates uniformly in [-1.5, -0.5]·scale."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    K = FULL_K if form == "full" else D
+    V = D
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
+
+    def log_gate(*shape):
+        if scale is None:
+            return F.logsigmoid(randn(*shape, dt=torch.float32)) / 16
+        return -scale * (0.5 + torch.rand(*shape, generator=gen, device=device))
+
+    s, e, i = randn(B, T, H, K) * K**-0.5, randn(B, T, H, K), randn(B, T, H, V)
+    gates = {
+        "ones": lambda: {},
+        "scalar": lambda: {"g": log_gate(B, T, H)},
+        "scalar_static": lambda: {"g": log_gate(H)},
+        "vector_k": lambda: {"gk": log_gate(B, T, H, K)},
+        "vector_v": lambda: {"gv": log_gate(B, T, H, V)},
+        "outer": lambda: {"gk": log_gate(B, T, H, K) / 2, "gv": log_gate(B, T, H, V) / 2},
+        "full": lambda: {"dt": F.softplus(randn(B, T, H, V, dt=torch.float32) - 4.0),
+                         "A": -torch.exp(torch.log(torch.arange(1, K + 1, device=device, dtype=torch.float32))
+                                         )[None, :, None].expand(H, K, V).contiguous()},
+    }[form]()
+    return s, e, i, gates
+
+
+# fla-core treats g_gamma as a constant: it has no gradient, so its fwd+bwd differentiates s, e, i only
+FLA_CONSTANT_GATES = {"scalar_static"}
+
+
+def fla_counterpart(form: str):
+    """fla-core's kernel for the same recurrence (scale 1, no normalisation), or None."""
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.linear_attn import chunk_linear_attn
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # fla-core not installed, or not importable here
+        return None
+    return {
+        "ones": lambda s, e, i: chunk_linear_attn(s, e, i, scale=1.0, normalize=False)[0],
+        "scalar": lambda s, e, i, g: chunk_simple_gla(s, e, i, g=g, scale=1.0)[0],
+        "scalar_static": lambda s, e, i, g: chunk_simple_gla(s, e, i, g_gamma=g, scale=1.0)[0],
+        "vector_k": lambda s, e, i, gk: chunk_gla(s, e, i, g=gk, scale=1.0)[0],
+    }.get(form)
+
+
+def floor_bytes(form: str, s, e, i, gates, backward: bool) -> int:
+    """Bytes a forward (+ backward) must move at the least."""
+    def nb(x):
+        return x.numel() * x.element_size()
+
+    gate_bytes = sum(nb(g) for g in gates.values())
+    fwd = nb(s) + nb(e) + nb(i) + gate_bytes + nb(i)  # read s, e, i, gates; write y
+    if not backward:
+        return fwd
+    # backward: read s, e, i, dy and the gates again, write ds, de, di and the gate gradients
+    return fwd + nb(s) + nb(e) + 2 * nb(i) + gate_bytes + nb(s) + nb(e) + nb(i) + gate_bytes
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per ms of a large device-to-device copy, counting bytes read and written."""
+    n = 1 << 29
+    src = torch.randn(n, device=device, dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = common.do_bench_ms(lambda: dst.copy_(src), warmup=25, rep=100)
+    return 2 * n * 4 / ms  # (src and dst are freed on return; the caller empties the cache)
+
+
+def timed(fn, warmup: int = 25, rep: int = 100):
+    """The median ms of fn(), or what stopped it as a table cell ("OOM", "error: ...")."""
+    try:
+        return common.do_bench_ms(fn, warmup=warmup, rep=rep)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+    except Exception as err:  # a kernel that refuses a case: report it, go on
+        torch.cuda.empty_cache()
+        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+
+
+def fwd_bwd(op, tensors: list[torch.Tensor], n_diff: int | None = None):
+    """A closure running op forward and backward; the first n_diff tensors (all by default) get gradients."""
+    n_diff = len(tensors) if n_diff is None else n_diff
+    leaves = [t.detach().clone().requires_grad_(k < n_diff) for k, t in enumerate(tensors)]
+    dy = None
+
+    def run():
+        nonlocal dy
+        y = op(*leaves)
+        if dy is None:
+            dy = torch.randn_like(y)
+        return torch.autograd.grad(y, leaves[:n_diff], dy)
+
+    return run
+
+
+def with_backend(backend: str, names: list[str]):
+    """eos_recurrence(s, e, i, *gates) -> y on one backend, the gates passed by their names."""
+    def op(s, e, i, *g):
+        return eos_recurrence(s, e, i, backend=backend, **dict(zip(names, g)))[0]
+
+    return op
+
+
+def time_form(form: str, shape, device, bandwidth: float, dtype=torch.bfloat16, torch_path: bool = True) -> dict:
+    """One row: ours (Triton), fla-core's and the torch path's times of one form at shape B,T,H,D,
+    and the memory floors. The inputs are freed when it returns."""
+    B, T, H, D = shape
+    s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
+    tensors = [s, e, i, *gates.values()]
+    ours, torch_op = with_backend("triton", list(gates)), with_backend("torch", list(gates))
+    row = {"form": form, "shape": shape}
+    row["ours_fwd"] = timed(lambda: ours(*tensors))
+    row["ours_fwdbwd"] = timed(fwd_bwd(ours, tensors))
+    fla = fla_counterpart(form)
+    if fla is not None:
+        row["fla_fwd"] = timed(lambda: fla(*tensors))
+        row["fla_fwdbwd"] = timed(fwd_bwd(fla, tensors, 3 if form in FLA_CONSTANT_GATES else None))
+    if torch_path and form != "full":
+        row["torch_fwd"] = timed(lambda: torch_op(*tensors), warmup=2, rep=10)
+    row["floor_fwd"] = floor_bytes(form, s, e, i, gates, False) / bandwidth
+    row["floor_fwdbwd"] = floor_bytes(form, s, e, i, gates, True) / bandwidth
+    return row
+
+
+def time_sdpa(shape, device, dtype=torch.bfloat16) -> dict:
+    """FlashAttention through SDPA, the softmax baseline at the same shape (q, k, v [B,H,T,D])."""
+    B, T, H, D = shape
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3))
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return {"form": "softmax (SDPA)", "shape": shape, "ours_fwd": timed(lambda: sdpa(q, k, v)),
+            "ours_fwdbwd": timed(fwd_bwd(sdpa, [q, k, v]))}
+
+
+def bench_shape(shape, forms, device, bandwidth, dtype=torch.bfloat16, torch_path=True, out=None, save=None):
+    """Times every form at one shape; rows are appended to `out` as they come (`save` after each)."""
+    rows = [] if out is None else out
+    for form in forms:
+        row = time_form(form, shape, device, bandwidth, dtype, torch_path)
+        torch.cuda.empty_cache()
+        rows.append(row)
+        if save:
+            save()
+        print(_fmt_row(row), flush=True)
+    row = time_sdpa(shape, device, dtype)
+    torch.cuda.empty_cache()
+    rows.append(row)
+    if save:
+        save()
+    print(_fmt_row(row), flush=True)
+    return rows
+
+
+def _ms(x):
+    return f"{x:.3f}" if isinstance(x, float) else ("—" if x is None else str(x))
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "—"
+
+
+def _fmt_row(r):
+    return (f"{r['form']:<15} fwd ours {_ms(r.get('ours_fwd'))} fla {_ms(r.get('fla_fwd'))} "
+            f"(×{_ratio(r.get('ours_fwd'), r.get('fla_fwd'))}, floor ×{_ratio(r.get('ours_fwd'), r.get('floor_fwd'))}) | "
+            f"fwd+bwd ours {_ms(r.get('ours_fwdbwd'))} fla {_ms(r.get('fla_fwdbwd'))} "
+            f"(×{_ratio(r.get('ours_fwdbwd'), r.get('fla_fwdbwd'))}, floor ×{_ratio(r.get('ours_fwdbwd'), r.get('floor_fwdbwd'))}) | "
+            f"torch fwd {_ms(r.get('torch_fwd'))}")
+
+
+def markdown_table(rows) -> str:
+    columns = ["form", "B,T,H,D", "fwd ours", "fwd fla", "ours/fla", "ours/floor", "fwd+bwd ours", "fwd+bwd fla", "ours/fla",
+               "ours/floor", "torch fwd"]
+    return common.markdown_table(columns, [[
+        r["form"], ",".join(map(str, r["shape"])), _ms(r.get("ours_fwd")), _ms(r.get("fla_fwd")),
+        _ratio(r.get("ours_fwd"), r.get("fla_fwd")), _ratio(r.get("ours_fwd"), r.get("floor_fwd")),
+        _ms(r.get("ours_fwdbwd")), _ms(r.get("fla_fwdbwd")), _ratio(r.get("ours_fwdbwd"), r.get("fla_fwdbwd")),
+        _ratio(r.get("ours_fwdbwd"), r.get("floor_fwdbwd")), _ms(r.get("torch_fwd")),
+    ] for r in rows])
+
+
+def profile_form(form, shape, device, dtype=torch.bfloat16, steps: int = 5) -> str:
+    """Per-kernel GPU time of one forward+backward, ours and fla-core's, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, H, D = shape
+    s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
+    tensors = [s, e, i, *gates.values()]
+    runs = {"ours": fwd_bwd(with_backend("triton", list(gates)), tensors)}
+    fla = fla_counterpart(form)
+    if fla is not None:
+        runs["fla"] = fwd_bwd(fla, tensors, 3 if form in FLA_CONSTANT_GATES else None)
+    out = []
+    for who, fn in runs.items():
+        try:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+        except Exception as err:
+            out.append(f"{form} {who}: error {type(err).__name__}")
+            continue
+        rows = [(ev.key, ev.device_time_total / steps / 1e3) for ev in prof.key_averages()]
+        rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+        total = sum(ms for _, ms in rows)
+        out.append(f"{form} {who}: {total:.3f} ms per fwd+bwd on the GPU")
+        out += [f"  {ms:8.3f} ms  {name[:90]}" for name, ms in rows[:14]]
+    out.append(tuned_configs())
+    return "\n".join(out)
+
+
+def tuned_configs() -> str:
+    """The configuration each of our autotuned kernels settled on, per key."""
+    from lcsm.kernels.triton import chunk as triton_chunk, scan as triton_scan
+
+    lines = []
+    for mod in (triton_chunk, triton_scan):
+        for name, obj in vars(mod).items():
+            cache = getattr(obj, "cache", None)
+            if isinstance(cache, dict) and cache:
+                for key, cfg in cache.items():
+                    lines.append(f"  tuned {name} {key}: {cfg}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def check_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16):
+    """Relative errors of bf16 outputs and gradients against an fp64 oracle (the torch path in fp64,
+    itself checked against the reference loop by the test suite), ours and fla-core's side by side."""
+    B, T, H, D = shape
+    s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device, scale=scale, seed=1)
+    names = list(gates)
+    tensors = [s, e, i, *gates.values()]
+    gen = torch.Generator(device=device).manual_seed(2)
+    dy = torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.float32)
+
+    def grads_of(op, dtype, tensors=tensors, dy=dy):
+        leaves = [t.detach().to(dtype if k < 3 else torch.float64 if dtype == torch.float64 else t.dtype)
+                  .clone().requires_grad_(True) for k, t in enumerate(tensors)]
+        y = op(*leaves)
+        g = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+        return [y.detach()] + [x.detach() for x in g]
+
+    def oracle_of(op):
+        # one sequence at a time: the fp64 chunked path holds [T/C, C, C, D] decay tensors
+        batched = [True] * 3 + [n != "A" and t.dim() >= 3 for n, t in gates.items()]  # A is [H,K,V]
+        per_b = []
+        for b in range(B):
+            part = [t[b:b + 1] if bt else t for bt, t in zip(batched, tensors)]
+            per_b.append(grads_of(op, torch.float64, part, dy[b:b + 1]))
+        return [torch.cat(xs) if bt else sum(xs) for bt, xs in zip([True] + batched, zip(*per_b))]
+
+    oracle = oracle_of(with_backend("torch", names))
+    labels = ["y", "ds", "de", "di"] + [f"d{n}" for n in names]
+    out = {"form": form, "shape": shape, "scale": scale}
+    if with_ours:
+        ours = grads_of(with_backend("triton", names), dtype)
+        out["ours"] = dict(zip(labels, (_rel(a, b) for a, b in zip(ours, oracle))))
+        del ours
+    fla = fla_counterpart(form) if with_fla else None
+    if fla is not None:
+        try:
+            theirs = grads_of(fla, dtype)
+            out["fla"] = dict(zip(labels, (_rel(a, b) for a, b in zip(theirs, oracle))))
+        except Exception as err:
+            out["fla"] = f"error: {type(err).__name__}"
+    del oracle
+    torch.cuda.empty_cache()
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", nargs="*", default=None, metavar="B,T,H,D",
+                   help="shapes to time (default: 8,4096,16,128 2,16384,16,128); the check uses the first")
+    p.add_argument("--forms", nargs="*", default=FORMS, choices=FORMS, metavar="FORM",
+                   help=f"forms to run (default: all of {', '.join(FORMS)})")
+    p.add_argument("--check", action="store_true", help="also check bf16 outputs and gradients against fp64")
+    p.add_argument("--check-only", action="store_true", help="only the correctness check, no timings")
+    p.add_argument("--no-torch", action="store_true", help="skip timing the torch path")
+    p.add_argument("--impl", choices=["both", "ours", "fla"], default="both",
+                   help="check only ours or only fla-core's (e.g. to compile both in parallel processes)")
+    p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of fwd+bwd (first shape)")
+    p.add_argument("--json", help="write the results here (rewritten after every row)")
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise BenchError(f"--shapes: expected B,T,H,D with four positive integers, got {text!r}")
+    return shape
+
+
+def run(args) -> int:
+    shapes = [_parse_shape(s) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    if args.json:
+        common.check_json_path(args.json)
+    device = common.require_cuda("lcsm bench kernels")
+    env = common.environment(device)
+    print(json.dumps(env), flush=True)
+    results = {"env": env, "checks": [], "timings": []}
+
+    def save():
+        if args.json:
+            common.write_json(args.json, results)
+
+    if args.profile:
+        for form in args.forms:
+            print(profile_form(form, shapes[0], device), flush=True)
+        return 0
+    if args.check or args.check_only:
+        shape = shapes[0]
+        for form in args.forms:
+            scales = [1e-3, 0.1, 5.0] if form == "vector_k" else [None]
+            for scale in scales:
+                t0 = time.time()
+                try:
+                    res = check_form(form, shape, device, scale=scale, with_fla=args.impl != "ours",
+                                     with_ours=args.impl != "fla")
+                except Exception as err:  # report and go on with the other forms
+                    import traceback
+
+                    traceback.print_exc()
+                    results["checks"].append({"form": form, "scale": scale, "error": repr(err)})
+                    torch.cuda.empty_cache()
+                    continue
+                results["checks"].append(res)
+                save()
+                print(f"check {form} scale={scale}: ours " + " ".join(f"{k} {v:.1e}" for k, v in res.get("ours", {}).items())
+                      + (f" | fla {res['fla']}" if "fla" in res else "") + f" ({time.time() - t0:.0f}s)", flush=True)
+        if args.check_only:
+            return 0
+    bandwidth = copy_bandwidth(device)
+    torch.cuda.empty_cache()
+    env["copy_GBps"] = bandwidth / 1e6
+    print(f"copy bandwidth {bandwidth / 1e6:.0f} GB/s", flush=True)
+    for shape in shapes:
+        bench_shape(shape, args.forms, device, bandwidth, torch_path=not args.no_torch, out=results["timings"], save=save)
+    print(markdown_table(results["timings"]))
+    return 0
+
+
+def main(argv=None) -> int:
+    return common.main("lcsm bench kernels", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The `lcsm` command line (entry point: lcsm.cli.main:main)."""

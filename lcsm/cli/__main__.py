@@ -1,0 +1,5 @@
+import sys
+
+from lcsm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,261 @@
+"""Training recipes: pydantic models of a recipe, loading, model resolution and --set overrides.
+
+A recipe is YAML naming a model (a zoo name, a spec path, an inline spec, or `base:` plus changes),
+a task (discriminated by `kind`, or the name/path of a task file), the optimizer, the schedule and
+the run's bookkeeping. Everything is checked before any tensor is made; errors name the field and
+the YAML line. See docs/training.md for every field.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from lcsm.config.base import Base, FieldError, RecipeError, format_errors, load_yaml
+from lcsm.config.paths import find_file, resolve_recipe_path, resolve_spec_path, shipped_recipes
+from lcsm.config.spec import ModelSpec
+from lcsm.tasks import Task
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+class Optimizer(Base):
+    """AdamW; weight decay applies to matrices and embeddings, not to gains and biases."""
+
+    kind: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null for none")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1) (got {list(v)})")
+        return v
+
+
+class Schedule(Base):
+    """Linear warmup, then cosine decay to min_lr_ratio·lr at the last step (or a constant lr)."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0, description="default: 5% of the steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+Backend = Literal["auto", "triton", "torch", "reference"]  # lcsm.kernels.BACKENDS (a test keeps them equal)
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class Parallel(Base):
+    """The process grid: world size = sequence × data (docs/parallel.md)."""
+
+    sequence: int = Field(1, ge=1, description="ranks that split each sequence along time (LASP-2)")
+    data: int = Field(1, ge=1, description="ranks that take different rows of each batch")
+
+
+class Recipe(Base):
+    """Everything one training run needs."""
+
+    name: str | None = Field(None, description="default: the recipe file's name")
+    description: str | None = None
+    model: ModelSpec
+    task: Task
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    batch_size: int = Field(64, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps (give steps or epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (give steps or epochs)")
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations; default: 10 per run")
+    eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: eval_every")
+    log_every: int = Field(10, ge=1, description="steps between lines of metrics.jsonl")
+    early_stop: float | None = Field(None, gt=0, le=1, description="stop once the eval accuracy reaches this")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    backend: Backend = Field("auto", description="recurrence backend of the EOS layers: auto (triton on CUDA, torch "
+                             "elsewhere), triton, torch, reference (the fp64 loop)")
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice (all cores)")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
+    out_dir: str | None = Field(None, description="the run directory; default runs/<name>")
+    parallel: Parallel = Field(default_factory=Parallel, description="sequence × data parallel grid (launch with torchrun or --nproc)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not DEVICE.match(v):
+            raise ValueError(f"unknown device '{v}'; allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _length_and_vocab(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise FieldError("steps", "give exactly one of steps or epochs")
+        if self.batch_size % self.parallel.data:
+            raise FieldError(("parallel", "data"), f"data = {self.parallel.data} must divide batch_size = {self.batch_size}")
+        mixers = [self.model.mixer, *(getattr(self.model, "mixers", None) or {}).values()]
+        if self.parallel.sequence > 1 and any(getattr(m, "routing", None) is not None for m in mixers):
+            raise FieldError(("parallel", "sequence"), "Mixture-of-Memories (routing) layers do not run under sequence "
+                             "parallelism yet; use sequence: 1 (data parallelism works)")
+        vocab = self.task.model_vocab_size
+        if self.model.vocab_size != vocab:
+            # the task owns the vocabulary: a spec's own vocab_size (zoo specs say 8192) is replaced
+            self.model = self.model.model_copy(update={"vocab_size": vocab})
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name or 'run'}")
+
+    def resolved(self) -> dict:
+        """The recipe as plain data, model inlined: what config.yaml holds and load_recipe reads back."""
+        data = self.model_dump(mode="json")
+        # the model keeps only what was set: its conditional fields (tau, slopes, ...) must not
+        # reappear as explicit values where they are rejected
+        data["model"] = self.model.model_dump(mode="json", exclude_unset=True)
+        return data
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_model(value: Any, base: Path | None, where: str = "model") -> dict:
+    """The model section as a spec mapping: a zoo name, a spec path, a mapping, or
+    {base: NAME_OR_PATH, ...changes} (the changes merged over the base spec)."""
+    if isinstance(value, str):
+        path = resolve_spec_path(value)
+        if not path.exists():
+            path = find_file(value, base)
+        data, _ = load_yaml(path)
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: {value} is not a model spec (a mapping of fields)")
+        return data
+    if isinstance(value, dict) and "base" in value:
+        changes = {k: v for k, v in value.items() if k != "base"}
+        if not isinstance(value["base"], str):
+            raise RecipeError(f"{where}.base: a zoo name or a spec path (got {value['base']!r})")
+        return merge(resolve_model(value["base"], base, f"{where}.base"), changes)
+    if isinstance(value, dict):
+        return value
+    raise RecipeError(f"{where}: a zoo name, a spec path or a mapping of spec fields (got {value!r})")
+
+
+def resolve_task(value: Any, base: Path | None, where: str = "task") -> Any:
+    """The task section: a mapping, or the name of a shipped task file / a path to one."""
+    if not isinstance(value, str):
+        return value
+    path = shipped_recipes("tasks").get(value) or find_file(value, base)
+    if not path.exists():
+        raise RecipeError(f"{where}: {value}: no such file, and not a shipped task ({', '.join(shipped_recipes('tasks'))})")
+    data, _ = load_yaml(path)
+    return data
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """changes deep-merged over base; a mapping whose `kind` changes is replaced, not merged."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and value.get("kind", old.get("kind")) == old.get("kind"):
+            out[key] = merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optimizer.lr=3e-4' -> (['optimizer', 'lr'], 0.0003). Values are YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key.strip()):
+        raise RecipeError(f"--set {text}: expected KEY.PATH=VALUE, e.g. --set optimizer.lr=3e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed):
+        parsed = float(parsed)  # YAML 1.1 reads 3e-4 as a string
+    return key.strip().split("."), parsed
+
+
+def apply_override(data: dict, keys: list[str], value: Any, text: str, base: Path | None) -> None:
+    cur: Any = data
+    for depth, key in enumerate(keys[:-1]):
+        if depth == 0 and key == "model":
+            model = cur.get("model")
+            if isinstance(model, str) or (isinstance(model, dict) and "base" in model):
+                cur["model"] = resolve_model(model, base)  # overrides act on the spec's fields
+        if depth == 0 and key == "task" and isinstance(cur.get("task"), str):
+            cur["task"] = resolve_task(cur["task"], base)
+        if isinstance(cur, list):
+            if not key.isdigit() or int(key) >= len(cur):
+                raise RecipeError(f"--set {text}: {'.'.join(keys[:depth])} has no item {key} (it has {len(cur)})")
+            cur = cur[int(key)]
+            continue
+        nxt = cur.get(key)
+        if nxt is None:
+            nxt = cur[key] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise RecipeError(f"--set {text}: {'.'.join(keys[: depth + 1])} is {nxt!r}, not a mapping")
+        cur = nxt
+    last = keys[-1]
+    if isinstance(cur, list):
+        if not last.isdigit() or int(last) >= len(cur):
+            raise RecipeError(f"--set {text}: {'.'.join(keys[:-1])} has no item {last} (it has {len(cur)})")
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+def load_recipe(recipe: str | Path | dict | None = None, overrides: list[str] = ()) -> Recipe:
+    """A validated Recipe from a path, a shipped name, a mapping or None (the quick start),
+    with `--set KEY.PATH=VALUE` overrides applied before validation. Raises RecipeError."""
+    node, base, name = None, None, None
+    if isinstance(recipe, dict):
+        data, source = copy.deepcopy(recipe), "<recipe>"
+    else:
+        path = resolve_recipe_path(recipe)
+        data, node = load_yaml(path)
+        source, base, name = str(path), path.parent, path.stem
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of fields (got {type(data).__name__})")
+    set_vocab, lengths = None, set()
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value, text, base)
+        if keys == ["model", "vocab_size"]:
+            set_vocab = value
+        if keys in (["steps"], ["epochs"]):
+            lengths.add(keys[0])
+    if len(lengths) == 1:
+        # --set steps=N on a recipe written in epochs (or the reverse) replaces the run length
+        data.pop("epochs" if "steps" in lengths else "steps", None)
+    if "model" in data:
+        data["model"] = resolve_model(data["model"], base)
+    if "task" in data:
+        data["task"] = resolve_task(data["task"], base)
+    if isinstance(data.get("task"), dict) and data["task"].get("kind") == "text":
+        corpus = data["task"].get("corpus", "pydoc")
+        if isinstance(corpus, str) and corpus != "pydoc":
+            data["task"]["corpus"] = str(find_file(corpus, base).resolve())
+    if name and not data.get("name"):
+        data["name"] = name
+    try:
+        result = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(format_errors(err, data, source, node)) from None
+    if set_vocab is not None and set_vocab != result.model.vocab_size:
+        raise RecipeError(
+            f"--set model.vocab_size={set_vocab}: the task sets the vocabulary ({result.model.vocab_size}); "
+            "change the task's vocab_size (or its tokenizer) instead"
+        )
+    return result

@@ -1,0 +1,169 @@
+"""`eos_recurrence` and `eos_step`: the entry points from model code to the recurrence backends."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .decay import Decay
+from .reference import eos_reference
+from .torch.chunked import eos_chunked
+from .torch.scan import eos_scan
+from .torch.step import eos_step_torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+@dataclass
+class Shapes:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int  # number of sequences (B, or len(cu_seqlens) - 1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """'auto' -> triton on CUDA, torch elsewhere; 'triton' on a CPU tensor needs the interpreter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"eos_recurrence: backend '{backend}' is not known; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if backend == "triton" and not x.is_cuda and not _interpreting():
+        raise ValueError(
+            "eos_recurrence: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before lcsm is "
+            "imported (the Triton interpreter: slow, for tests); use backend='torch' on the CPU"
+        )
+    return backend
+
+
+def check_inputs(s, e, i, decay: Decay, h0, cu_seqlens) -> Shapes:
+    """Validate canonical shapes; raise ValueError naming the argument and what is allowed."""
+    for name, t in (("s", s), ("e", e), ("i", i)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"eos_recurrence: '{name}' must be a 4-d tensor [B,T,H,D]")
+    B, T, H, K = s.shape
+    V = i.shape[-1]
+    if e.shape != s.shape:
+        raise ValueError(f"eos_recurrence: 'e' has shape {tuple(e.shape)}; expected the shape of s, {tuple(s.shape)}")
+    if i.shape[:3] != s.shape[:3]:
+        raise ValueError(f"eos_recurrence: 'i' has shape {tuple(i.shape)}; expected [B,T,H,V] = [{B},{T},{H},V]")
+    decay.check(B, T, H, K, V)
+    N = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"eos_recurrence: with cu_seqlens the batch must be 1 (packed sequences); got B = {B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
+            raise ValueError(f"eos_recurrence: 'cu_seqlens' must be 1-d, start at 0 and end at T = {T}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("eos_recurrence: 'cu_seqlens' must be non-decreasing")
+        N = cu_seqlens.numel() - 1
+    if h0 is not None and tuple(h0.shape) != (N, H, K, V):
+        raise ValueError(f"eos_recurrence: 'h0' has shape {tuple(h0.shape)}; expected [N,H,K,V] = {[N, H, K, V]}")
+    return Shapes(B, T, H, K, V, N)
+
+
+def eos_recurrence(
+    s: torch.Tensor,
+    e: torch.Tensor,
+    i: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
+    dt: torch.Tensor | None = None,
+    A: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run m_t = o_t ⊙ m_{t-1} + e_t i_tᵀ, y_t = m_tᵀ s_t over [B,T,H,·] tensors.
+
+    Args (canonical tensors, see lcsm/kernels/decay.py): s, e [B,T,H,K]; i [B,T,H,V]; the log
+    decays g, gk, gv, dt, A (all <= 0, any combination; none means o = 1; -inf is a hard reset);
+    h0 [N,H,K,V]; cu_seqlens [N+1] for N packed sequences in a batch of one.
+    backend: "triton" (chunked kernels for separable decays, scan kernels for dt/A; on the CPU only
+    under TRITON_INTERPRET=1), "torch" (chunked for separable decays, sequential for dt/A),
+    "reference" (the loop, computed in fp64 and cast back), "auto" (triton on CUDA, else torch).
+    chunk_size applies to the torch backend (the Triton kernels use chunks of 64).
+    Returns y [B,T,H,V] in the dtype of s, and ht [N,H,K,V] (fp32, fp64 for fp64 inputs) if
+    output_final_state else None.
+    """
+    decay = Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A)
+    return recurrence(s, e, i, decay, h0=h0, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                      chunk_size=chunk_size, backend=backend)
+
+
+def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_seqlens=None, chunk_size=None,
+               backend="auto"):
+    """eos_recurrence with the decay already gathered into a Decay (what model code calls)."""
+    backend = resolve_backend(backend, s)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"eos_recurrence: chunk_size must be >= 1 (got {chunk_size})")
+    shapes = check_inputs(s, e, i, decay, h0, cu_seqlens)
+    if backend == "triton":
+        if chunk_size not in (None, 64):
+            raise ValueError(f"eos_recurrence: the triton backend uses chunks of 64 (got chunk_size={chunk_size})")
+        from .triton.autograd import chunk_eos, scan_eos  # imported late: triton is only needed here
+
+        # the kernels' matrix products need one dtype: under autocast a parameter-only stage or a
+        # power stays fp32 beside bf16 activations, so promote to the widest of s, e, i
+        out_dtype = s.dtype
+        common = torch.promote_types(torch.promote_types(s.dtype, e.dtype), i.dtype)
+        s, e, i = s.to(common), e.to(common), i.to(common)
+        run = chunk_eos if decay.separable else scan_eos
+        y, ht = run(s, e, i, decay, h0, output_final_state, cu_seqlens)
+        return y.to(out_dtype), (ht if output_final_state else None)
+    if backend == "reference":
+        def run(s, e, i, h0, decay):
+            y, ht = eos_reference(s, e, i, h0=h0, **decay.tensors())
+            return y.to(s.dtype), ht.to(torch.float32 if s.dtype != torch.float64 else torch.float64)
+    elif not decay.separable:
+        def run(s, e, i, h0, decay):
+            return eos_scan(s, e, i, decay, h0=h0, chunk_size=chunk_size or 64)
+    else:
+        default = 64 if decay.gk is None and decay.gv is None else 16
+
+        def run(s, e, i, h0, decay):
+            return eos_chunked(s, e, i, decay, h0=h0, chunk_size=chunk_size or default)
+
+    if cu_seqlens is None:
+        y, ht = run(s, e, i, h0, decay)
+        return y, (ht if output_final_state else None)
+    # packed sequences: run each one with its own initial state
+    ys, hts = [], []
+    bounds = cu_seqlens.tolist()
+    for n in range(shapes.N):
+        a, b = bounds[n], bounds[n + 1]
+        y, ht = run(s[:, a:b], e[:, a:b], i[:, a:b], None if h0 is None else h0[n : n + 1], decay.slice(a, b))
+        ys.append(y)
+        hts.append(ht)
+    return torch.cat(ys, dim=1), (torch.cat(hts, dim=0) if output_final_state else None)
+
+
+def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, backend: str = "auto"):
+    """One token: state <- o ⊙ state + e iᵀ, y = stateᵀ s. Shapes: s, e [B,H,K], i [B,H,V],
+    state [B,H,K,V] fp32, and the decays of one token (lcsm/kernels/decay.py, `step`).
+
+    Returns (y [B,H,V], new state [B,H,K,V] fp32). The triton backend updates a contiguous fp32
+    `state` in place (and returns it); the others return a new tensor."""
+    return step(s, e, i, state, Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, step=True), backend=backend)
+
+
+def step(s, e, i, state, decay: Decay, backend: str = "auto"):
+    """eos_step with a one-token Decay (what model code calls)."""
+    backend = resolve_backend(backend, s)
+    if backend == "triton" and state.dtype == torch.float32 and state.is_contiguous():
+        from .triton.step import eos_step_triton
+
+        return eos_step_triton(s, e, i, state, decay)
+    return eos_step_torch(s, e, i, state, decay)

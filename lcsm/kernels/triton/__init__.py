@@ -1,0 +1,1 @@
+"""Triton backends of the recurrence: chunked and scan kernels, their autograd functions, the decoding step."""

@@ -1,0 +1,127 @@
+"""The EOS token mixer: stages -> canonical tensors -> the recurrence -> output norm, gate, projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lcsm import kernels, parallel
+from lcsm.config.spec import EOSMixer as EOSSpec
+from lcsm.kernels.decay import Decay
+from lcsm.nn.cache import store, sub
+from lcsm.nn.context import LayerContext
+from lcsm.nn.norm import make_norm
+from lcsm.nn.oscillations import build_oscillation
+from lcsm.nn.stages.expand import Expand
+from lcsm.nn.stages.input import Input
+from lcsm.nn.stages.shrink import Shrink
+from lcsm.parallel import lasp
+
+
+class EOSMixer(nn.Module):
+    """x [B,T,d] -> [B,T,d] through m_t = o_t ⊙ m_{t-1} + e_t i_tᵀ, y_t = m_tᵀ s_t per head.
+
+    Parameter names are stable (tests and checkpoints read them): input.proj.proj, expand.proj.proj,
+    oscillation.*, shrink.proj.proj, out_norm, gate_proj, D, o_proj.
+    """
+
+    fixed_state = True  # the decoding state has one size at any context (lcsm.nn.generate may graph it)
+    state_grows = False
+
+    def __init__(self, spec: EOSSpec, ctx: LayerContext):
+        super().__init__()
+        d_model = ctx.d_model
+        H, K, V = spec.dims(d_model, ctx.n_heads)
+        self.spec, self.H, self.K, self.V = spec, H, K, V
+        self.backend = "auto"
+        rotated = spec.oscillation.rotates
+        self.oscillation = build_oscillation(spec.oscillation, ctx, H, K, V)
+        self.input = Input(spec.input, d_model, H, V, spec.bias)
+        self.expand = Expand(spec.expand, d_model, H, K, spec.bias, rotated)
+        self.shrink = Shrink(spec.shrink, d_model, H, K, spec.bias, rotated)
+        out = spec.output
+        self.out_norm = None
+        if out.norm != "none":
+            self.out_norm = make_norm(out.norm, V if out.norm_scope == "head" else H * V, ctx.norm_eps)
+        self.gate_proj = None
+        if out.gate != "none":
+            self.gate_proj = (
+                nn.Sequential(nn.Linear(d_model, out.gate_rank, bias=False), nn.Linear(out.gate_rank, H * V, bias=True))
+                if out.gate_rank
+                else nn.Linear(d_model, H * V, bias=spec.bias)
+            )
+        self.D = nn.Parameter(torch.ones(H, V)) if out.skip else None
+        self.o_proj = nn.Linear(H * V, d_model, bias=spec.bias)
+
+    @property
+    def label(self) -> str:
+        return f"eos/{self.spec.oscillation.kind}"
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """x [B,T,d] -> [B,T,d]. cache (decoding, see lcsm/nn/cache.py): "state" [B,H,K,V] fp32, the
+        absolute position "offset" (a 0-d tensor, for rotations) and the stages' own sub-dicts."""
+        B, T, _ = x.shape
+        sp = parallel.current()  # sequence parallel: x is this rank's slice of the sequence
+        positions = torch.arange(T, device=x.device) + (sp.offset if sp else 0)
+        if cache is not None:
+            if "offset" not in cache:
+                cache["offset"] = torch.zeros((), dtype=torch.long, device=x.device)
+            offset = cache["offset"]
+            positions = positions + offset
+        osc = self.oscillation(x, positions, sub(cache, "oscillation"))
+        i, i_raw = self.input(x, osc, sub(cache, "input"))
+        e = self.expand(x, osc, sub(cache, "expand"))
+        s = self.shrink(x, osc, sub(cache, "shrink"))
+        if cache is not None:
+            y = self.recur(s, e, i, osc.decay, cache)
+            offset.add_(T)  # in place: a captured decoding step advances it on replay
+        else:
+            y, ht = kernels.recurrence(s, e, i, osc.decay, output_final_state=sp is not None, backend=self.backend)
+            if sp is not None:  # LASP-2: add the decayed state of the earlier slices
+                y = lasp.lasp2(y, ht, s, osc.decay, sp)
+        if self.D is not None:
+            y = y + self.D.to(y.dtype) * i_raw
+        return self.readout(y, x)
+
+    def recur(self, s, e, i, decay: Decay, cache: dict) -> torch.Tensor:
+        """The recurrence from cache["state"] (zero when absent), leaving the final state there:
+        the one-token step for T = 1, the chunked kernel (prefill) otherwise. Returns y [B,T,H,V]."""
+        B, T = s.shape[:2]
+        state = cache.get("state")
+        if T > 1:
+            y, ht = kernels.recurrence(s, e, i, decay, h0=state, output_final_state=True, backend=self.backend)
+            store(cache, "state", ht)
+            return y
+        if state is None:
+            state = cache["state"] = s.new_zeros(B, self.H, self.K, self.V, dtype=torch.float32)
+        y, new = kernels.step(s[:, 0], e[:, 0], i[:, 0], state, decay.at(0), backend=self.backend)
+        store(cache, "state", new)
+        return y[:, None]
+
+    def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [B,T,H,V] -> norm, output gate, projection -> [B,T,d]."""
+        out = self.spec.output
+        gate = None
+        if self.gate_proj is not None:
+            gate = (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
+        if gate is not None and out.gate_first:
+            y = y * gate
+        if self.out_norm is not None:
+            y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
+        if gate is not None and not out.gate_first:
+            y = y * gate
+        return self.o_proj(y.flatten(-2))
+
+    def state_size(self) -> int:
+        """Numbers held per sequence between tokens: the K×V memories plus short-conv tails."""
+        size = self.H * self.K * self.V
+        for stage in (self.input.proj, getattr(self.expand, "proj", None), self.shrink.proj):
+            conv = getattr(stage, "conv", None)
+            if conv is not None:
+                size += (conv.size - 1) * stage.H * stage.D
+        return size
+
+    def flops_per_token(self, context: int = 2048) -> int:
+        """Recurrent-form FLOPs per token beyond the matmuls: decay, write (e iᵀ) and read (mᵀs)."""
+        return (2 + 2 + int(self.oscillation.decays)) * self.H * self.K * self.V

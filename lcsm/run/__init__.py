@@ -1,0 +1,1 @@
+"""Running models: checkpoints, devices and precision, the trainer, evaluation, ablations, reports."""

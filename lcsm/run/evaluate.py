@@ -1,0 +1,122 @@
+"""Evaluation: loss and accuracy at the labelled positions, per slice; perplexity and bits per byte for text.
+
+`lcsm eval` and the trainer's periodic evaluation both run `evaluate`, on Model.forward with labels. Accuracy follows Zoology:
+per example, the fraction of labelled positions whose argmax is the label; then the mean over
+examples (and over the examples of each slice).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model
+
+from lcsm.config.base import RecipeError
+from lcsm.config.recipe import load_recipe
+from lcsm.nn.model import Model
+from lcsm.run.device import autocast
+from lcsm.tasks import IGNORE, Segment, TaskData
+
+
+@torch.no_grad()
+def evaluate_segment(model, seg: Segment, batch_size: int, device: torch.device, precision: str, bytes_per_token=None) -> dict:
+    """Sums over one segment: nats, labelled tokens, correct tokens, per-example accuracy, bytes."""
+    nats = tokens = correct = bytes_ = 0.0
+    acc_sum, examples = 0.0, 0
+    for start in range(0, len(seg), batch_size):
+        x = seg.inputs[start : start + batch_size].to(device)
+        y = seg.labels[start : start + batch_size].to(device)
+        mask = y != IGNORE
+        targets = y[mask]
+        with autocast(device, precision):
+            loss, logits = model(x, y, reduction="sum", return_logits=True)
+        nats += float(loss)
+        hit = logits.argmax(-1) == targets
+        tokens += targets.numel()
+        correct += hit.sum().item()
+        # per-example accuracy: scatter the hits back to their rows
+        per_row = torch.zeros(mask.shape, device=device)
+        per_row[mask] = hit.float()
+        counts = mask.sum(1)
+        has = counts > 0
+        acc_sum += (per_row.sum(1)[has] / counts[has]).sum().item()
+        examples += int(has.sum())
+        if bytes_per_token is not None:
+            bytes_ += bytes_per_token.to(device)[targets].sum().item()
+    return {"nats": nats, "tokens": tokens, "correct": correct, "acc_sum": acc_sum, "examples": examples, "bytes": bytes_}
+
+
+def _summary(s: dict, text: bool) -> dict:
+    loss = s["nats"] / max(s["tokens"], 1)
+    out = {
+        "loss": loss,
+        "accuracy": s["acc_sum"] / max(s["examples"], 1),
+        "token_accuracy": s["correct"] / max(s["tokens"], 1),
+        "examples": int(s["examples"]),
+        "tokens": int(s["tokens"]),
+    }
+    if text:
+        out["perplexity"] = math.exp(min(loss, 700.0))
+        out["bits_per_byte"] = s["nats"] / math.log(2) / max(s["bytes"], 1)
+    return out
+
+
+def evaluate(model, data: TaskData, batch_size: int, device: torch.device, precision: str = "fp32") -> dict:
+    """Metrics over the test segments: overall and one entry per slice.
+
+    Returns {"loss", "accuracy", "token_accuracy", "examples", "tokens", ["perplexity",
+    "bits_per_byte"], "slices": {name: {...same, plus the slice's settings}}}.
+    """
+    was_training = model.training
+    model.eval()
+    text = data.bytes_per_token is not None
+    total = dict.fromkeys(("nats", "tokens", "correct", "acc_sum", "examples", "bytes"), 0.0)
+    slices = {}
+    try:
+        for seg in data.test:
+            s = evaluate_segment(model, seg, batch_size, device, precision, data.bytes_per_token)
+            for k in total:
+                total[k] += s[k]
+            prev = slices.get(seg.name)
+            if prev is not None:  # the same setting listed twice: pool it
+                s = {k: prev["_sums"][k] + s[k] for k in s}
+            slices[seg.name] = {**seg.slice, **_summary(s, text), "_sums": s}
+    finally:
+        model.train(was_training)
+    result = _summary(total, text)
+    result["slices"] = {name: {k: v for k, v in row.items() if k != "_sums"} for name, row in slices.items()}
+    return result
+
+
+# --------------------------------------------------------------------------- lcsm eval
+
+
+def load_run(path: str | Path, device: torch.device | None = None):
+    """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder or a model.safetensors file."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such run directory or checkpoint")
+    if path.is_file():
+        weights = path
+    elif (path / "checkpoint" / "model.safetensors").exists():
+        weights = path / "checkpoint" / "model.safetensors"
+    else:
+        weights = path / "model.safetensors"
+    if not weights.exists():
+        raise RecipeError(f"{path}: no checkpoint here (looked for checkpoint/model.safetensors)")
+    run_dir = next((p for p in (weights.parent, weights.parent.parent) if (p / "config.yaml").exists()), None)
+    if run_dir is None:
+        raise RecipeError(f"{weights}: no config.yaml beside it or in the folder above; is this an lcsm run?")
+    recipe = load_recipe(run_dir / "config.yaml")
+    model = Model(recipe.model)
+    try:
+        load_model(model, str(weights), device="cpu")
+    except Exception as e:  # a truncated file or another model's weights
+        raise RecipeError(f"{weights}: cannot load the weights into the model of config.yaml ({str(e).splitlines()[0]})") from None
+    with safe_open(str(weights), "pt") as f:
+        step = int((f.metadata() or {}).get("step", -1))
+    model.set_backend(recipe.backend)
+    return recipe, model.to(device or "cpu"), run_dir, step

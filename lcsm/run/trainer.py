@@ -1,0 +1,495 @@
+"""The trainer: a recipe to a run directory, through one object that owns the training step.
+
+    Trainer(model, recipe, ...)   .step(tokens, labels)   one optimizer step on a global batch
+                                  .evaluate(data)         test metrics (lcsm/run/evaluate.py)
+                                  .save() / .load()        the checkpoint (lcsm/run/checkpoint.py)
+                                  .fit(data)               the loop: steps, logs, evaluations, checkpoints
+    train(recipe, resume=..., overwrite=...)             prepare the run directory, build, fit
+
+Batches are a pure function of (seed, step) (lcsm.tasks.epoch_batches), so resuming from a
+checkpoint replays exactly the run that was interrupted. Under a process grid (data and sequence
+parallel, docs/parallel.md) every rank runs the same step on its shard of the batch; the loss is
+normalised by the global number of labelled tokens, so the gradients summed over the ranks are
+those of one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lcsm.config.base import RecipeError
+from lcsm.config.recipe import Optimizer, Recipe, Schedule
+from lcsm.nn.model import Model
+from lcsm.parallel import sequence_parallel
+from lcsm.parallel.data import sync_gradients, wrap
+from lcsm.parallel.grid import Grid, ParallelError, init_grid
+from lcsm.run.checkpoint import load_checkpoint, save_checkpoint, write_text
+from lcsm.run.device import autocast, resolve_device, resolve_precision
+from lcsm.run.evaluate import evaluate
+from lcsm.run.rundir import RESUMABLE_CHANGES, diff, prepare_run_dir, truncate_metrics
+from lcsm.tasks import TaskData, TaskError, build_task, derive_seed, epoch_batches, steps_per_epoch
+
+__all__ = ["RESUMABLE_CHANGES", "RunResult", "Trainer", "TrainingError", "diff", "train"]
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss); str() is the message for the user."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    status: str  # "done", "early_stop" or "interrupted"
+    eval: dict | None
+    elapsed_s: float
+    resumed_from: int = 0
+
+
+@dataclass
+class StepResult:
+    loss: float  # the global mean loss of the batch
+    aux_loss: float  # the balancing loss (0.0 without routed layers), mean over ranks
+    lr: float  # the learning rate the step used
+    tokens: int  # tokens of the global batch
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def lr_factor(schedule: Schedule, total: int) -> Callable[[int], float]:
+    """The multiplier of optimizer.lr after `step` updates: linear warmup, then cosine to min_lr_ratio."""
+    warmup = schedule.warmup_steps if schedule.warmup_steps is not None else int(0.05 * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, opt: Optimizer, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings, not on gains and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, **({"fused": True} if fused else {}))
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+class StopFlag:
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the end of the current step
+    (and save); a second one interrupts at once. SIGTERM is how torchrun stops its workers when
+    `lcsm train --nproc` gets Ctrl-C, and how schedulers preempt a job."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """The model of one run, its optimizer and schedule, and the one training step.
+
+    model: an lcsm Model (already on `device`); optimizer, schedule: the recipe's sections (AdamW,
+    its learning rate and gradient clipping; the warmup and decay); total_steps: the length of the
+    schedule; precision: "bf16" (autocast) or "fp32"; grid: the process grid (None for one
+    process); optimizer_class: a torch optimizer in place of AdamW (given the parameters and lr).
+    """
+
+    def __init__(self, model: Model, optimizer: Optimizer, schedule: Schedule, total_steps: int, *,
+                 device: torch.device, precision: str = "fp32", grid: Grid | None = None, optimizer_class=None):
+        self.model = wrap(model, grid)
+        self.device, self.precision, self.grid = device, precision, grid
+        self.grad_clip = optimizer.grad_clip
+        if optimizer_class is None:
+            self.optimizer = make_optimizer(model, optimizer, fused=device.type == "cuda")
+        else:  # another torch optimizer with the recipe's learning rate (tests: plain SGD)
+            self.optimizer = optimizer_class(model.parameters(), lr=optimizer.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(schedule, total_steps))
+        self.total_steps = total_steps
+        self.steps_done = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.grid is None or self.grid.is_main
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, step_number: int | None = None) -> StepResult:
+        """One optimizer step on the global batch tokens, labels [B,T] (every rank passes the same
+        batch; each takes its shard). Raises TrainingError when the loss or the gradient norm is
+        not finite (step_number names the step in the message)."""
+        grid, model = self.grid, self.model
+        tokens, labels = tokens.to(self.device), labels.to(self.device)
+        n_tokens = tokens.numel()
+        where = step_number if step_number is not None else self.steps_done + 1
+        ctx = None
+        if grid is not None:
+            try:
+                tokens, labels = grid.shard(tokens), grid.shard(labels)
+                ctx = grid.context(tokens.shape[1])
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
+        with sequence_parallel(ctx), autocast(self.device, self.precision):
+            total = model(tokens, labels, reduction="sum")
+            aux = model.aux_loss()
+        # the global number of labelled tokens normalises every rank's sum: the ranks' gradients
+        # then add up to the gradient of the one-process mean
+        stats = torch.stack([total.detach().to(torch.float64), (labels != -100).sum().to(torch.float64)])
+        if grid is not None:
+            dist.all_reduce(stats)
+        count = stats[1].clamp_min(1)
+        loss = total / count.to(total.dtype)
+        value = float(stats[0] / count)
+        if not math.isfinite(value):
+            raise TrainingError(f"step {where}: the loss is {value}")
+        aux_value = 0.0
+        if torch.is_tensor(aux):
+            if grid is not None:
+                aux = aux / grid.world  # the ranks' aux losses averaged
+                mean_aux = aux.detach().to(torch.float64).reshape(1)
+                dist.all_reduce(mean_aux)
+                aux_value = float(mean_aux)
+            else:
+                aux_value = float(aux.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        with sequence_parallel(ctx):
+            (loss + aux).backward()
+        if grid is not None:
+            sync_gradients(model)
+        if self.grad_clip:
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip))
+            if not math.isfinite(norm):
+                raise TrainingError(f"step {where}: the gradient norm is {norm}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps_done += 1
+        return StepResult(value, aux_value, lr, n_tokens)
+
+    def evaluate(self, data: TaskData, batch_size: int) -> dict:
+        """Test metrics: rank 0 evaluates whole sequences on its own; the others get its metrics."""
+        metrics = evaluate(self.model, data, batch_size, self.device, self.precision) if self.is_main else None
+        if self.grid is not None:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
+
+    def save(self, run_dir: Path, state: dict) -> None:
+        """Rank 0 writes the checkpoint (replicated weights: its state loads on any number of processes)."""
+        if self.is_main:
+            save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, {"step": self.steps_done, **state})
+
+    def load(self, run_dir: Path) -> dict:
+        """Resume from RUN/checkpoint; returns the trainer state saved with it."""
+        state = load_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, self.device)
+        self.steps_done = state["step"]
+        return state
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, recipe: Recipe, data: TaskData, run_dir: Path, resuming: bool, *, console: Console, quiet: bool,
+            on_step: Callable[[dict], None] | None = None) -> RunResult:
+        """Train to the end of the schedule (or an early stop, or Ctrl-C), logging, evaluating and
+        checkpointing as the recipe says; evaluates and checkpoints the last step."""
+        say = (lambda *a: None) if quiet else console.print
+        grid = self.grid
+        spe = steps_per_epoch(data.train, recipe.batch_size)
+        total = self.total_steps
+        eval_every = recipe.eval_every or max(1, total // 10)
+        ckpt_every = recipe.checkpoint_every or eval_every
+        eval_bs = recipe.eval_batch_size or recipe.batch_size
+
+        elapsed, window = 0.0, {"loss": 0.0, "n": 0, "tokens": 0}
+        last_eval, last_ckpt = None, None
+        if resuming:
+            state = self.load(run_dir)
+            elapsed, window = state["elapsed_s"], state["log_window"]
+            last_eval, last_ckpt = state.get("last_eval"), self.steps_done
+            if self.is_main:
+                truncate_metrics(run_dir / "metrics.jsonl", self.steps_done)
+            if grid is not None:
+                dist.barrier()
+            say(f"resuming {run_dir} at step {self.steps_done}")
+        start_step = self.steps_done
+
+        def checkpoint():
+            nonlocal last_ckpt
+            epoch, batch = divmod(self.steps_done, spe)
+            self.save(run_dir, {
+                "data": {"epoch": epoch, "batch": batch, "steps_per_epoch": spe, "seed": recipe.seed},
+                "elapsed_s": elapsed, "log_window": dict(window), "last_eval": last_eval,
+            })
+            last_ckpt = self.steps_done
+
+        metrics_file = open(run_dir / "metrics.jsonl", "a") if self.is_main else None
+
+        def log(record: dict):
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+
+        def run_eval() -> dict:
+            nonlocal last_eval
+            metrics = self.evaluate(data, eval_bs)
+            last_eval = {"step": self.steps_done, **metrics}
+            log({"split": "eval", **last_eval})
+            return metrics
+
+        say(
+            f"[bold]{recipe.name or run_dir.name}[/bold]: {recipe.model.name or 'model'} "
+            f"({self.model.num_parameters() / 1e6:.2f}M parameters) on {recipe.task.kind}, {total} steps of "
+            f"{recipe.batch_size}, {self.device.type} {self.precision} -> {run_dir}"
+        )
+        status, batches, batches_epoch = "done", None, -1
+        stop = StopFlag()
+        progress = _progress(console, quiet)
+        try:
+            with stop.installed(), progress:
+                bar = progress.add_task("train", total=total, completed=self.steps_done, loss="-", tps="-", lr="-")
+                window_start = time.perf_counter()
+                while self.steps_done < total:
+                    if _agree(grid, stop.requested):
+                        status = "interrupted"
+                        break
+                    t0 = time.perf_counter()
+                    epoch, index = divmod(self.steps_done, spe)
+                    if epoch != batches_epoch:
+                        batches, batches_epoch = epoch_batches(data.train, recipe.batch_size, recipe.seed, epoch), epoch
+                    seg_index, rows = batches[index]
+                    seg = data.train[seg_index]
+                    try:
+                        result = self.step(seg.inputs[rows], seg.labels[rows])
+                    except TrainingError as e:
+                        raise TrainingError(_nonfinite(str(e), run_dir, last_ckpt)) from None
+                    step = self.steps_done
+                    elapsed += time.perf_counter() - t0
+                    window["loss"] += result.loss
+                    window["n"] += 1
+                    window["tokens"] += result.tokens
+                    if result.aux_loss:
+                        window["aux_loss"] = window.get("aux_loss", 0.0) + result.aux_loss
+                    record = {"split": "train", "step": step, "loss": result.loss, "lr": result.lr}
+                    if step % recipe.log_every == 0 or step == total:
+                        now = time.perf_counter()
+                        tps = window["tokens"] / max(now - window_start, 1e-9)
+                        line = {"split": "train", "step": step, "epoch": round(step / spe, 4),
+                                "loss": window["loss"] / window["n"], "lr": result.lr, "tokens_per_s": round(tps, 1),
+                                "elapsed_s": round(elapsed, 3)}
+                        if "aux_loss" in window:  # routed models: the balancing loss and each router's load
+                            line["aux_loss"] = window["aux_loss"] / window["n"]
+                            line.update({k: round(v, 5) for k, v in self.model.aux_stats().items()})
+                        log(line)
+                        progress.update(bar, loss=f"{window['loss'] / window['n']:.4f}", tps=f"{tps:,.0f}", lr=f"{result.lr:.2e}")
+                        window = {"loss": 0.0, "n": 0, "tokens": 0}
+                        window_start = now
+                    progress.update(bar, completed=step)
+                    if step % eval_every == 0 or step == total:
+                        metrics = run_eval()
+                        if not quiet:
+                            progress.console.print(_eval_line(step, metrics))
+                        if recipe.early_stop is not None and metrics.get("accuracy", 0.0) >= recipe.early_stop:
+                            status = "early_stop"
+                    if step % ckpt_every == 0 or step == total or status == "early_stop":
+                        checkpoint()
+                    if on_step is not None:
+                        on_step(record)
+                    if status == "early_stop":
+                        break
+            if status == "interrupted" and last_ckpt != self.steps_done:
+                checkpoint()
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+        if status != "interrupted":
+            if last_eval is None or last_eval["step"] != self.steps_done:
+                run_eval()
+            if last_ckpt != self.steps_done:
+                checkpoint()
+            if self.is_main:
+                write_text(run_dir / "eval.json", json.dumps(last_eval, indent=2) + "\n")
+        return RunResult(run_dir, self.steps_done, total, status, last_eval, elapsed, start_step)
+
+
+# --------------------------------------------------------------------------- train()
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    quiet: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Run a recipe; returns when the run is done, stopped early or interrupted (Ctrl-C, saved).
+
+    on_step(record) is called after every optimizer step with the step's metrics (tests use it).
+    Raises RecipeError for bad input and TrainingError when the loss stops being finite.
+    """
+    console = console or Console(highlight=False)
+    grid = _grid(recipe)
+    if grid is not None and not grid.is_main:
+        quiet = True
+    device = resolve_device(recipe.device)
+    if grid is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # one GPU per process (LOCAL_RANK)
+    precision = resolve_precision(recipe.precision, device)
+    if recipe.backend == "triton" and device.type != "cuda":
+        raise RecipeError(f"backend: 'triton' needs a CUDA device (device is {device}); use backend: auto or torch")
+    threads = torch.get_num_threads()
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    try:
+        say = (lambda *a: None) if quiet else console.print
+        run_dir, resuming = _on_main(grid, lambda: prepare_run_dir(recipe, resume, overwrite))
+
+        def task():
+            try:
+                return build_task(recipe.task, recipe.seed, run_dir=run_dir, log=say)
+            except TaskError as e:
+                raise RecipeError(f"task: {e}") from None
+
+        data = None
+
+        def first():
+            nonlocal data
+            data = task()
+
+        # rank 0 first: a text task may train and save a tokenizer in the run directory
+        _on_main(grid, first)
+        if data is None:
+            data = task()
+
+        torch.manual_seed(derive_seed(recipe.seed, "init"))
+        model = Model(recipe.model).set_backend(recipe.backend).to(device)
+        model.train()
+        spe = steps_per_epoch(data.train, recipe.batch_size)
+        total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
+        trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid)
+        if not resuming and trainer.is_main:
+            write_text(run_dir / "config.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True))
+        return trainer.fit(recipe, data, run_dir, resuming, console=console, quiet=quiet, on_step=on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _grid(recipe: Recipe) -> Grid | None:
+    """The process grid when the recipe asks for one or torchrun started us (else None)."""
+    par = recipe.parallel
+    if par.sequence * par.data == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    try:
+        # no grid in the recipe but several processes (plain torchrun): data parallel over all of them
+        backend = "nccl" if resolve_device(recipe.device).type == "cuda" else "gloo"
+        # rank 0 alone evaluates and checkpoints while the others wait in a collective: allow an hour
+        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data, backend=backend, timeout_s=3600)
+    except ParallelError as e:
+        raise RecipeError(str(e)) from None
+    return grid if grid.world > 1 else None
+
+
+def _on_main(grid, fn):
+    """fn() on rank 0 only (files, directories); every rank gets its result or its RecipeError."""
+    if grid is None:
+        return fn()
+    box = [None, None]
+    if grid.is_main:
+        try:
+            box[0] = fn()
+        except (RecipeError, TaskError) as e:
+            box[1] = str(e)
+        except Exception as e:  # any failure here must reach every rank, or they wait until the timeout
+            box[1] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise RecipeError(box[1])
+    return box[0]
+
+
+def _agree(grid, flag: bool) -> bool:
+    """True on every rank when any rank's flag is set (Ctrl-C reaches processes one by one)."""
+    if grid is None:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _progress(console: Console, quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=24),
+        TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("lr {task.fields[lr]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )
+
+
+def _eval_line(step: int, metrics: dict) -> str:
+    parts = [f"step {step}", f"eval loss {metrics['loss']:.4f}"]
+    if "bits_per_byte" in metrics:
+        parts += [f"ppl {metrics['perplexity']:.2f}", f"bpb {metrics['bits_per_byte']:.3f}"]
+    else:
+        parts.append(f"accuracy {metrics['accuracy']:.3f}")
+        if len(metrics["slices"]) > 1:
+            parts.append("(" + ", ".join(f"{n}: {s['accuracy']:.3f}" for n, s in metrics["slices"].items()) + ")")
+    return "  ".join(parts)
+
+
+def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None) -> str:
+    kept = (
+        f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir / 'checkpoint'}"
+        if last_ckpt is not None
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"{what}; training stopped and {kept}. "
+        "Try a lower optimizer.lr, a longer schedule.warmup_steps or optimizer.grad_clip, or precision: fp32"
+    )

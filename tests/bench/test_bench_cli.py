@@ -1,0 +1,55 @@
+"""`lcsm bench NAME` refuses bad flags, bad --json paths and a machine without CUDA with a clear
+message and exit code 2 (no traceback), before anything is measured."""
+
+import pytest
+import torch
+
+from helpers import cli_error  # tests/ is on sys.path (tests/conftest.py's folder)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["bench", "train", "--steps", "0"], "--steps must be at least 1 (got 0)"),
+    (["bench", "train", "--warmup", "-1"], "--warmup must be at least 0 (got -1)"),
+    (["bench", "train", "--heads", "5"], "n_heads = 5 must divide d_model = 768"),
+    (["bench", "mom", "--small", "--top-k", "0"], "--top-k must be at least 1 (got 0)"),
+    (["bench", "decode", "--small", "--contexts", "64", "0"], "--contexts: every value must be at least 1 (got 64 0)"),
+    (["bench", "decode", "--step-iters", "0"], "--step-iters must be at least 1 (got 0)"),
+    (["bench", "decode", "--small", "--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["bench", "kernels", "--shapes", "8,4096,16"], "--shapes: expected B,T,H,D with four positive integers"),
+    (["bench", "parallel", "--steps", "0"], "--steps must be at least 1 (got 0)"),
+    (["bench", "parallel", "--nproc", "0"], "--nproc must be at least 1 (got 0)"),
+])
+def test_bad_flags_name_the_flag(args, words, capsys):
+    assert words in cli_error(args, capsys)
+
+
+@pytest.mark.parametrize("bench", [["train"], ["kernels"], ["decode", "--small", "--device", "cpu"], ["mom", "--small"],
+                                   ["parallel"]])
+def test_bad_json_paths(bench, tmp_path, capsys):
+    err = cli_error(["bench", *bench, "--json", str(tmp_path / "results.txt")], capsys)
+    assert "must end in .json" in err
+    err = cli_error(["bench", *bench, "--json", str(tmp_path / "no" / "results.json")], capsys)
+    assert "does not exist" in err
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["bench", "train"], ["lcsm bench train needs a CUDA GPU", "lcsm train"]),
+    (["bench", "kernels", "--check-only"], ["lcsm bench kernels needs a CUDA GPU"]),
+    (["bench", "decode"], ["lcsm bench decode at its default sizes needs a CUDA GPU", "--small"]),
+    (["bench", "decode", "--small", "--device", "cuda"], ["--device cuda needs a CUDA GPU"]),
+    (["bench", "mom"], ["needs a CUDA GPU", "use --small on the CPU"]),
+])
+def test_refused_cleanly_without_cuda(no_cuda, args, words, capsys):
+    err = cli_error(args, capsys)
+    for w in words:
+        assert w in err
+
+
+def test_bench_parallel_outside_torchrun(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "run under torchrun, or pass --nproc N" in cli_error(["bench", "parallel", "--small"], capsys)

@@ -1,0 +1,105 @@
+"""The benchmark scaffold (lcsm/bench/common.py): argument checks that name the flag, results
+files, tables, the environment record, timers, the CUDA requirement and the standalone entry."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from lcsm.bench import common
+from lcsm.bench.common import BenchError
+from lcsm.config.base import SpecError
+
+
+def test_bench_error_is_a_spec_error():
+    # lcsm.cli.main catches SpecError: printed without a traceback, exit code 2
+    assert issubclass(BenchError, SpecError)
+
+
+def test_argument_checks_name_the_flag():
+    args = argparse.Namespace(steps=0, d_model=64, warmup=-1, contexts=[64, 0], nproc=None)
+    with pytest.raises(BenchError, match=r"^--steps must be at least 1 \(got 0\)$"):
+        common.positive(args, "d_model", "steps")
+    with pytest.raises(BenchError, match=r"^--warmup must be at least 0 \(got -1\)$"):
+        common.non_negative(args, "warmup")
+    with pytest.raises(BenchError, match=r"^--contexts: every value must be at least 1 \(got 64 0\)$"):
+        common.positive(args, "contexts")
+    common.positive(args, "d_model", "nproc")  # None: not given, nothing to check
+    assert common.flag("longest_start") == "--longest-start"
+
+
+def test_json_paths_are_checked(tmp_path):
+    with pytest.raises(BenchError, match="must end in .json"):
+        common.check_json_path(str(tmp_path / "results.txt"))
+    with pytest.raises(BenchError, match="does not exist"):
+        common.check_json_path(str(tmp_path / "missing" / "results.json"))
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(BenchError, match="is a folder"):
+        common.write_json(str(tmp_path / "dir.json"), {})
+    path = tmp_path / "results.json"
+    common.write_json(str(path), {"rows": [{"shape": (1, 2)}], "dtype": torch.bfloat16})
+    common.write_json(str(path), {"rows": [1]})  # rewritten, as after every row
+    assert json.loads(path.read_text()) == {"rows": [1]}
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["results.json"]  # no temporary left
+
+
+def test_markdown_table_and_cells():
+    text = common.markdown_table(["a", "b"], [[1, common.cell(2.5, ".2f")], ["x", common.cell(None)]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2.50 |", "| x | — |"]
+    assert common.cell("out of memory") == "out of memory" and common.cell(3, ".1f") == "3.0"
+
+
+def test_environment_keys(monkeypatch):
+    env = common.environment(torch.device("cpu"), world=2)
+    keys = {"date", "gpu", "device", "torch", "cuda", "triton", "fla", "fla_core", "flash_linear_attention", "python"}
+    assert keys <= set(env) and env["world"] == 2
+    assert env["gpu"] is None and env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert len(env["date"]) == 10 and env["triton"]  # YYYY-MM-DD; triton is installed here
+    json.dumps(env)  # a JSON record
+
+
+def test_require_cuda_on_a_cpu_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BenchError, match="lcsm bench x needs a CUDA GPU.*; use --small"):
+        common.require_cuda("lcsm bench x", "use --small")
+
+
+def test_host_timers_count_the_calls():
+    calls = []
+    ms = common.mean_ms(lambda: calls.append(1), 3, torch.device("cpu"), warmup=2)
+    assert len(calls) == 5 and ms >= 0
+    with common.Stopwatch(torch.device("cpu")) as clock:
+        sum(range(1000))
+    assert clock.s >= 0 and clock.ms == clock.s * 1e3
+
+
+def test_guard_keeps_the_other_rows():
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def broken():
+        raise RuntimeError("no kernel for this case")
+
+    assert common.guard(oom) == {"error": "out of memory"}
+    assert common.guard(broken, catch_all=True) == {"error": "RuntimeError: no kernel for this case"}
+    with pytest.raises(RuntimeError):
+        common.guard(broken)  # only a row that does not fit is recorded by default
+    assert common.guard(lambda: {"ms": 1.0}) == {"ms": 1.0}
+
+
+def test_resized_is_validated_and_importable_from_bench_train():
+    from lcsm.bench.train import resized
+
+    assert resized is common.resized
+    spec = resized("gla", 32, 2, 2, 64)
+    assert (spec.d_model, spec.n_layers, spec.n_heads, spec.vocab_size) == (32, 2, 2, 64)
+    with pytest.raises(BenchError, match="n_heads = 3 must divide d_model = 16"):
+        resized("gla", 16, 2, 3, 64)
+
+
+def test_the_standalone_entry_prints_errors_with_exit_code_2(capsys):
+    from lcsm.bench import train
+
+    assert train.main(["--steps", "0"]) == 2
+    assert "error: --steps must be at least 1 (got 0)" in capsys.readouterr().err

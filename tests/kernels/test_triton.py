@@ -1,0 +1,178 @@
+"""The Triton kernels (under the interpreter on the CPU) against the fp64 reference: outputs, final
+states and every gradient, gates included, for every decay form, static and per token, at weak,
+moderate and strong log gates, with initial states, packed sequences, lengths that are not
+multiples of the chunk, K != V and sizes that are not powers of two.
+
+bf16 is not checked here: the interpreter's bf16 matrix products are wrong (Triton 3.6 and 3.9);
+the GPU run of `lcsm bench kernels --check` covers it."""
+
+import os
+
+import pytest
+import torch
+
+from lcsm.kernels import eos_recurrence, eos_step
+from lcsm.kernels.testing import gates, rel_error
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or the interpreter"
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+B, T, H, K, V = 2, 70, 2, 12, 20  # two chunks of 64, the second with 6 tokens
+SCAN_KV = (5, 6)  # the scan kernels hold [16, K, V] tiles: the interpreter wants them small
+TOL = 1e-4 if DEVICE == "cpu" else 5e-3  # fp32 against fp64; GPU fp32 products use tf32 (docs/kernels.md)
+
+
+def dims(form):
+    return SCAN_KV if form.startswith("full") else (K, V)
+
+
+def gates_for(form, scale, gen, batch=B, length=T):
+    """Log gates; `scale` is the total log decay per step (split in two for forms with two decays)."""
+    return gates(form, batch, length, H, *dims(form), scale=scale, gen=gen)
+
+
+rel = rel_error
+
+
+def compare(gates, dtype=torch.float32, tol=TOL, cu_seqlens=None, batch=B, length=T, seed=0, with_h0=True,
+            with_dht=True, kv=(K, V)):
+    K, V = kv
+    gen = torch.Generator().manual_seed(seed)
+    N = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    leaves = {
+        "s": torch.randn(batch, length, H, K, generator=gen),
+        "e": torch.randn(batch, length, H, K, generator=gen),
+        "i": torch.randn(batch, length, H, V, generator=gen),
+        **gates,
+    }
+    if with_h0:
+        leaves["h0"] = torch.randn(N, H, K, V, generator=gen)
+    ours = {n: x.to(DEVICE, dtype if n in "sei" else torch.float32).clone().requires_grad_() for n, x in leaves.items()}
+    ref = {n: x.double().clone().requires_grad_() for n, x in leaves.items()}
+    cu_ours = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
+    args = lambda L, cu: dict(h0=L.get("h0"), output_final_state=True, cu_seqlens=cu, **{n: L[n] for n in gates})  # noqa: E731
+    y, ht = eos_recurrence(ours["s"], ours["e"], ours["i"], backend="triton", **args(ours, cu_ours))
+    y_ref, ht_ref = eos_recurrence(ref["s"], ref["e"], ref["i"], backend="reference", **args(ref, cu_seqlens))
+    assert y.dtype == dtype and ht.dtype == torch.float32
+    wy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    wh = torch.randn(ht_ref.shape, generator=gen, dtype=torch.float64) * with_dht
+    ((y.double().cpu() * wy).sum() + (ht.double().cpu() * wh).sum()).backward()
+    ((y_ref * wy).sum() + (ht_ref * wh).sum()).backward()
+    errors = {"y": rel(y, y_ref), "ht": rel(ht, ht_ref)}
+    errors.update({f"d{n}": rel(ours[n].grad, ref[n].grad) for n in leaves})
+    assert all(torch.isfinite(ours[n].grad).all() for n in leaves)
+    bad = {n: f"{e:.1e}" for n, e in errors.items() if not e < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+SEPARABLE = ["ones", "scalar", "scalar_static", "vector_k", "vector_k_static", "vector_v", "vector_v_static",
+             "outer", "scalar_and_vector_k", "scalar_and_vector_v"]
+FULL = ["full_dt_A", "full_static", "full"]
+
+
+@pytest.mark.parametrize("form", SEPARABLE + FULL)
+def test_moderate_gates(form):
+    gen = torch.Generator().manual_seed(1)
+    compare(gates_for(form, 0.1, gen), kv=dims(form))
+
+
+@pytest.mark.parametrize("form", ["scalar", "scalar_static", "vector_k", "vector_k_static", "vector_v", "outer", "full_dt_A"])
+def test_strong_gates(form):
+    gen = torch.Generator().manual_seed(2)
+    compare(gates_for(form, 5.0, gen), kv=dims(form))
+
+
+@pytest.mark.parametrize("form", ["scalar", "vector_k", "outer", "full"])
+def test_weak_gates(form):
+    gen = torch.Generator().manual_seed(3)
+    compare(gates_for(form, 1e-3, gen), kv=dims(form))
+
+
+@pytest.mark.parametrize("form", ["scalar", "vector_k", "outer", "full_dt_A"])
+def test_packed_sequences(form):
+    gen = torch.Generator().manual_seed(4)
+    cu = torch.tensor([0, 5, 5, 80, 150])  # lengths 5, 0 (empty), 75, 70
+    compare(gates_for(form, 0.3, gen, batch=1, length=150), cu_seqlens=cu, batch=1, length=150, kv=dims(form))
+
+
+@pytest.mark.parametrize("form", ["vector_k", "full_dt_A"])
+def test_without_initial_or_final_state_gradients(form):
+    gen = torch.Generator().manual_seed(5)
+    compare(gates_for(form, 0.3, gen), with_h0=False, with_dht=False, length=T, kv=dims(form))
+
+
+@pytest.mark.parametrize("form", ["scalar", "vector_k", "outer"])
+def test_half_precision_inputs(form):
+    gen = torch.Generator().manual_seed(6)
+    compare(gates_for(form, 0.3, gen), dtype=torch.float16, tol=5e-3)
+
+
+def test_strong_decay_over_a_long_sequence_stays_finite_and_exact():
+    gen = torch.Generator().manual_seed(7)
+    g = {"gk": -20.0 * torch.rand(1, 400, H, K, generator=gen)}
+    compare(g, batch=1, length=400, with_h0=False)
+
+
+@pytest.mark.parametrize("form", ["full_dt_A", "vector_k"])
+def test_inference_forward_matches_the_reference(form):
+    # without gradients the kernels skip the saved states: the outputs and final state must not change
+    gen = torch.Generator().manual_seed(9)
+    K, V = dims(form)
+    gates = gates_for(form, 0.3, gen)
+    s, e = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    i, h0 = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    y_ref, ht_ref = eos_recurrence(s, e, i, h0=h0, output_final_state=True, backend="reference", **gates)
+    with torch.no_grad():
+        dev = {n: x.to(DEVICE) for n, x in gates.items()}
+        y, ht = eos_recurrence(s.to(DEVICE), e.to(DEVICE), i.to(DEVICE), h0=h0.to(DEVICE), output_final_state=True,
+                               backend="triton", **dev)
+    assert rel(y, y_ref) < TOL and rel(ht, ht_ref) < TOL
+
+
+@pytest.mark.parametrize("form", ["outer", "full_dt_A"])
+def test_mixed_input_dtypes_are_promoted(form, monkeypatch):
+    # under autocast a parameter-only stage gives fp32 s, e beside bf16 i; the kernels' products
+    # need one dtype (Triton refuses fp32 x bf16), so the API promotes and returns y in s's dtype
+    from lcsm.kernels.triton import autograd as triton_api
+
+    seen = []
+    for name in ("chunk_eos", "scan_eos"):
+        real = getattr(triton_api, name)
+        monkeypatch.setattr(triton_api, name, lambda q, k, v, *a, _real=real: seen.append((q.dtype, k.dtype, v.dtype)) or _real(q, k, v, *a))
+    gen = torch.Generator().manual_seed(10)
+    K, V = dims(form)
+    gates = {n: x.to(DEVICE) for n, x in gates_for(form, 0.3, gen).items()}
+    s, e = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    i = torch.randn(B, T, H, V, generator=gen).half()
+    y, _ = eos_recurrence(s.to(DEVICE), e.to(DEVICE), i.to(DEVICE), backend="triton", **gates)
+    y_ref, _ = eos_recurrence(s.double(), e.double(), i.double(), backend="reference", **{n: x.cpu().double() for n, x in gates.items()})
+    assert seen == [(torch.float32,) * 3] and y.dtype == torch.float32 and rel(y, y_ref) < TOL
+
+
+@pytest.mark.parametrize("form", ["scalar", "vector_k_static", "outer", "full_dt_A", "full"])
+def test_decode_step_matches_the_recurrence(form):
+    gen = torch.Generator().manual_seed(8)
+    K, V = dims(form)
+    gates = gates_for(form, 0.3, gen, length=5)
+    s, e = torch.randn(B, 5, H, K, generator=gen), torch.randn(B, 5, H, K, generator=gen)
+    i = torch.randn(B, 5, H, V, generator=gen)
+    h0 = torch.randn(B, H, K, V, generator=gen)
+    y_ref, ht_ref = eos_recurrence(s, e, i, h0=h0, output_final_state=True, backend="reference", **gates)
+    for backend in ("triton", "torch"):
+        state = h0.clone().to(DEVICE)
+        ys = []
+        for t in range(5):
+            step = {n: (x if x.dim() in (1, 2) or (n == "A" and x.dim() == 3) else x[:, t]).to(DEVICE) for n, x in gates.items()}
+            y, state = eos_step(s[:, t].to(DEVICE), e[:, t].to(DEVICE), i[:, t].to(DEVICE), state, backend=backend, **step)
+            ys.append(y.cpu())
+        assert rel(torch.stack(ys, 1), y_ref) < 1e-5 and rel(state.cpu(), ht_ref) < 1e-5, backend
+
+
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.zeros(1, 3, 1, 4)
+    if not x.is_cuda:
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            eos_recurrence(x, x, x, backend="triton")
