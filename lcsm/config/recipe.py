@@ -101,10 +101,6 @@ class Recipe(Base):
             raise FieldError("steps", "give exactly one of steps or epochs")
         if self.batch_size % self.parallel.data:
             raise FieldError(("parallel", "data"), f"data = {self.parallel.data} must divide batch_size = {self.batch_size}")
-        mixers = [self.model.mixer, *(getattr(self.model, "mixers", None) or {}).values()]
-        if self.parallel.sequence > 1 and any(getattr(m, "routing", None) is not None for m in mixers):
-            raise FieldError(("parallel", "sequence"), "Mixture-of-Memories (routing) layers do not run under sequence "
-                             "parallelism yet; use sequence: 1 (data parallelism works)")
         vocab = self.task.model_vocab_size
         if self.model.vocab_size != vocab:
             # the task owns the vocabulary: a spec's own vocab_size (zoo specs say 8192) is replaced

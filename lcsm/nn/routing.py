@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcsm import parallel
 from lcsm.nn.stages.common import gate_dtype
+from lcsm.parallel.context import all_gather
 
 
 @dataclass
@@ -68,6 +70,13 @@ class RoutingStats:
         # sums over max(n, 1): no tokens (an empty shard) gives 0, not NaN
         f = mask.sum(0) / max(n, 1)
         P = routed.probs.flatten(0, -2).sum(0) / max(n, 1)
+        sp = parallel.current()
+        if sp is not None:
+            # sequence parallel: this rank holds one of `size` equal slices of the same rows, and
+            # the balance is that of the whole sequences: the mean of the slices' f and P (one
+            # differentiable all-gather of [2,E]; its backward hands each rank its share of ∂P)
+            f, P = all_gather(torch.stack([f, P]), sp).mean(0).unbind(0)
+            n = n * sp.size
         return cls(f, P, n, weight, routed.index.shape[-1], scope)
 
     @property

@@ -298,21 +298,25 @@ def test_one_memory_is_the_plain_mixer(path):
     torch.testing.assert_close(mixer(x), plain(x), rtol=1e-10, atol=1e-12)
 
 
-def test_sequence_parallelism_is_refused_clearly(monkeypatch):
+def test_under_sequence_parallelism_every_path_runs_dense(monkeypatch):
+    # LASP-2 over the M·H heads of the dense path (tests/parallel checks it against one process);
+    # the sparse path's packed copies have no per-rank prefix state, so it falls back to dense
     from lcsm import parallel
 
     model, mixer = mixer_of(spec({"kind": "scalar", "source": "data"}))
-    monkeypatch.setattr(parallel, "current", lambda: object())
-    with pytest.raises(NotImplementedError, match="sequence parallelism"):
-        mixer(torch.randn(1, 4, D, dtype=torch.float64))
+    x = torch.randn(1, 4, D, dtype=torch.float64)
+    for path in ("auto", "dense", "sparse", "reference"):
+        mixer.path = path
+        monkeypatch.setattr(parallel, "current", lambda: object())
+        assert mixer.choose_path(x) == "dense"
+        monkeypatch.undo()
+    assert mixer.choose_path(x) == "reference"
 
 
-def test_a_recipe_asking_sequence_parallelism_for_routed_layers_is_refused():
+def test_a_recipe_may_ask_sequence_parallelism_for_routed_layers():
     from lcsm.config.recipe import load_recipe
-    from lcsm.config.spec import SpecError
 
-    with pytest.raises(SpecError, match="parallel.sequence.*routing"):
-        load_recipe("mqar_mom_256", ["parallel.sequence=2", "parallel.data=1"])
+    assert load_recipe("mqar_mom_256", ["parallel.sequence=2", "parallel.data=1"]).parallel.sequence == 2
 
 
 def test_the_pooled_balancing_loss_is_one_loss_over_the_routers_of_all_layers():

@@ -29,9 +29,16 @@ def _max_over_ranks(x: float) -> float:
     return float(t)
 
 
+def _write(rank: int, out: str, results: dict) -> None:
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+
+
 def sequence_parallel_worker(rank: int, world: int, port: int, specs: dict, out: str, B: int, T: int) -> None:
-    """For each spec: logits and every parameter's gradient of a sequence-parallel forward and
-    backward (slices of T / world tokens) against one process holding the whole sequence."""
+    """For each spec: logits, the balancing loss and every parameter's gradient of a
+    sequence-parallel forward and backward (slices of T / world tokens) against one process
+    holding the whole sequence."""
     from lcsm.nn.model import Model
     from lcsm.parallel import init_grid, sequence_parallel
 
@@ -45,15 +52,21 @@ def sequence_parallel_worker(rank: int, world: int, port: int, specs: dict, out:
         tokens = torch.randint(0, spec["vocab_size"], (B, T), generator=gen)
         weight = torch.randn(B, T, spec["vocab_size"], generator=gen, dtype=torch.float64)
         logits = model(tokens)
-        (logits * weight).sum().backward()
+        aux = model.aux_loss()
+        ((logits * weight).sum() + aux).backward()
         ref = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
         with sequence_parallel(grid.context(T // world)):
             local = model(grid.shard(tokens))
-            (local * grid.shard(weight)).sum().backward()
+            local_aux = model.aux_loss()
+            # under SP every rank's balancing loss is that of the whole sequences (lcsm.nn.routing):
+            # the ranks' share of it is 1/world, since their gradients are summed below
+            ((local * grid.shard(weight)).sum() + local_aux / world).backward()
         err = _rel(local.detach(), grid.shard(logits).detach())
+        if torch.is_tensor(aux):
+            err = max(err, abs(float(local_aux.detach()) - float(aux.detach())) / abs(float(aux.detach())))
         if os.environ.get("LCSM_DEBUG"):
-            print(rank, name, "logits", err, flush=True)
+            print(rank, name, "logits/aux", err, flush=True)
         for n, p in model.named_parameters():
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(g)  # rank j's gradient is ∂(Σ_r loss_r)/∂θ_j: the replicas' sum is the total
@@ -61,9 +74,7 @@ def sequence_parallel_worker(rank: int, world: int, port: int, specs: dict, out:
             if os.environ.get("LCSM_DEBUG") and _rel(g, ref[n]) > 1e-9:
                 print(rank, name, n, _rel(g, ref[n]), flush=True)
         results[name] = _max_over_ranks(err)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
+    _write(rank, out, results)
     dist.destroy_process_group()
 
 

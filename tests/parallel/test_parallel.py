@@ -1,5 +1,5 @@
 """Scale-out on the CPU with gloo: sequence parallelism (LASP-2 / LASP-2H) equals one process for
-every oscillation kind and for attention, a data-parallel step equals the single-process step,
+every oscillation kind, attention and routed layers (MoM, MoE), a data-parallel step equals the single-process step,
 and bad parallel settings fail clearly."""
 
 import json
@@ -30,19 +30,32 @@ def tiny(name: str) -> dict:
     return resized(name, **size).model_dump(mode="json", exclude_unset=True) | {"vocab_size": TINY["vocab"]}
 
 
+def routed_specs() -> dict:
+    """Mixture-of-Memories and mixture-of-experts models with a balancing loss that matters (weight 1)."""
+    mom = tiny("mom_gla")
+    mom["mixer"]["routing"]["aux_loss_weight"] = 1.0
+    # per-memory decays and convolutions, the sparse path asked for (it runs dense under SP and
+    # must still equal the one-process sparse path), per-layer balancing losses
+    mom_sparse = tiny("mom_scalar")
+    mom_sparse["mixer"]["routing"].update(per_memory=["expand", "input", "oscillation"], path="sparse",
+                                          aux_loss_weight=1.0, aux_loss_scope="per_layer")
+    mom_sparse["mixer"]["expand"]["conv"] = 2
+    moe = tiny("mamba2") | {"channel_mixer": {"kind": "moe", "experts": 4, "top_k": 2, "shared_expert": True,
+                                              "aux_loss_weight": 1.0}}
+    return {"mom_gla_aux": mom, "mom_sparse_per_memory_decay": mom_sparse, "mamba2_moe": moe}
+
+
 def sp_specs() -> dict:
-    # every oscillation kind, attention, short convs; routed memories (MoM) refuse sequence
-    # parallelism with a clear error instead (tests/nn/test_mom.py)
-    specs = {name: tiny(name) for name in zoo_names() if not tiny(name)["mixer"].get("routing")}
+    # every oscillation kind, attention, short convs, the routed memories of the zoo (MoM) and
+    # routed layers with a heavy balancing loss
+    specs = {name: tiny(name) for name in zoo_names()}
     vector_v = tiny("gla")
     vector_v["mixer"]["oscillation"] = {"kind": "vector_v", "source": "data", "parametrization": "sigmoid_tau", "tau": 16}
     specs["vector_v"] = vector_v
     static = tiny("gla")
     static["mixer"]["oscillation"] = {"kind": "vector_k", "source": "param", "parametrization": "sigmoid_tau", "tau": 16}
     specs["vector_k_param"] = static
-    moe = tiny("mamba2") | {"channel_mixer": {"kind": "moe", "experts": 4, "top_k": 2, "shared_expert": True}}
-    specs["mamba2_moe"] = moe  # token-local: must not notice the split
-    return specs
+    return specs | routed_specs()
 
 
 def spawn(fn, world: int, *args):
@@ -58,11 +71,11 @@ def sp_errors(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(sp_specs()))
 def test_sequence_parallel_equals_one_process(sp_errors, name):
-    # logits and every parameter's gradient, fp64
+    # logits, the balancing loss and every parameter's gradient, fp64
     assert sp_errors[name] < 1e-9, sp_errors[name]
 
 
-FOUR_RANKS = ["gla", "retnet", "mamba2", "hybrid_gla", "vector_v"]
+FOUR_RANKS = ["gla", "retnet", "mamba2", "hybrid_gla", "vector_v", "mom_gla_aux"]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ Three paths that agree (tests/nn/test_mom.py):
              gathered back and weighted; recurrence cost ∝ k + shared. One host sync (segment sizes).
   reference  a plain loop over tokens and memories in fp64, the oracle of the tests.
   auto       sparse on CUDA when B·T >= 4096 and 1.25·(k + shared) < E + shared, else dense.
+Under sequence parallelism every path runs dense: the M·H heads go through LASP-2 (lcsm.parallel.lasp)
+with the masked decay, since an unchosen memory is one whose decay is 1 at that token; the sparse
+path's packed copies have no per-rank prefix state to hand on.
 Per-memory projections: dense and reference compute them for every token and memory; sparse
 projects only the copies (x gathered in memory order, one matmul per memory on its rows), except
 for a stage with a short convolution, which needs its neighbours in the original sequence and is
@@ -40,6 +43,7 @@ from lcsm.nn.stages.common import ShortConv
 from lcsm.nn.stages.expand import Expand
 from lcsm.nn.stages.input import Input
 from lcsm.nn.stages.shrink import Shrink
+from lcsm.parallel import lasp
 
 AUTO_MIN_TOKENS = 4096
 
@@ -129,11 +133,6 @@ class MoMMixer(EOSMixer):
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [B,T,d]; cache (optional, one dict per layer): {"state": [B,M,H,K,V], "x_tail": [B,<=c-1,d]}."""
         B, T, _ = x.shape
-        if parallel.current() is not None:
-            raise NotImplementedError(
-                "Mixture-of-Memories layers do not run under sequence parallelism yet (parallel.sequence > 1); "
-                "use parallel.sequence: 1 (data parallelism works) or a mixer without routing"
-            )
         tail = cache.get("x_tail") if cache is not None else None
         xs = x if tail is None else torch.cat([tail, x], dim=1)
         path = self.choose_path(x)
@@ -142,7 +141,7 @@ class MoMMixer(EOSMixer):
         self.set_aux(routed)
         h0 = None if cache is None else cache.get("state")
         if path == "dense":
-            y, ht = self.run_dense(streams, decay, routed, B, T, h0, cache is not None)
+            y, ht = self.run_dense(streams, decay, routed, B, T, h0, cache is not None, parallel.current())
         elif path == "sparse":
             y, ht = self.run_sparse(streams, decay, routed, B, T, h0, cache is not None, x)
         else:
@@ -155,6 +154,8 @@ class MoMMixer(EOSMixer):
         return self.readout(y, x)
 
     def choose_path(self, x: torch.Tensor) -> str:
+        if parallel.current() is not None:
+            return "dense"  # sequence parallel: LASP-2 over the M·H heads (the module docstring)
         if self.path != "auto":
             return self.path
         B, T, _ = x.shape
@@ -167,7 +168,8 @@ class MoMMixer(EOSMixer):
         """Run the stages on x [B,T',d]; drop the first `skip` tokens (the cached conv context).
         Stages named in `deferred` are left out (the sparse path projects the copies itself).
         Returns the s, e, i streams and the decay (its tensors in the layout of `oscillation`)."""
-        positions = torch.arange(x.shape[1], device=x.device)
+        sp = parallel.current()  # sequence parallel: rotations need the global positions
+        positions = torch.arange(x.shape[1], device=x.device) + (sp.offset if sp else 0)
         osc = self.oscillation(x, positions)
         out = {}
         for name, short in (("shrink", "s"), ("expand", "e"), ("input", "i")):
@@ -199,8 +201,10 @@ class MoMMixer(EOSMixer):
 
     # ------------------------------------------------------------------ dense
 
-    def run_dense(self, st: dict[str, Stream], decay: Decay, routed: Routed, B: int, T: int, h0, want_state: bool):
-        """M·H heads, one call: unchosen memories get e = 0 and log o = 0 at that token."""
+    def run_dense(self, st: dict[str, Stream], decay: Decay, routed: Routed, B: int, T: int, h0, want_state: bool,
+                  sp: parallel.SequenceParallel | None = None):
+        """M·H heads, one call: unchosen memories get e = 0 and log o = 0 at that token. sp: this
+        rank's slice of a split sequence; LASP-2 adds the earlier slices' memories, per memory."""
         M, H, K, V = self.M, self.H, self.K, self.V
         w, mask = self.memory_weights(routed)
 
@@ -215,7 +219,10 @@ class MoMMixer(EOSMixer):
         decay = self.decay_layout(decay, lambda stream: heads(stream.dense(B, T, M, H))).masked(keep)
         if h0 is not None:
             h0 = h0.reshape(B, M * H, K, V)
-        y, ht = kernels.recurrence(s, e, i, decay, h0=h0, output_final_state=want_state, backend=self.backend)
+        y, ht = kernels.recurrence(s, e, i, decay, h0=h0, output_final_state=want_state or sp is not None, backend=self.backend)
+        if sp is not None:
+            y = lasp.lasp2(y, ht, s, decay, sp)
+            ht = ht if want_state else None
         y = torch.einsum("btmhv,btm->bthv", y.view(B, T, M, H, V), w.to(y.dtype))
         return y, (None if ht is None else ht.view(B, M, H, K, V))
 
