@@ -6,7 +6,7 @@ Run under torchrun (or with --nproc N, which starts torchrun itself). Three part
    (short convolutions) models in fp32: logits and every parameter's gradient, max relative error.
 2. scaling: training tokens/s per GPU of a ~1B model at the same per-GPU sequence length for the
    grids (sequence 1 × data N) and (sequence N × data 1); efficiency = SP's / DP's tokens/s per GPU.
-   Both grids sum gradients over all ranks, so the difference is LASP-2's own cost.
+   Both grids reduce gradients over all ranks (DDP), so the difference is LASP-2's own cost.
 3. longest: with SP = N and activation checkpointing (Model.checkpoint_every = 1), the sequence
    length doubles while the measured peak memory, extrapolated, fits; one full training step
    (fwd + bwd + AdamW, bf16) each.

@@ -241,13 +241,24 @@ def _launch(args, recipe) -> int:
     if torch.cuda.is_available() and recipe.device != "cpu" and n > torch.cuda.device_count():
         raise UsageError(f"--nproc {n}: one GPU per process, and this machine has {torch.cuda.device_count()}")
     sets = list(args.set or [])
+    data = par.data
     if par.sequence * par.data == 1:
-        sets.append(f"parallel.data={n}")  # no grid in the recipe: plain data parallelism
+        sets.append(f"parallel.data={n}")  # no mesh in the recipe: plain data parallelism
+        data = n
     elif par.sequence * par.data != n:
         raise UsageError(
             f"--nproc {n} does not match the recipe's parallel: sequence × data = {par.sequence} × {par.data}; "
             f"use --nproc {par.sequence * par.data} or --set parallel.data=..."
         )
+    from lcsm.parallel.grid import ParallelError, check_sizes
+
+    try:  # the mesh is checked here, before anything is launched
+        check_sizes(par.sequence, data, n, par.strategy, par.shard)
+    except ParallelError as e:
+        raise UsageError(str(e)) from None
+    if recipe.batch_size % (recipe.accumulate * data):
+        raise UsageError(f"--nproc {n}: accumulate × parallel.data = {recipe.accumulate} × {data} must divide "
+                         f"batch_size = {recipe.batch_size}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lcsm.cli", "train"]
     cmd += [args.recipe] if args.recipe else []
     cmd += [a for x in sets for a in ("--set", x)]
@@ -296,6 +307,14 @@ def cmd_eval(args) -> int:
         raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
     out.print(_result_table(metrics, f"{escape(str(run_dir))} at step {step}: {recipe.task.kind}"))
     out.print(f"wrote {escape(str(path))}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lcsm.run.export import export
+
+    path, step = export(args.run, args.out)
+    out.print(f"wrote {escape(str(path))} (the weights at step {step})")
     return 0
 
 
@@ -511,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", choices=["auto"], help="auto: continue the run in the output directory from its checkpoint")
     again.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     p.add_argument("--nproc", type=int, metavar="N", help="run under torchrun with N processes (GPUs) on this machine; "
-                   "the recipe's parallel: {sequence: S, data: D} splits them (default: data = N)")
+                   "the recipe's parallel: {sequence: S, data: D, strategy: ddp|fsdp|hsdp} splits them "
+                   "(default: data = N, ddp); several machines: torchrun itself (docs/parallel.md)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")
@@ -523,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("-o", "--output", help="JSON file (default RUN/eval.json, or RUN/eval-TASK.json with --task)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="the weights of a run (sharded or not) as one safetensors file")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory or its checkpoint/ folder")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")

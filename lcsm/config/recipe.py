@@ -56,10 +56,25 @@ DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
 class Parallel(Base):
-    """The process grid: world size = sequence × data (docs/parallel.md)."""
+    """The device mesh: world size = data × sequence; how the data ranks hold the weights (docs/parallel.md)."""
 
     sequence: int = Field(1, ge=1, description="ranks that split each sequence along time (LASP-2)")
     data: int = Field(1, ge=1, description="ranks that take different rows of each batch")
+    strategy: Literal["ddp", "fsdp", "hsdp"] = Field(
+        "ddp", description="ddp: replicated weights (DistributedDataParallel); fsdp: weights, gradients and AdamW "
+        "moments sharded over all ranks (FSDP2 fully_shard); hsdp: sharded within groups of `shard` data ranks, "
+        "replicated across the groups")
+    shard: int | None = Field(None, ge=1, description="hsdp only: data ranks per shard group (must divide data)")
+
+    @model_validator(mode="after")
+    def _shard(self):
+        if self.strategy == "hsdp":
+            # (that shard divides data is checked with the mesh: --nproc N may set data = N after this)
+            if self.shard is None:
+                raise FieldError("shard", "strategy hsdp needs shard: the data ranks of one shard group (a divisor of data)")
+        elif self.shard is not None:
+            raise FieldError("shard", f"shard only applies with strategy: hsdp (here strategy is '{self.strategy}')")
+        return self
 
 
 class Recipe(Base):
@@ -86,7 +101,10 @@ class Recipe(Base):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice (all cores)")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     out_dir: str | None = Field(None, description="the run directory; default runs/<name>")
-    parallel: Parallel = Field(default_factory=Parallel, description="sequence × data parallel grid (launch with torchrun or --nproc)")
+    parallel: Parallel = Field(default_factory=Parallel, description="data × sequence device mesh and the data-parallel "
+                               "strategy (launch with torchrun or --nproc)")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step: the batch_size rows are split into "
+                            "this many forward/backward passes (less activation memory, the same step)")
 
     @field_validator("device")
     @classmethod
@@ -101,6 +119,9 @@ class Recipe(Base):
             raise FieldError("steps", "give exactly one of steps or epochs")
         if self.batch_size % self.parallel.data:
             raise FieldError(("parallel", "data"), f"data = {self.parallel.data} must divide batch_size = {self.batch_size}")
+        if self.batch_size % (self.accumulate * self.parallel.data):
+            raise FieldError("accumulate", f"accumulate × parallel.data = {self.accumulate} × {self.parallel.data} must "
+                             f"divide batch_size = {self.batch_size} (every micro-batch splits evenly over the data ranks)")
         vocab = self.task.model_vocab_size
         if self.model.vocab_size != vocab:
             # the task owns the vocabulary: a spec's own vocab_size (zoo specs say 8192) is replaced

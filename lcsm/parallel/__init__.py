@@ -1,5 +1,5 @@
-"""Scale-out on torch.distributed: the process grid, sequence parallelism (LASP-2 / LASP-2H) and
-data parallelism. See docs/parallel.md."""
+"""Scale-out on torch.distributed: the device mesh (grid.py), sequence parallelism (LASP-2 /
+LASP-2H: context.py, lasp.py) and data parallelism on torch's DDP / FSDP2 (data.py). See docs/parallel.md."""
 
 from .context import SequenceParallel, current, distributed, sequence_parallel
 from .grid import Grid, init_grid

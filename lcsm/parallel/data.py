@@ -1,13 +1,21 @@
-"""Data parallelism over the grid: replicated weights and summed gradients.
+"""Data parallelism on torch's engine: DDP or FSDP2 over the grid's DeviceMesh (lcsm/parallel/grid.py).
 
-Every rank holds the whole model (replicated, as DDP). The trainer (lcsm/run/trainer.py) divides
-each rank's loss sum by the labelled-token count of the whole global batch, so the sum of all
-ranks' gradients is exactly the gradient of the single-process mean loss, whatever the split into
-rows (data) and slices (sequence). `sync_gradients` sums them with bucketed all-reduces after the
-backward; every rank then takes the same optimizer step.
+lcsm writes no gradient collective of its own. The trainer (lcsm/run/trainer.py) gives each rank
+the loss sum of its tokens divided by the labelled-token count of the whole global batch; the sum
+of the ranks' gradients is then exactly the one-process gradient, whatever the split into rows
+(data) and slices (sequence). DDP and FSDP2 *average* gradients over the ranks they reduce over,
+which here is every rank (the sp ranks hold different tokens of the same rows), so the trainer
+multiplies its loss by `reduction_scale(grid)` = the world size, and the average is that sum.
+
+    ddp    DistributedDataParallel over the world group; all-reduce in buckets during the backward
+    fsdp   fully_shard on every block, then on the root, over the flattened (dp_shard, sp) dims:
+           parameters, gradients and AdamW moments are 1/world per rank; reduce-scatter in the backward
+    hsdp   the same over the 2-D (dp_replicate, dp_shard_sp) mesh: sharded in a group, all-reduced across groups
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -15,41 +23,77 @@ import torch.distributed as dist
 from .grid import Grid
 
 
-def sync_gradients(model, group=None, bucket_bytes: int = 256 << 20) -> None:
-    """Sum every parameter's gradient over the group (a missing gradient counts as zeros; a
-    parameter that no rank gave a gradient keeps none, as in one process, so AdamW leaves it be)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        return
-    had = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(had, op=dist.ReduceOp.MAX, group=group)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    bucket, size = [], 0
-    for p in params + [None]:
-        if p is not None:
-            bucket.append(p.grad)
-            size += p.grad.numel() * p.grad.element_size()
-        if bucket and (p is None or size >= bucket_bytes):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, group=group)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket, size = [], 0
-    for p, some_rank_had_one in zip(params, had.tolist()):
-        if not some_rank_had_one:
-            p.grad = None
+def reduction_scale(grid: Grid | None) -> int:
+    """What the loss is multiplied by so that DDP's / FSDP2's gradient average over the ranks is the sum."""
+    return 1 if grid is None else grid.world
 
 
-def wrap(model, grid: Grid | None):
-    """Every rank starts from rank 0's weights (the same seed gives them anyway; this makes sure)."""
-    if grid is not None and grid.world > 1:
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t, src=0)
+def wrap(model: torch.nn.Module, grid: Grid | None, precision: str = "fp32", device: torch.device | None = None):
+    """The module the trainer calls for forward and backward: the model itself (one process; for
+    fsdp and hsdp the model, sharded in place by fully_shard) or a DistributedDataParallel around it.
+
+    The optimizer must be built after this: fully_shard replaces the parameters by their shards
+    (DTensors). `model.blocks` are the units of sharding (one all-gather and one reduce-scatter per
+    block); the root group holds the embedding, the final norm and the LM head (they must stay
+    together: a tied head is the embedding, and the loss reads the head's weight directly).
+    """
+    if grid is None or grid.world == 1:
+        return model
+    if grid.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        on_cuda = device is not None and device.type == "cuda"
+        # DDP broadcasts rank 0's weights at construction. Buffers are constants of the spec (no
+        # running statistics): no broadcast before every forward. Every parameter gets a gradient
+        # on every rank (the model keeps all of its output in the graph under torch.distributed,
+        # lcsm.nn.model), so the unused-parameter search is not needed.
+        return DistributedDataParallel(model, process_group=dist.group.WORLD, forward_sync_buffers=False,
+                                       device_ids=[device.index] if on_cuda else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # FSDP2 shards what each rank has: make sure every rank starts from rank 0's weights (the
+    # same seed gives them anyway; a different RNG stream on some device must not split the run)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t, src=0)
+    # bf16: parameters all-gathered and used in bf16, gradients reduced in fp32, the fp32 shards
+    # are the master weights the optimizer updates (autocast still runs around the forward)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    mesh = grid.fsdp_mesh
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+@contextmanager
+def gradient_sync(engine, grid: Grid | None, sync: bool):
+    """Around the forward and backward of one micro-batch; sync=False for all but the last of a step.
+
+    ddp: no_sync() (gradients accumulate locally, one all-reduce on the last micro-batch).
+    fsdp: every micro-batch reduce-scatters; skipping it would hold unsharded gradients of the
+    whole model between micro-batches, the memory FSDP exists to save. hsdp: the reduce-scatter
+    in the shard group every micro-batch, the all-reduce across the replicas only on the last."""
+    if grid is None or grid.world == 1:
+        yield
+        return
+    if grid.strategy == "ddp":
+        with engine.no_sync() if not sync else nullcontext():
+            yield
+        return
+    if grid.strategy == "hsdp":
+        engine.set_requires_all_reduce(sync)  # recursive: every block's group
+    yield
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also works on FSDP2's sharded (DTensor) gradients: the
+    norm is that of the whole gradient (the same on every rank, the one-process norm)."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the per-shard partial norms, reduced over the mesh
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return float(total)

@@ -70,11 +70,16 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler, device: torch.de
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
-    """The step of RUN/checkpoint/trainer.pt, or None when there is none (or it cannot be read)."""
+    """The step of RUN/checkpoint/trainer.pt, or None when there is none (or it cannot be read);
+    a sharded run's checkpoint (lcsm/run/dcp.py) counts too, when it is the newer."""
+    from lcsm.run.dcp import sharded_step
+
+    sharded = sharded_step(run_dir)
     path = run_dir / "checkpoint" / "trainer.pt"
     if not path.exists():
-        return None
+        return sharded
     try:
-        return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
+        step = int(torch.load(path, weights_only=True, map_location="cpu")["step"])
     except Exception:
-        return None
+        return sharded
+    return step if sharded is None else max(step, sharded)

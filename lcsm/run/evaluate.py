@@ -17,6 +17,7 @@ from safetensors.torch import load_model
 from lcsm.config.base import RecipeError
 from lcsm.config.recipe import load_recipe
 from lcsm.nn.model import Model
+from lcsm.run import dcp
 from lcsm.run.device import autocast
 from lcsm.tasks import IGNORE, Segment, TaskData
 
@@ -95,10 +96,19 @@ def evaluate(model, data: TaskData, batch_size: int, device: torch.device, preci
 
 
 def load_run(path: str | Path, device: torch.device | None = None):
-    """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder or a model.safetensors file."""
+    """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder or a model.safetensors
+    file; a sharded run's checkpoint (lcsm/run/dcp.py) is read whole."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"{path}: no such run directory or checkpoint")
+    sharded = dcp.find(path)  # a sharded run (fsdp, hsdp): its DCP checkpoint, read whole in this process
+    if sharded is not None:
+        run_dir, folder = sharded
+        recipe = load_recipe(run_dir / "config.yaml")
+        model = Model(recipe.model)
+        step = dcp.load_weights(folder, model)
+        model.set_backend(recipe.backend)
+        return recipe, model.to(device or "cpu"), run_dir, step
     if path.is_file():
         weights = path
     elif (path / "checkpoint" / "model.safetensors").exists():

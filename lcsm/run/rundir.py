@@ -4,6 +4,7 @@
     RUN/metrics.jsonl               one JSON object a line: {"split": "train" | "eval", "step", ...}
     RUN/checkpoint/model.safetensors  the weights (metadata: step)
     RUN/checkpoint/trainer.pt       optimizer, scheduler, step, RNG states, data position
+    RUN/checkpoint/dcp/             instead of those two in a sharded run (fsdp, hsdp): lcsm/run/dcp.py
     RUN/eval.json                   the final evaluation
     RUN/tokenizer.json              text tasks with a BPE tokenizer
 """
@@ -21,8 +22,9 @@ from lcsm.config.recipe import Recipe
 from lcsm.run.checkpoint import checkpoint_step, write_text
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "curves.png")
-# recipe fields that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel")
+# recipe fields that may change between an interrupted run and its resumption (accumulate: the
+# same step in more or fewer micro-batches, e.g. on fewer GPUs)
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel", "accumulate")
 
 
 def _has_run(run_dir: Path) -> bool:

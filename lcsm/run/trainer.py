@@ -7,10 +7,12 @@
     train(recipe, resume=..., overwrite=...)             prepare the run directory, build, fit
 
 Batches are a pure function of (seed, step) (lcsm.tasks.epoch_batches), so resuming from a
-checkpoint replays exactly the run that was interrupted. Under a process grid (data and sequence
-parallel, docs/parallel.md) every rank runs the same step on its shard of the batch; the loss is
-normalised by the global number of labelled tokens, so the gradients summed over the ranks are
-those of one process.
+checkpoint replays exactly the run that was interrupted. Under a device mesh (data and sequence
+parallel, DDP or FSDP2, docs/parallel.md) every rank runs the same step on its shard of the batch;
+the loss is normalised by the global number of labelled tokens, so the gradients summed over the
+ranks are those of one process (lcsm/parallel/data.py: DDP / FSDP2 average them, the loss is
+scaled to match). Sharded runs (fsdp, hsdp) checkpoint through torch.distributed.checkpoint
+(lcsm/run/dcp.py), the others through lcsm/run/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from lcsm.config.base import RecipeError
 from lcsm.config.recipe import Optimizer, Recipe, Schedule
 from lcsm.nn.model import Model
 from lcsm.parallel import sequence_parallel
-from lcsm.parallel.data import sync_gradients, wrap
+from lcsm.parallel.data import clip_grad_norm, gradient_sync, reduction_scale, wrap
 from lcsm.parallel.grid import Grid, ParallelError, init_grid
+from lcsm.run import dcp
 from lcsm.run.checkpoint import load_checkpoint, save_checkpoint, write_text
 from lcsm.run.device import autocast, resolve_device, resolve_precision
 from lcsm.run.evaluate import evaluate
@@ -68,6 +71,7 @@ class StepResult:
     aux_loss: float  # the balancing loss (0.0 without routed layers), mean over ranks
     lr: float  # the learning rate the step used
     tokens: int  # tokens of the global batch
+    grad_norm: float | None = None  # the global gradient norm before clipping (None without clipping)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -133,19 +137,31 @@ class Trainer:
 
     model: an lcsm Model (already on `device`); optimizer, schedule: the recipe's sections (AdamW,
     its learning rate and gradient clipping; the warmup and decay); total_steps: the length of the
-    schedule; precision: "bf16" (autocast) or "fp32"; grid: the process grid (None for one
-    process); optimizer_class: a torch optimizer in place of AdamW (given the parameters and lr).
+    schedule; precision: "bf16" (autocast) or "fp32"; grid: the device mesh (None for one
+    process); optimizer_class: a torch optimizer in place of AdamW (given the parameters and lr);
+    accumulate: micro-batches per optimizer step.
+
+    self.model is the lcsm Model (sharded in place under fsdp / hsdp); self.engine is what runs
+    forward and backward (a DistributedDataParallel around the model under ddp, else the model).
     """
 
     def __init__(self, model: Model, optimizer: Optimizer, schedule: Schedule, total_steps: int, *,
-                 device: torch.device, precision: str = "fp32", grid: Grid | None = None, optimizer_class=None):
-        self.model = wrap(model, grid)
+                 device: torch.device, precision: str = "fp32", grid: Grid | None = None, optimizer_class=None,
+                 accumulate: int = 1):
+        self.model = model
+        self.engine = wrap(model, grid, precision, device)
         self.device, self.precision, self.grid = device, precision, grid
         self.grad_clip = optimizer.grad_clip
-        if optimizer_class is None:
-            self.optimizer = make_optimizer(model, optimizer, fused=device.type == "cuda")
-        else:  # another torch optimizer with the recipe's learning rate (tests: plain SGD)
-            self.optimizer = optimizer_class(model.parameters(), lr=optimizer.lr)
+        self.accumulate = accumulate
+
+        def new_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+            if optimizer_class is not None:  # another torch optimizer with the recipe's learning rate (tests: plain SGD)
+                return optimizer_class(m.parameters(), lr=optimizer.lr)
+            # fused AdamW on plain CUDA tensors; sharded (DTensor) parameters take the foreach path
+            return make_optimizer(m, optimizer, fused=device.type == "cuda" and not self.sharded)
+
+        self.new_optimizer = new_optimizer  # (a replicated checkpoint read into a sharded run needs one for a whole copy)
+        self.optimizer = new_optimizer(model)  # after wrap: fully_shard has replaced the parameters by shards
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(schedule, total_steps))
         self.total_steps = total_steps
         self.steps_done = 0
@@ -154,61 +170,69 @@ class Trainer:
     def is_main(self) -> bool:
         return self.grid is None or self.grid.is_main
 
+    @property
+    def sharded(self) -> bool:
+        return self.grid is not None and self.grid.sharded
+
     def step(self, tokens: torch.Tensor, labels: torch.Tensor, step_number: int | None = None) -> StepResult:
         """One optimizer step on the global batch tokens, labels [B,T] (every rank passes the same
-        batch; each takes its shard). Raises TrainingError when the loss or the gradient norm is
-        not finite (step_number names the step in the message)."""
-        grid, model = self.grid, self.model
+        batch; each takes its shard), in `accumulate` micro-batches of its rows. Raises
+        TrainingError when the loss or the gradient norm is not finite (step_number names the step
+        in the message)."""
+        grid, model, n_micro = self.grid, self.model, self.accumulate
         tokens, labels = tokens.to(self.device), labels.to(self.device)
         n_tokens = tokens.numel()
         where = step_number if step_number is not None else self.steps_done + 1
-        ctx = None
+        # every rank holds the whole global batch, so it counts the labelled tokens of all of it:
+        # that count normalises every micro-batch's sum on every rank, and the ranks' gradients
+        # add up to the gradient of the one-process mean (DDP / FSDP2 average: hence the scale)
+        count = (labels != -100).sum().clamp_min(1).to(torch.float64)
+        scale = reduction_scale(grid)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum and aux of this rank (for the logs)
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = zip(tokens.tensor_split(n_micro), labels.tensor_split(n_micro))
+        for i, (tok, lab) in enumerate(micro):
+            ctx = None
+            if grid is not None:
+                try:
+                    tok, lab = grid.shard(tok), grid.shard(lab)
+                    ctx = grid.context(tok.shape[1])
+                except ValueError as e:
+                    raise RecipeError(str(e)) from None
+            with gradient_sync(self.engine, grid, sync=i == n_micro - 1), sequence_parallel(ctx):
+                with autocast(self.device, self.precision):
+                    total = self.engine(tok, lab, reduction="sum")
+                    aux = model.aux_loss()
+                objective = total * (scale / count).to(total.dtype)
+                if torch.is_tensor(aux):
+                    # the balancing loss of this rank's tokens (of the whole sequences under SP,
+                    # lcsm.nn.routing), averaged over micro-batches and, by the reduction, over ranks
+                    objective = objective + aux / n_micro
+                    sums[1] += aux.detach().to(torch.float64) / n_micro
+                sums[0] += total.detach().to(torch.float64)
+                objective.backward()
         if grid is not None:
-            try:
-                tokens, labels = grid.shard(tokens), grid.shard(labels)
-                ctx = grid.context(tokens.shape[1])
-            except ValueError as e:
-                raise RecipeError(str(e)) from None
-        with sequence_parallel(ctx), autocast(self.device, self.precision):
-            total = model(tokens, labels, reduction="sum")
-            aux = model.aux_loss()
-        # the global number of labelled tokens normalises every rank's sum: the ranks' gradients
-        # then add up to the gradient of the one-process mean
-        stats = torch.stack([total.detach().to(torch.float64), (labels != -100).sum().to(torch.float64)])
-        if grid is not None:
-            dist.all_reduce(stats)
-        count = stats[1].clamp_min(1)
-        loss = total / count.to(total.dtype)
-        value = float(stats[0] / count)
+            dist.all_reduce(sums)  # the logged values only: the gradients are reduced by DDP / FSDP2
+        value = float(sums[0] / count)
+        aux_value = float(sums[1]) / (grid.world if grid is not None else 1)
         if not math.isfinite(value):
             raise TrainingError(f"step {where}: the loss is {value}")
-        aux_value = 0.0
-        if torch.is_tensor(aux):
-            if grid is not None:
-                aux = aux / grid.world  # the ranks' aux losses averaged
-                mean_aux = aux.detach().to(torch.float64).reshape(1)
-                dist.all_reduce(mean_aux)
-                aux_value = float(mean_aux)
-            else:
-                aux_value = float(aux.detach())
-        self.optimizer.zero_grad(set_to_none=True)
-        with sequence_parallel(ctx):
-            (loss + aux).backward()
-        if grid is not None:
-            sync_gradients(model)
+        norm = None
         if self.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip))
+            norm = clip_grad_norm(model.parameters(), self.grad_clip)
             if not math.isfinite(norm):
                 raise TrainingError(f"step {where}: the gradient norm is {norm}")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1
-        return StepResult(value, aux_value, lr, n_tokens)
+        return StepResult(value, aux_value, lr, n_tokens, norm)
 
     def evaluate(self, data: TaskData, batch_size: int) -> dict:
-        """Test metrics: rank 0 evaluates whole sequences on its own; the others get its metrics."""
-        metrics = evaluate(self.model, data, batch_size, self.device, self.precision) if self.is_main else None
+        """Test metrics on whole sequences: rank 0 evaluates on its own and the others get its
+        metrics; sharded weights need every rank's shard, so then all ranks run the same batches."""
+        run = self.is_main or self.sharded
+        metrics = evaluate(self.model, data, batch_size, self.device, self.precision) if run else None
         if self.grid is not None:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
@@ -216,13 +240,27 @@ class Trainer:
         return metrics
 
     def save(self, run_dir: Path, state: dict) -> None:
-        """Rank 0 writes the checkpoint (replicated weights: its state loads on any number of processes)."""
-        if self.is_main:
-            save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, {"step": self.steps_done, **state})
+        """Sharded weights: every rank writes its shards (DCP). Replicated: rank 0 writes the
+        checkpoint (its state loads on any number of processes)."""
+        state = {"step": self.steps_done, **state}
+        if self.sharded:
+            dcp.save(run_dir, self.model, self.optimizer, self.scheduler, state, self.grid.strategy)
+        elif self.is_main:
+            save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, state)
+            dcp.remove(run_dir)  # a sharded checkpoint of an earlier part of the run is now stale
 
     def load(self, run_dir: Path) -> dict:
-        """Resume from RUN/checkpoint; returns the trainer state saved with it."""
-        state = load_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, self.device)
+        """Resume from RUN/checkpoint, whichever format it has and whatever mesh wrote it; returns
+        the trainer state saved with it."""
+        if dcp.newest_is_sharded(run_dir):
+            state = dcp.load(run_dir, self.model, self.optimizer, self.scheduler)
+        elif self.sharded:  # a replicated checkpoint (one process, ddp) resumed with sharded weights: read whole, then shard
+            whole = Model(self.model.spec)
+            whole_optimizer = self.new_optimizer(whole)
+            state = load_checkpoint(run_dir, whole, whole_optimizer, self.scheduler, torch.device("cpu"))
+            dcp.copy_full(whole, whole_optimizer, self.model, self.optimizer)
+        else:
+            state = load_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, self.device)
         self.steps_done = state["step"]
         return state
 
@@ -407,7 +445,8 @@ def train(
         model.train()
         spe = steps_per_epoch(data.train, recipe.batch_size)
         total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
-        trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid)
+        trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid,
+                          accumulate=recipe.accumulate)
         if not resuming and trainer.is_main:
             write_text(run_dir / "config.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True))
         return trainer.fit(recipe, data, run_dir, resuming, console=console, quiet=quiet, on_step=on_step)
@@ -416,7 +455,7 @@ def train(
 
 
 def _grid(recipe: Recipe) -> Grid | None:
-    """The process grid when the recipe asks for one or torchrun started us (else None)."""
+    """The device mesh when the recipe asks for one or torchrun started us (else None)."""
     par = recipe.parallel
     if par.sequence * par.data == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
@@ -424,7 +463,8 @@ def _grid(recipe: Recipe) -> Grid | None:
         # no grid in the recipe but several processes (plain torchrun): data parallel over all of them
         backend = "nccl" if resolve_device(recipe.device).type == "cuda" else "gloo"
         # rank 0 alone evaluates and checkpoints while the others wait in a collective: allow an hour
-        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data, backend=backend, timeout_s=3600)
+        grid = init_grid(par.sequence, None if par.sequence * par.data == 1 else par.data, backend=backend, timeout_s=3600,
+                         strategy=par.strategy, shard=par.shard)
     except ParallelError as e:
         raise RecipeError(str(e)) from None
     return grid if grid.world > 1 else None

@@ -78,69 +78,95 @@ def sequence_parallel_worker(rank: int, world: int, port: int, specs: dict, out:
     dist.destroy_process_group()
 
 
-def data_parallel_worker(rank: int, world: int, port: int, spec: dict, out: str, sequence: int) -> None:
-    """One optimizer step of the trainer (lcsm.run.trainer.Trainer.step) on a (sequence × data)
-    grid against one process stepping on the whole batch: parameters after the step and the loss."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (collective) or a plain one."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def steps_worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
+    """For each case {spec, sequence, strategy, shard, accumulate, grad_clip, precision}: `steps`
+    AdamW steps of the trainer (lcsm.run.trainer.Trainer.step) on that mesh against one process
+    stepping on the whole batch (accumulate 1): the loss and the gradient norm of every step and
+    the parameters at the end, as the largest relative error (fp64). precision bf16 (fp32 models,
+    FSDP2's MixedPrecisionPolicy against one process's autocast): the losses only, and the
+    sharded master weights must stay fp32."""
     from lcsm.config.recipe import Optimizer, Schedule
     from lcsm.nn.model import Model
     from lcsm.parallel import init_grid
     from lcsm.run.trainer import Trainer
 
     _join(rank, world, port)
-    grid = init_grid(sequence=sequence)
-    B, T = 4, 16
-    gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, spec["vocab_size"], (B, T), generator=gen)
-    labels = torch.randint(0, spec["vocab_size"], (B, T), generator=gen)
-    labels[:, :3] = -100  # unlabelled positions: the mean is over the labelled ones, globally
+    results = {}
+    B, T = 8, 16
+    for name, case in cases.items():
+        spec, steps = case["spec"], case.get("steps", 3)
+        grid = init_grid(sequence=case.get("sequence", 1), strategy=case.get("strategy", "ddp"), shard=case.get("shard"))
+        gen = torch.Generator().manual_seed(3)
+        batches = []
+        for _ in range(steps):
+            tokens = torch.randint(0, spec["vocab_size"], (B, T), generator=gen)
+            labels = torch.randint(0, spec["vocab_size"], (B, T), generator=gen)
+            labels[: B // 2, :5] = -100  # unevenly labelled rows: the mean is over the labelled tokens, globally
+            batches.append((tokens, labels))
+        # AdamW with eps 1e-6: an update is then a smooth function of the gradient (at 1e-8 a
+        # gradient that is zero in exact arithmetic turns its rounding noise into steps of ±lr);
+        # a small clip, so that clipping acts on every step
+        opt = Optimizer(lr=1e-2, eps=1e-6, grad_clip=case.get("grad_clip"))
 
-    def fresh(grid=None):
-        torch.manual_seed(0)
-        model = Model.from_spec(spec).double()
-        # SGD: linear in the gradient, so rounding stays rounding (AdamW's first step is ±lr)
-        return Trainer(model, Optimizer(lr=0.1, grad_clip=None), Schedule(kind="constant", warmup_steps=0), 1,
-                       device=torch.device("cpu"), grid=grid, optimizer_class=torch.optim.SGD)
+        precision = case.get("precision", "fp32")
 
-    trainer = fresh()
-    ref_loss = trainer.step(tokens, labels).loss
-    model = trainer.model
-    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ref_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
-    trainer = fresh(grid)
-    model = trainer.model
-    loss = trainer.step(tokens, labels).loss
-    err = abs(loss - ref_loss) / abs(ref_loss)
-    if os.environ.get("LCSM_DEBUG"):
-        print(rank, "loss", loss, ref_loss, flush=True)
-    # compare the step taken, not just the weights (which barely move)
-    start = dict(fresh().model.named_parameters())
-    for n, p in model.named_parameters():
-        step, ref_step = p.detach() - start[n].detach(), ref[n] - start[n].detach()
-        err = max(err, float((step - ref_step).abs().max() / ref_step.abs().max().clamp_min(1e-4)), _rel(p.grad, ref_grad[n]))
+        def fresh(grid=None, accumulate=1, spec=spec, opt=opt, steps=steps, precision=precision):
+            torch.manual_seed(0)
+            model = Model.from_spec(spec)
+            model = model.double() if precision == "fp32" else model
+            return Trainer(model, opt, Schedule(warmup_steps=1), steps, device=torch.device("cpu"), grid=grid,
+                           accumulate=accumulate, precision=precision)
+
+        one = fresh()
+        ref = [one.step(t, l) for t, l in batches]
+        mesh = fresh(grid, case.get("accumulate", 1))
+        got = [mesh.step(t, l) for t, l in batches]
+        err = 0.0
+        for a, b in zip(got, ref):
+            err = max(err, abs(a.loss - b.loss) / abs(b.loss), abs(a.aux_loss - b.aux_loss) / max(abs(b.aux_loss), 1e-12))
+            if b.grad_norm is not None:
+                err = max(err, abs(a.grad_norm - b.grad_norm) / b.grad_norm)
+        if precision == "bf16":
+            fp32 = all(p.dtype == torch.float32 for p in mesh.model.parameters())
+            results[name] = _max_over_ranks(err if fp32 else float("inf"))
+            continue
+        start = dict(fresh().model.named_parameters())
+        ref_params = dict(one.model.named_parameters())
+        for n, p in mesh.model.named_parameters():
+            moved, ref_moved = _full(p.detach()) - start[n].detach(), ref_params[n].detach() - start[n].detach()
+            e = float((moved - ref_moved).abs().max() / ref_moved.abs().max().clamp_min(1e-6))
+            err = max(err, e)  # the distance travelled, not just the weights (which barely move)
+            if os.environ.get("LCSM_DEBUG") and e > 1e-9:
+                print(rank, name, n, e, flush=True)
         if os.environ.get("LCSM_DEBUG"):
-            print(rank, n, _rel(p.grad, ref_grad[n]), flush=True)
-    err = _max_over_ranks(err)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"error": err}, f)
+            print(rank, name, [(a.loss, b.loss, a.grad_norm, b.grad_norm) for a, b in zip(got, ref)], flush=True)
+        results[name] = _max_over_ranks(err)
+    _write(rank, out, results)
     dist.destroy_process_group()
 
 
-def gradient_presence_worker(rank: int, world: int, port: int, out: str) -> None:
-    """sync_gradients: a gradient on one rank only is summed (as zeros elsewhere); a parameter
-    that no rank gave a gradient keeps none, as in one process."""
-    from lcsm.parallel.data import sync_gradients
+def train_worker(rank: int, world: int, port: int, recipe: dict, kill_at: int | None, resume: bool) -> None:
+    """lcsm.run.trainer.train on `world` processes (as torchrun would start them); with kill_at,
+    every rank is killed (SIGKILL, no clean-up) right after that step, its checkpoint written."""
+    import signal
 
-    _join(rank, world, port)
-    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)})
-    x = torch.ones(1, 2)
-    loss = model["a"](x).sum() + (model["b"](x).sum() if rank == 0 else 0.0)
-    loss.backward()
-    sync_gradients(model)
-    ok = (model["a"].weight.grad is not None and float(model["a"].weight.grad.sum()) == 4.0 * world
-          and model["b"].weight.grad is not None and float(model["b"].weight.grad.sum()) == 4.0
-          and model["c"].weight.grad is None)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"ok": ok}, f)
+    from lcsm.config.recipe import load_recipe
+    from lcsm.run.trainer import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+    def kill(record):
+        if record["step"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(load_recipe(recipe), resume=resume, quiet=True, on_step=kill if kill_at else None)
     dist.destroy_process_group()

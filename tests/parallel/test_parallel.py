@@ -1,11 +1,20 @@
 """Scale-out on the CPU with gloo: sequence parallelism (LASP-2 / LASP-2H) equals one process for
-every oscillation kind, attention and routed layers (MoM, MoE), a data-parallel step equals the single-process step,
-and bad parallel settings fail clearly."""
+every oscillation kind, attention and routed layers (MoM, MoE); trainer steps on a device mesh
+(DDP, FSDP2, HSDP, with SP, accumulation and clipping) equal one process's; `lcsm train --nproc`
+with FSDP2, sharded checkpoints (DCP) that resume on another number of processes, a failing rank
+that ends the run, and bad parallel settings that fail clearly."""
 
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torch.multiprocessing as mp
 
@@ -58,6 +67,14 @@ def sp_specs() -> dict:
     return specs | routed_specs()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(tmp_path_factory):
+    # the tasks' generated data of this module's runs (in-process and in the launched processes)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LCSM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def spawn(fn, world: int, *args):
     mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
 
@@ -92,70 +109,220 @@ def test_sequence_parallel_over_four_ranks_equals_one_process(sp4_errors, name):
     assert sp4_errors[name] < 1e-9, sp4_errors[name]
 
 
-@pytest.mark.parametrize("world,sequence", [(2, 1), (4, 2)], ids=["data2", "sequence2xdata2"])
-def test_parallel_step_equals_single_process_step(tmp_path, world, sequence):
-    # one AdamW step on a (sequence × data) grid against one process on the whole batch; the model
-    # has short convolutions and an unevenly labelled batch (the mean is over labelled tokens)
-    out = tmp_path / "dp.json"
-    spawn(parallel_workers.data_parallel_worker, world, tiny("mamba2"), str(out), sequence)
-    assert json.loads(out.read_text())["error"] < 1e-8
+# Trainer steps on a device mesh against one process on the whole batch: several AdamW steps,
+# fp64, the model (Mamba-2: short convolutions) and an unevenly labelled batch; every strategy of
+# parallel.strategy runs on the CPU (DDP, and FSDP2's fully_shard on gloo), with and without
+# sequence parallelism, gradient accumulation and clipping (the clipped norm must be one
+# process's). Routed layers (MoM, MoE) under SP alone: their balancing loss is then exactly one
+# process's (over data ranks it is averaged, as in one process with accumulation).
+STEP_CASES = {
+    2: {
+        "ddp_data2_clip": dict(grad_clip=0.05),
+        "fsdp_data2_clip": dict(strategy="fsdp", grad_clip=0.05),
+        "fsdp_sequence2": dict(strategy="fsdp", sequence=2),
+        "ddp_sequence2_accumulate2": dict(sequence=2, accumulate=2),
+        "hsdp_data2_shard1_accumulate2_clip": dict(strategy="hsdp", shard=1, accumulate=2, grad_clip=0.05),
+        "mom_fsdp_sequence2_clip": dict(model="mom_gla_aux", strategy="fsdp", sequence=2, grad_clip=0.05),
+        # bf16 on the CPU too (autocast; FSDP2 gathers bf16 parameters and reduces in fp32): close, not equal
+        "fsdp_bf16_clip": dict(strategy="fsdp", precision="bf16", grad_clip=0.05),
+    },
+    4: {
+        "fsdp_sequence2_data2_accumulate2_clip": dict(strategy="fsdp", sequence=2, accumulate=2, grad_clip=0.05),
+        "hsdp_data4_shard2_accumulate2_clip": dict(strategy="hsdp", shard=2, accumulate=2, grad_clip=0.05),
+    },
+}
 
 
-def test_lcsm_train_nproc_matches_one_process_and_checkpoint_loads_on_one(tmp_path, monkeypatch):
-    # the real CLI under torchrun: 2 processes splitting every sequence (LASP-2, short convs),
-    # the same losses as one process; the checkpoint then loads and evaluates in one process
-    import os
-    import subprocess
-    import sys
+@pytest.fixture(scope="module")
+def step_errors(tmp_path_factory):
+    """world -> {case: error}: one spawn of `world` processes for all of its cases (on first use)."""
+    cache = {}
 
-    import yaml
+    def errors(world: int) -> dict:
+        if world not in cache:
+            specs = routed_specs()
+            out = tmp_path_factory.mktemp(f"steps{world}") / "errors.json"
+            cases = {name: {k: v for k, v in case.items() if k != "model"} | {"spec": specs.get(case.get("model")) or tiny("mamba2")}
+                     for name, case in STEP_CASES[world].items()}
+            spawn(parallel_workers.steps_worker, world, cases, str(out))
+            cache[world] = json.loads(out.read_text())
+        return cache[world]
 
-    from lcsm.run.trainer import train
+    return errors
+
+
+@pytest.mark.parametrize("world,case", [(w, c) for w, cases in STEP_CASES.items() for c in cases])
+def test_trainer_steps_on_a_mesh_equal_one_process(step_errors, world, case):
+    error = step_errors(world)[case]
+    assert error < (2e-2 if STEP_CASES[world][case].get("precision") == "bf16" else 1e-10), error
+
+
+def _env() -> dict:
+    # the subprocesses import this checkout's lcsm (the editable install may point elsewhere)
+    root = str(Path(__file__).resolve().parents[2])
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def _close(a: dict, b: dict, steps=None, tol=1e-5) -> bool:
+    keys = sorted(steps if steps is not None else a)
+    return all(k in a and k in b and abs(a[k] - b[k]) <= tol * abs(a[k]) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The tiny recipe (4 steps) and its losses in one process."""
     from lcsm.config.recipe import load_recipe
+    from lcsm.run.trainer import train
     from helpers import tiny as tiny_recipe, train_losses
 
-    monkeypatch.setenv("LCSM_CACHE", str(tmp_path / "cache"))
-    data = tiny_recipe(tmp_path / "one", steps=4, eval_every=4, threads=1)
-    one = train(load_recipe(data), quiet=True)
-    data["out_dir"] = str(tmp_path / "two")
+    tmp = tmp_path_factory.mktemp("one")
+    data = tiny_recipe(tmp, steps=4, eval_every=4, threads=1)
+    return data, train_losses(train(load_recipe(data), quiet=True).run_dir)
+
+
+def test_lcsm_train_fsdp_on_two_processes_matches_one_and_its_checkpoint_reads_in_one(one_process, tmp_path):
+    # the real CLI under torchrun: 2 processes splitting every sequence (LASP-2, short convs) with
+    # the weights sharded (FSDP2), the same losses as one process; its sharded checkpoint then
+    # evaluates in one process, and exports to one safetensors file that evaluates the same
+    from lcsm.cli.main import main
+    from helpers import train_losses
+
+    data, a = one_process
+    data = data | {"out_dir": str(tmp_path / "two")}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lcsm.cli", "train", str(path), "--nproc", "2", "--set", "parallel.sequence=2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "lcsm.cli", "train", str(path), "--nproc", "2", "--set", "parallel.sequence=2",
+           "--set", "parallel.strategy=fsdp"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = train_losses(one.run_dir), train_losses(tmp_path / "two")
-    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 * abs(a[k]) for k in a), (a, b)
+    b = train_losses(tmp_path / "two")
+    assert a.keys() == b.keys() and _close(a, b), (a, b)
+    assert (tmp_path / "two" / "checkpoint" / "dcp" / ".metadata").exists()
+    assert not (tmp_path / "two" / "checkpoint" / "model.safetensors").exists()
     saved = json.loads((tmp_path / "two" / "eval.json").read_text())
-    proc = subprocess.run([sys.executable, "-m", "lcsm.cli", "eval", str(tmp_path / "two"), "-o", str(tmp_path / "e.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    again = json.loads((tmp_path / "e.json").read_text())["metrics"]
-    assert abs(again["loss"] - saved["loss"]) < 1e-6
+    assert main(["eval", str(tmp_path / "two"), "--device", "cpu", "-o", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["step"] == 4 and abs(again["metrics"]["loss"] - saved["loss"]) < 1e-6
+    exported = tmp_path / "two" / "exported.safetensors"  # beside config.yaml: lcsm eval reads it
+    assert main(["export", str(tmp_path / "two"), "--out", str(exported)]) == 0
+    assert main(["eval", str(exported), "--device", "cpu", "-o", str(tmp_path / "e2.json")]) == 0
+    assert json.loads((tmp_path / "e2.json").read_text())["metrics"]["loss"] == again["metrics"]["loss"]
 
-    # a run checkpointed by one process resumes on two (parallel may change on --resume auto)
-    import signal
 
-    data["out_dir"] = str(tmp_path / "three")
+def test_a_one_process_checkpoint_resumes_sharded_on_two(one_process, tmp_path):
+    # the replicated checkpoint (model.safetensors + trainer.pt) of one process, resumed by
+    # `lcsm train --nproc 2` with FSDP2: read whole, then sharded; then written through DCP
+    from lcsm.config.recipe import load_recipe
+    from lcsm.run.trainer import train
+    from helpers import train_losses
+
+    data, a = one_process
+    data = data | {"out_dir": str(tmp_path / "three")}
 
     def ctrl_c(record):
         if record["step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
     assert train(load_recipe(data), quiet=True, on_step=ctrl_c).status == "interrupted"
+    path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
-    proc = subprocess.run(cmd[:-2] + ["--set", "parallel.sequence=2", "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "lcsm.cli", "train", str(path), "--nproc", "2", "--set", "parallel.strategy=fsdp",
+           "--resume", "auto"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 2" in " ".join(proc.stdout.split())  # it resumed from the checkpoint, not from scratch
     c = train_losses(tmp_path / "three")
-    assert c.keys() == a.keys() and all(abs(a[k] - c[k]) < 1e-4 * abs(a[k]) for k in a), (a, c)
+    assert c.keys() == a.keys() and _close(a, c), (a, c)
+    checkpoint = tmp_path / "three" / "checkpoint"
+    assert (checkpoint / "dcp").is_dir() and not (checkpoint / "trainer.pt").exists()  # the stale format is gone
 
 
-def test_bad_parallel_settings_fail_clearly(tmp_path):
-    from lcsm.cli.main import main
-    from lcsm.config.recipe import RecipeError, load_recipe
-    from lcsm.run.trainer import train
+KILL_AT, STEPS = 3, 6
+
+
+def _kill_recipe(tmp_path, out: str, **fields) -> dict:
     from helpers import tiny as tiny_recipe
+
+    return tiny_recipe(tmp_path, steps=STEPS, eval_every=STEPS, checkpoint_every=KILL_AT, threads=1, out_dir=out, **fields)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A 2-process FSDP2 run killed (SIGKILL, every rank) right after its step-3 checkpoint, and
+    the losses of the same recipe run to the end in one process."""
+    from lcsm.config.recipe import load_recipe
+    from lcsm.run.trainer import train
+    from helpers import train_losses
+
+    tmp = tmp_path_factory.mktemp("killed")
+    reference = train_losses(train(load_recipe(_kill_recipe(tmp, str(tmp / "one"))), quiet=True).run_dir)
+    data = _kill_recipe(tmp, str(tmp / "killed"), parallel={"data": 2, "strategy": "fsdp"})
+    with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):
+        spawn(parallel_workers.train_worker, 2, data, KILL_AT, False)
+    return tmp / "killed", reference
+
+
+def _resume_copy(killed: Path, tmp_path: Path, parallel: dict) -> tuple[Path, dict]:
+    from helpers import train_losses
+
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    assert max(train_losses(run)) == KILL_AT  # killed: nothing after the checkpoint's step
+    return run, _kill_recipe(tmp_path, str(run), parallel=parallel)
+
+
+def test_a_killed_two_process_run_resumes_on_one(killed_run, tmp_path):
+    from lcsm.config.recipe import load_recipe
+    from lcsm.run.checkpoint import checkpoint_step
+    from lcsm.run.trainer import train
+    from helpers import train_losses
+
+    killed, reference = killed_run
+    assert checkpoint_step(killed) == KILL_AT and (killed / "checkpoint" / "dcp" / "lcsm.json").exists()
+    run, data = _resume_copy(killed, tmp_path, {})
+    result = train(load_recipe(data), resume=True, quiet=True)
+    assert result.status == "done" and result.resumed_from == KILL_AT
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and _close(reference, losses), (reference, losses)
+    assert (run / "checkpoint" / "model.safetensors").exists() and not (run / "checkpoint" / "dcp").exists()
+
+
+def test_a_killed_two_process_run_resumes_on_four(killed_run, tmp_path):
+    # four ranks, HSDP (2 replicas of 2 shards): DCP reshards the 2-rank checkpoint on load
+    from helpers import train_losses
+
+    killed, reference = killed_run
+    run, data = _resume_copy(killed, tmp_path, {"data": 4, "strategy": "hsdp", "shard": 2})
+    spawn(parallel_workers.train_worker, 4, data, None, True)
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and _close(reference, losses), (reference, losses)
+    info = json.loads((run / "checkpoint" / "dcp" / "lcsm.json").read_text())
+    assert info["step"] == STEPS and info["world"] == 4 and info["strategy"] == "hsdp"
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
+    # rank 1 raises in its second step while rank 0 waits for it in a collective: torchrun must
+    # end the run (no hang) and the error must be shown
+    import time
+
+    from helpers import tiny as tiny_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, steps=4, threads=1, parallel={"data": 2, "strategy": "fsdp"})))
+    script = Path(__file__).parent / "failing_rank.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "train", str(path)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr, proc.stderr[-3000:]
+    assert time.perf_counter() - start < 120
+
+
+def test_bad_parallel_settings_fail_clearly(tmp_path, capsys):
+    from lcsm.config.recipe import RecipeError, load_recipe
+    from lcsm.parallel.grid import ParallelError, check_sizes
+    from lcsm.run.trainer import train
+    from helpers import cli_error, tiny as tiny_recipe
 
     with pytest.raises(RecipeError, match=r"parallel.data: data = 3 must divide batch_size = 16"):
         load_recipe(tiny_recipe(tmp_path, parallel={"data": 3}))
@@ -163,14 +330,28 @@ def test_bad_parallel_settings_fail_clearly(tmp_path):
         load_recipe(tiny_recipe(tmp_path, parallel={"sequence": 0}))
     with pytest.raises(RecipeError, match="unknown key"):
         load_recipe(tiny_recipe(tmp_path, parallel={"tensor": 2}))
-    # a grid of 2 in a single process: says how to launch
+    with pytest.raises(RecipeError, match=r"parallel.strategy: 'zero3' is not allowed; allowed: ddp, fsdp, hsdp"):
+        load_recipe(tiny_recipe(tmp_path, parallel={"strategy": "zero3"}))
+    with pytest.raises(RecipeError, match=r"parallel.shard: strategy hsdp needs shard"):
+        load_recipe(tiny_recipe(tmp_path, parallel={"data": 4, "strategy": "hsdp"}))
+    with pytest.raises(RecipeError, match=r"parallel.shard: shard only applies with strategy: hsdp"):
+        load_recipe(tiny_recipe(tmp_path, parallel={"data": 4, "shard": 2}))
+    with pytest.raises(RecipeError, match=r"accumulate: accumulate × parallel.data = 3 × 1 must divide batch_size = 16"):
+        load_recipe(tiny_recipe(tmp_path, accumulate=3))
+    with pytest.raises(ParallelError, match=r"parallel.shard: strategy hsdp needs shard, a divisor of data = 4 \(got 3\)"):
+        check_sizes(1, 4, 4, "hsdp", 3)
+    # a mesh of 2 in a single process: says how to launch
     with pytest.raises(RecipeError, match="launch with torchrun or lcsm train --nproc N"):
         train(load_recipe(tiny_recipe(tmp_path, parallel={"sequence": 2})), quiet=True)
-    assert main(["train", "--nproc", "3", "--set", "parallel.sequence=2", "--set", f"out_dir={tmp_path}/x"]) == 2
+    # --nproc that does not fit the recipe's mesh: exit 2 before anything is launched
+    out = f"out_dir={tmp_path}/x"
+    assert "parallel: sequence × data" in cli_error(["train", "--nproc", "3", "--set", "parallel.sequence=2", "--set", out], capsys)
+    assert "parallel.shard: strategy hsdp needs shard, a divisor of data = 4 (got 3)" in cli_error(
+        ["train", "--nproc", "4", "--set", "parallel.strategy=hsdp", "--set", "parallel.shard=3", "--set", out], capsys)
 
 
 def test_grid_shards_rows_and_slices_and_rejects_uneven_slices():
-    from lcsm.parallel.grid import Grid, ParallelError, check_sizes
+    from lcsm.parallel.grid import Grid, ParallelError, check_sizes, mesh_shape
 
     x = torch.arange(5 * 8).view(5, 8)
     grid = Grid(world=4, rank=3, sequence=2, data=2, sp_rank=1, dp_rank=1)
@@ -179,9 +360,7 @@ def test_grid_shards_rows_and_slices_and_rejects_uneven_slices():
         grid.shard(x[:, :7])
     with pytest.raises(ParallelError, match=r"sequence × data = 2 × 2 = 4 must equal the number of processes \(3\)"):
         check_sizes(2, 2, 3)
-
-
-def test_gradient_sync_keeps_missing_gradients_missing(tmp_path):
-    out = tmp_path / "grads.json"
-    spawn(parallel_workers.gradient_presence_worker, 2, str(out))
-    assert json.loads(out.read_text())["ok"]
+    # (dp_replicate, dp_shard, sp) of each strategy
+    assert mesh_shape(2, 4, "ddp", None) == (4, 1, 2)
+    assert mesh_shape(2, 4, "fsdp", None) == (1, 4, 2)
+    assert mesh_shape(2, 4, "hsdp", 2) == (2, 2, 2)
