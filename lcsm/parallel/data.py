@@ -15,6 +15,7 @@ multiplies its loss by `reduction_scale(grid)` = the world size, and the average
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -43,12 +44,16 @@ def wrap(model: torch.nn.Module, grid: Grid | None, precision: str = "fp32", dev
         from torch.nn.parallel import DistributedDataParallel
 
         on_cuda = device is not None and device.type == "cuda"
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if on_cuda else None
         # DDP broadcasts rank 0's weights at construction. Buffers are constants of the spec (no
         # running statistics): no broadcast before every forward. Every parameter gets a gradient
         # on every rank (the model keeps all of its output in the graph under torch.distributed,
         # lcsm.nn.model), so the unused-parameter search is not needed.
-        return DistributedDataParallel(model, process_group=dist.group.WORLD, forward_sync_buffers=False,
-                                       device_ids=[device.index] if on_cuda else None)
+        # (recent torch renamed broadcast_buffers to forward_sync_buffers)
+        params = inspect.signature(DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        return DistributedDataParallel(model, process_group=dist.group.WORLD, device_ids=[index] if on_cuda else None,
+                                       **no_sync)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # FSDP2 shards what each rank has: make sure every rank starts from rank 0's weights (the
@@ -86,12 +91,14 @@ def gradient_sync(engine, grid: Grid | None, sync: bool):
     yield
 
 
-def clip_grad_norm(parameters, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_ that also works on FSDP2's sharded (DTensor) gradients: the
-    norm is that of the whole gradient (the same on every rank, the one-process norm)."""
+def clip_grad_norm(parameters, max_norm: float, sharded: bool = False) -> float:
+    """torch.nn.utils.clip_grad_norm_, also on FSDP2's sharded (DTensor) gradients (sharded=True):
+    the norm is that of the whole gradient (the same on every rank, the one-process norm)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not sharded:  # whole gradients (one process, ddp): every rank holds all of it
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
     from torch.distributed.tensor import DTensor
 
-    parameters = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the per-shard partial norms, reduced over the mesh

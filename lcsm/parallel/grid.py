@@ -149,7 +149,10 @@ def init_grid(sequence: int = 1, data: int | None = None, backend: str | None = 
     # (torchtitan does the same); the flattened meshes are kept here, not sliced from the root
     sub = {"sp": mesh["sp"], "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
            "dp_shard_sp": mesh["dp_shard", "sp"]._flatten("dp_shard_sp")}
-    sub["fsdp"] = DeviceMesh._concatenate([mesh["dp_replicate"], sub["dp_shard_sp"]]) if strategy == "hsdp" else sub["dp_shard_sp"]
+    sub["fsdp"] = sub["dp_shard_sp"]
+    if strategy == "hsdp":  # (older torch has no _concatenate; it slices the flattened dim from the root)
+        join = getattr(DeviceMesh, "_concatenate", None)
+        sub["fsdp"] = join([mesh["dp_replicate"], sub["dp_shard_sp"]]) if join else mesh["dp_replicate", "dp_shard_sp"]
     r, f, s = mesh.get_coordinate()
     return Grid(world, rank, sequence, data, s, r * shape[1] + f, strategy, shape[1], mesh, sub)
 

@@ -219,7 +219,7 @@ class Trainer:
             raise TrainingError(f"step {where}: the loss is {value}")
         norm = None
         if self.grad_clip:
-            norm = clip_grad_norm(model.parameters(), self.grad_clip)
+            norm = clip_grad_norm(model.parameters(), self.grad_clip, sharded=self.sharded)
             if not math.isfinite(norm):
                 raise TrainingError(f"step {where}: the gradient norm is {norm}")
         lr = self.optimizer.param_groups[0]["lr"]
