@@ -248,7 +248,8 @@ def profile_form(form, shape, device, dtype=torch.bfloat16, steps: int = 5) -> s
 
 def tuned_configs() -> str:
     """The configuration each of our autotuned kernels settled on, per key."""
-    from lcsm.kernels.triton import chunk as triton_chunk, scan as triton_scan
+    from lcsm.kernels.triton import chunk as triton_chunk
+    from lcsm.kernels.triton import scan as triton_scan
 
     lines = []
     for mod in (triton_chunk, triton_scan):

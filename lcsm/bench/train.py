@@ -2,7 +2,7 @@
 side by side in one process: the trainer's one step (forward, backward, fused AdamW) under bf16
 autocast on the GPU.
 
-The default shape is the ~125M-parameter setting of the issue tracker: d_model 768, 12 layers,
+The default shape is a ~125M-parameter setting: d_model 768, 12 layers,
 T = 2048, vocabulary 32000.
 """
 
@@ -14,12 +14,13 @@ import json
 import torch
 
 from lcsm.bench import common
-from lcsm.bench.common import resized  # re-exported: tests/parallel/test_parallel.py imports it from here
+from lcsm.bench.common import resized
 from lcsm.config.recipe import Optimizer, Schedule
 from lcsm.config.spec import ModelSpec
 from lcsm.nn.model import Model
 from lcsm.run.trainer import Trainer
 
+# resized (lcsm/bench/common.py) is re-exported: tests/parallel/test_parallel.py imports it from here
 __all__ = ["add_arguments", "main", "measure", "resized", "run"]
 
 # a benchmark times steps, so: a constant learning rate, no warmup, no clipping (one less reduction)
@@ -76,7 +77,7 @@ def run(args) -> int:
     print(json.dumps(env), flush=True)
     rows = []
     for spec in specs:
-        row = {"model": spec.name, **common.guard(lambda: measure(spec, args.batch, args.seq, args.steps, args.warmup, device))}
+        row = {"model": spec.name, **common.guard(lambda spec=spec: measure(spec, args.batch, args.seq, args.steps, args.warmup, device))}
         rows.append(row)
         print(json.dumps(row), flush=True)
         common.free_cache(device)

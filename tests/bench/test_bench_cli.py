@@ -3,7 +3,6 @@ message and exit code 2 (no traceback), before anything is measured."""
 
 import pytest
 import torch
-
 from helpers import cli_error  # tests/ is on sys.path (tests/conftest.py's folder)
 
 
@@ -17,7 +16,7 @@ from helpers import cli_error  # tests/ is on sys.path (tests/conftest.py's fold
     (["bench", "decode", "--small", "--device", "tpu"], "--device: unknown device 'tpu'"),
     (["bench", "kernels", "--shapes", "8,4096,16"], "--shapes: expected B,T,H,D with four positive integers"),
     (["bench", "parallel", "--steps", "0"], "--steps must be at least 1 (got 0)"),
-    (["bench", "parallel", "--nproc", "0"], "--nproc must be at least 1 (got 0)"),
+    (["bench", "parallel", "--nproc", "1"], "--nproc must be at least 2 (got 1)"),
 ])
 def test_bad_flags_name_the_flag(args, words, capsys):
     assert words in cli_error(args, capsys)
@@ -53,3 +52,8 @@ def test_refused_cleanly_without_cuda(no_cuda, args, words, capsys):
 def test_bench_parallel_outside_torchrun(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert "run under torchrun, or pass --nproc N" in cli_error(["bench", "parallel", "--small"], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "needs at least 2 processes" in cli_error(["bench", "parallel", "--small"], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = cli_error(["bench", "parallel", "--longest-start", "99"], capsys)
+    assert "--longest-start 99 must be a multiple of the number of processes (2)" in err
