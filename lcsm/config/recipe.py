@@ -55,6 +55,13 @@ Backend = Literal["auto", "triton", "torch", "reference"]  # lcsm.kernels.BACKEN
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
+class Checkpointing(Base):
+    """Activation checkpointing: a block keeps only its input for the backward and is recomputed
+    there — less memory for long sequences, about one more forward of compute."""
+
+    every: int = Field(1, ge=1, description="checkpoint every N-th block (1: all of them)")
+
+
 class Parallel(Base):
     """The process grid: world size = sequence × data (docs/parallel.md)."""
 
@@ -87,6 +94,8 @@ class Recipe(Base):
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     out_dir: str | None = Field(None, description="the run directory; default runs/<name>")
     parallel: Parallel = Field(default_factory=Parallel, description="sequence × data parallel grid (launch with torchrun or --nproc)")
+    compile: bool = Field(False, description="torch.compile each block (the recurrence is one custom op); first steps compile")
+    checkpointing: Checkpointing | None = Field(None, description="activation checkpointing of blocks, e.g. {every: 1}")
 
     @field_validator("device")
     @classmethod

@@ -120,8 +120,11 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
         out_dtype = s.dtype
         common = torch.promote_types(torch.promote_types(s.dtype, e.dtype), i.dtype)
         s, e, i = s.to(common), e.to(common), i.to(common)
-        run = chunk_eos if decay.separable else scan_eos
-        y, ht = run(s, e, i, decay, h0, output_final_state, cu_seqlens)
+        if torch.compiler.is_compiling():  # one opaque op for the compiler (lcsm/kernels/ops.py)
+            y, ht = _compiled_triton(s, e, i, decay, h0, output_final_state, cu_seqlens)
+        else:
+            run = chunk_eos if decay.separable else scan_eos
+            y, ht = run(s, e, i, decay, h0, output_final_state, cu_seqlens)
         return y.to(out_dtype), (ht if output_final_state else None)
     if backend == "reference":
         def run(s, e, i, h0, decay):
@@ -150,6 +153,19 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
     return torch.cat(ys, dim=1), (torch.cat(hts, dim=0) if output_final_state else None)
 
 
+def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seqlens):
+    """The Triton backend through the custom ops of lcsm/kernels/ops.py (under torch.compile)."""
+    from . import ops
+
+    s, e, i = s.contiguous(), e.contiguous(), i.contiguous()
+    if decay.separable:
+        d = decay.fold_scalar()
+        y, ht, _, _ = ops.chunk_fwd(s, e, i, d.g, d.gk, d.gv, h0, cu_seqlens, output_final_state)
+    else:
+        y, ht, _ = ops.scan_fwd(s, e, i, decay.g, decay.gk, decay.gv, decay.dt, decay.A, h0, cu_seqlens, output_final_state)
+    return y, ht
+
+
 def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, backend: str = "auto"):
     """One token: state <- o ⊙ state + e iᵀ, y = stateᵀ s. Shapes: s, e [B,H,K], i [B,H,V],
     state [B,H,K,V] fp32, and the decays of one token (lcsm/kernels/decay.py, `step`).
@@ -162,6 +178,10 @@ def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, backe
 def step(s, e, i, state, decay: Decay, backend: str = "auto"):
     """eos_step with a one-token Decay (what model code calls)."""
     backend = resolve_backend(backend, s)
+    if backend == "triton" and torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.step(s, e, i, state, decay.g, decay.gk, decay.gv, decay.dt, decay.A)
     if backend == "triton" and state.dtype == torch.float32 and state.is_contiguous():
         from .triton.step import eos_step_triton
 

@@ -126,7 +126,11 @@ class Model(nn.Module):
         if labels.shape != tokens.shape:
             raise ValueError(f"labels: shape {tuple(labels.shape)} must be the shape of tokens, {tuple(tokens.shape)}")
         mask = labels != IGNORE
-        hl, targets = h[mask], labels[mask]
+        if torch.compiler.is_compiling():
+            # every position, the unlabelled ones ignored: selecting rows has a data-dependent size
+            hl, targets = h.flatten(0, 1), labels.flatten()
+        else:
+            hl, targets = h[mask], labels[mask]
         if return_logits:
             logits = self.lm_head(hl)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -138,6 +142,14 @@ class Model(nn.Module):
             # gradient reductions in the backward: keep all of h in the graph
             loss = loss + 0.0 * h.float().sum()
         return loss
+
+    def compile_blocks(self, **options) -> "Model":
+        """torch.compile every block in place (regional compilation: one compiled graph serves all
+        blocks of the same structure, so compiling costs about one block's worth). The recurrence
+        runs as one custom op inside (lcsm/kernels/ops.py). options: torch.compile's."""
+        for block in self.blocks:
+            block.compile(**{"fullgraph": True, **options})
+        return self
 
     def generate(self, prompt, max_new_tokens: int = 256, **sampling):
         """Sample a continuation of `prompt` (token ids): see lcsm.nn.generate.generate."""

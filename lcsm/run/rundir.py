@@ -22,7 +22,8 @@ from lcsm.run.checkpoint import checkpoint_step, write_text
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "curves.png")
 # recipe fields that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel")
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel", "compile",
+                     "checkpointing")
 
 
 def _has_run(run_dir: Path) -> bool:

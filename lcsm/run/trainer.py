@@ -405,6 +405,10 @@ def train(
         torch.manual_seed(derive_seed(recipe.seed, "init"))
         model = Model(recipe.model).set_backend(recipe.backend).to(device)
         model.train()
+        if recipe.checkpointing is not None:
+            model.checkpoint_every = recipe.checkpointing.every
+        if recipe.compile:
+            model.compile_blocks()
         spe = steps_per_epoch(data.train, recipe.batch_size)
         total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
         trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid)
