@@ -71,15 +71,17 @@ class EOSMixer(nn.Module):
             positions = positions + offset
         osc = self.oscillation(x, positions, sub(cache, "oscillation"))
         i, i_raw = self.input(x, osc, sub(cache, "input"))
-        e = self.expand(x, osc, sub(cache, "expand"))
+        e, decay = osc.with_expand(self.expand(x, osc, sub(cache, "expand")))
         s = self.shrink(x, osc, sub(cache, "shrink"))
         if cache is not None:
-            y = self.recur(s, e, i, osc.decay, cache)
+            y = self.recur(s, e, i, decay, cache)
             offset.add_(T)  # in place: a captured decoding step advances it on replay
+        elif sp is not None and decay.delta:  # LASP-2 with K×K transitions: the exact prefix state, then the slice
+            y = lasp.lasp2_delta(s, e, i, decay, sp, backend=self.backend)
         else:
-            y, ht = kernels.recurrence(s, e, i, osc.decay, output_final_state=sp is not None, backend=self.backend)
+            y, ht = kernels.recurrence(s, e, i, decay, output_final_state=sp is not None, backend=self.backend)
             if sp is not None:  # LASP-2: add the decayed state of the earlier slices
-                y = lasp.lasp2(y, ht, s, osc.decay, sp)
+                y = lasp.lasp2(y, ht, s, decay, sp)
         if self.D is not None:
             y = y + self.D.to(y.dtype) * i_raw
         return self.readout(y, x)
@@ -123,5 +125,7 @@ class EOSMixer(nn.Module):
         return size
 
     def flops_per_token(self, context: int = 2048) -> int:
-        """Recurrent-form FLOPs per token beyond the matmuls: decay, write (e iᵀ) and read (mᵀs)."""
-        return (2 + 2 + int(self.oscillation.decays)) * self.H * self.K * self.V
+        """Recurrent-form FLOPs per token beyond the matmuls: decay, write (e iᵀ), read (mᵀs) and a
+        delta rule's transition."""
+        osc = self.oscillation
+        return (2 + 2 + int(osc.decays) + osc.transition_flops) * self.H * self.K * self.V
