@@ -42,7 +42,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk import _chunk_coords, _gate, _gate_row, _gate_scalar, _intra_backward, _intra_forward, _load_rows, _seq_coords, autotune
+from .chunk import (
+    TUNE,
+    _chunk_coords,
+    _gate,
+    _gate_row,
+    _gate_scalar,
+    _intra_backward,
+    _intra_forward,
+    _load_rows,
+    _seq_coords,
+    autotune,
+)
+
+
+def autotune_rw(configs, key, **hooks):
+    """autotune for kernels that are not idempotent: the tuner runs every configuration on the
+    real arguments, so a buffer updated in place is restored (restore_value) and partial sums that
+    a configuration may leave unwritten are zeroed (reset_to_zero) around every trial."""
+    return triton.autotune(configs=configs if TUNE else configs[:1], key=key, **hooks)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -368,11 +386,11 @@ def delta_bwd_local_kernel(
         tl.store(Wb + ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :], b_wb.to(Wb.dtype.element_ty), mask=m_r[:, None] & m_k[None, :])
 
 
-@autotune(
+@autotune_rw(
     [triton.Config({"BV": 32}, num_warps=4, num_stages=2), triton.Config({"BV": 16}, num_warps=4, num_stages=2),
      triton.Config({"BV": 32}, num_warps=8, num_stages=2), triton.Config({"BV": 64}, num_warps=8, num_stages=2),
      triton.Config({"BV": 16}, num_warps=2, num_stages=3)],
-    key=["H", "K", "V", "USE_G", "USE_GK"],
+    key=["H", "K", "V", "USE_G", "USE_GK"], restore_value=["dX"],  # dX_loc -> dX in place
 )
 @triton.jit(do_not_specialize=["T"])
 def delta_state_bwd_kernel(
@@ -533,12 +551,12 @@ def delta_dM_kernel(
     _store_sq(dQ, tl.where(causal, b_dQ, 0.0), row0, r, m_r, i_h, H, BT)
 
 
-@autotune(
+@autotune_rw(
     [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
      triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
      triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
      triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3)],
-    key=["H", "K", "V", "USE_G"],
+    key=["H", "K", "V", "USE_G"], reset_to_zero=["dga", "dgb", "dgc"],  # one partial sum per K tile
 )
 @triton.jit(do_not_specialize=["T"])
 def delta_dqkw_kernel(

@@ -152,17 +152,18 @@ def delta_backward(q, k, v, w, do, dht, gates: Gates, h0, Tm, lay: Layout):
         )
         dG = gate_grad(*parts, lay)
     else:
-        tiles = None
-        if scalar:  # one partial sum per K tile; the largest tile count is K / 32
-            nkt = triton.cdiv(K, 32)
-            tiles = gate_grad_parts((nkt, B, T, H), (nkt, lay.n_chunks, H), q.device, zero=True)
+        # one partial sum per K tile (the largest tile count is K / 32), zeroed: the kernel may use
+        # fewer tiles than allocated; without a gate, placeholders (the tuner zeroes them too)
+        nkt = triton.cdiv(K, 32)
+        tiles = gate_grad_parts((nkt, B, T, H) if scalar else (1,), (nkt, lay.n_chunks, H) if scalar else (1,),
+                                q.device, zero=True)
         grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt, nbh)  # noqa: E731
         td.delta_dqkw_kernel[grid](
-            q, k, w, v, do, h, dh, R, dX, c["g"], s["g"], *dM, dq, dk, dw, *(tiles or (None,) * 3), lay.cu,
+            q, k, w, v, do, h, dh, R, dX, c["g"], s["g"], *dM, dq, dk, dw, *tiles, lay.cu,
             lay.chunk_idx, T, B * T, lay.n_chunks, H=H, K=K, V=V, BT=BT, USE_G=scalar, G_STATIC=gates.static["g"],
             IS_VARLEN=lay.varlen,
         )
-        if tiles is not None:
+        if scalar:
             dG = gate_grad(*(x.sum(0) for x in tiles), lay)
     return dq, dk, dv, dw, dh0, dG
 
