@@ -56,17 +56,19 @@ def eos_delta(s, e, i, decay: Decay, h0=None, chunk_size: int = 64):
     pair_s = None if L is None or L.shape[-1] != 1 else _pairwise(L, lower)[..., 0]  # [..., C, C]
 
     def scores(x, y, mask):
-        """M^{xy} masked to `mask` (strict or inclusive lower triangle)."""
+        """M^{xy} masked to `mask` (strict or inclusive lower triangle); with a decay along K, y is
+        the column operand already weighted by the pairwise decays, [..., t, j, K]."""
         if pair_k is not None:
-            out = torch.einsum("...tk,...jk,...tjk->...tj", x, y, pair_k)
+            out = torch.einsum("...tk,...tjk->...tj", x, y)  # a batched mat-vec per row t
         else:
             out = x @ y.transpose(-1, -2)
             if pair_s is not None:
                 out = out * pair_s
         return out.masked_fill(~mask, 0.0)
 
-    A, Bm = scores(k, w, strict), scores(k, k, strict)
-    P, Q = scores(q, k, lower), scores(q, w, lower)
+    kk, ww = (k, w) if pair_k is None else (k[..., None, :, :] * pair_k, w[..., None, :, :] * pair_k)
+    A, Bm = scores(k, ww, strict), scores(k, kk, strict)
+    P, Q = scores(q, kk, lower), scores(q, ww, lower)
     gam = None if L is None else torch.exp(L)  # Γ_t
     gam_out = None if L is None else torch.exp(L[..., -1:, :] - L)  # Γ_out
     k_in = k if gam is None else k * gam
