@@ -240,3 +240,17 @@ def test_transition_product_is_differentiable_and_packs_sequences():
     for n, (a, b) in enumerate([(0, 2), (2, 6)]):
         part = P_of(e.detach()[:, a:b], w.detach()[:, a:b], g.detach()[:, a:b])
         assert rel(P[n : n + 1], part) < 1e-12
+
+
+@pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
+def test_a_log_decay_of_minus_inf_resets_the_memory(form):
+    # o = 0 at a few tokens (inside a chunk, at chunk edges, the last): the state becomes e iᵀ alone
+    s, e, i, h0, dec = delta_inputs(form, 0.3)
+    name = "g" if form == "delta_scalar" else "gk"
+    dec[name][:, [0, 7, 8, 36]] = float("-inf")
+    y_ref, ht_ref, g_ref = run_with_grads("reference", s, e, i, h0, dec)
+    y, ht, grads = run_with_grads("torch", s, e, i, h0, dec, chunk_size=8)
+    assert torch.allclose(ht_ref, e[:, -1, :, :, None] * i[:, -1, :, None, :])
+    assert rel(y, y_ref) < 1e-9 and rel(ht, ht_ref) < 1e-9
+    for k in g_ref:
+        assert torch.isfinite(grads[k]).all() and rel(grads[k], g_ref[k]) < 1e-6, k

@@ -111,6 +111,14 @@ def test_strong_decay_and_beta_one_over_several_chunks_stay_finite_and_exact(for
     compare(form, 0.0, beta=(1.0, 1.0), tilt=0.0, length=L, with_h0=False, decay=dec)
 
 
+@pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
+def test_a_log_decay_of_minus_inf_resets_the_memory(form):
+    gen = torch.Generator().manual_seed(12)
+    dec = gates(form, B, T, H, K, V, scale=0.3, gen=gen)
+    dec["g" if form == "delta_scalar" else "gk"][:, [0, 5, 63, 64, 69]] = float("-inf")
+    compare(form, 0.0, decay=dec, tol=2e-4, seed=12)
+
+
 def test_inference_forward_matches_the_reference():
     # without gradients the same kernels run; nothing is kept for a backward
     gen = torch.Generator().manual_seed(9)
