@@ -159,21 +159,108 @@ def _scan_backward(ctx, dy, dht, dstates):
 register_autograd("lcsm::scan_fwd", _scan_backward, setup_context=_scan_setup)
 
 
+# --------------------------------------------------------------------------- the delta rule
+
+
+def _delta_setup_layout(q, cu_seqlens, g, gk):
+    from .decay import Decay
+    from .triton.autograd import Gates, Layout
+    from .triton.delta_autograd import BT as DBT
+
+    lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device, block=DBT)
+    decay = Decay(g=g, gk=gk)
+    return lay, decay, Gates(decay, lay)
+
+
+@custom_op("lcsm::delta_fwd", mutates_args=())
+def delta_fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, g: Optional[Tensor], gk: Optional[Tensor], h0: Optional[Tensor],
+              cu_seqlens: Optional[Tensor], output_final_state: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, ht or empty, T = (I + A)⁻¹ per chunk, fp32, which the backward reads); g not with gk."""
+    from .triton.delta_autograd import delta_forward
+
+    lay, _, gates = _delta_setup_layout(q, cu_seqlens, g, gk)
+    h0 = None if h0 is None else h0.float().contiguous()
+    o, ht, Tm = delta_forward(q, k, v, w, gates, h0, lay, store_ht=output_final_state)
+    return o, _empty(ht, q), Tm
+
+
+@delta_fwd.register_fake
+def _(q, k, v, w, g, gk, h0, cu_seqlens, output_final_state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    ht = q.new_empty(_n(q, cu_seqlens), H, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0)
+    return q.new_empty(B, T, H, V), ht, q.new_empty(B, T, H, BT, dtype=torch.float32)
+
+
+@custom_op("lcsm::delta_bwd", mutates_args=())
+def delta_bwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, g: Optional[Tensor], gk: Optional[Tensor], h0: Optional[Tensor],
+              Tm: Tensor, cu_seqlens: Optional[Tensor], do: Tensor, dht: Optional[Tensor]
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dw, dg, dgk, dh0), empty where the input is None."""
+    from .triton.delta_autograd import delta_backward
+
+    lay, decay, gates = _delta_setup_layout(q, cu_seqlens, g, gk)
+    h0f = None if h0 is None else h0.float().contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    dq, dk, dv, dw, dh0, dG = delta_backward(q, k, v, w, do.contiguous(), dht, gates, h0f, Tm, lay)
+    dgs = []
+    for name, x in (("g", g), ("gk", gk)):
+        if x is None:
+            dgs.append(q.new_empty(0))
+        else:
+            dgs.append((dG.sum((0, 1)) if decay.is_static(name) else dG).to(x.dtype))
+    return dq, dk, dv, dw, dgs[0], dgs[1], _empty(dh0, q)
+
+
+@delta_bwd.register_fake
+def _(q, k, v, w, g, gk, h0, Tm, cu_seqlens, do, dht):
+    def like(x):
+        return q.new_empty(0) if x is None else torch.empty_like(x)
+
+    dh0 = q.new_empty(0) if h0 is None else torch.empty_like(h0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w), like(g), like(gk), dh0
+
+
+def _delta_setup(ctx, inputs, output):
+    q, k, v, w, g, gk, h0, cu_seqlens, _ = inputs
+    ctx.save_for_backward(q, k, v, w, g, gk, h0, output[2], cu_seqlens)
+    ctx.has_ht = output[1].numel() > 0
+
+
+def _delta_backward(ctx, do, dht, dTm):
+    q, k, v, w, g, gk, h0, Tm, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dw, dg, dgk, dh0 = delta_bwd(q, k, v, w, g, gk, h0, Tm, cu_seqlens, do, dht if ctx.has_ht else None)
+    return (dq, dk, dv, dw, _none_like(dg, g), _none_like(dgk, gk), None if h0 is None else dh0.to(h0.dtype), None, None)
+
+
+register_autograd("lcsm::delta_fwd", _delta_backward, setup_context=_delta_setup)
+
+
+def delta(q, k, v, w, g, gk, h0, cu_seqlens, output_final_state: bool):
+    """The delta-rule op with g folded into gk when both are given: (y, ht or empty)."""
+    from .decay import Decay
+
+    d = Decay(g=g, gk=gk, w=w).fold_scalar()
+    y, ht, _ = delta_fwd(q, k, v, w.contiguous(), d.g, d.gk, h0, cu_seqlens, output_final_state)
+    return y, ht
+
+
 # --------------------------------------------------------------------------- one token
 
 
 @custom_op("lcsm::step", mutates_args=())
 def step(s: Tensor, e: Tensor, i: Tensor, state: Tensor, g: Optional[Tensor], gk: Optional[Tensor], gv: Optional[Tensor],
-         dt: Optional[Tensor], A: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+         dt: Optional[Tensor], A: Optional[Tensor], w: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y [B,H,V], the new state [B,H,K,V] fp32): functional, the input state is left as it was."""
     from .decay import Decay
     from .triton.step import eos_step_triton
 
-    y, new = eos_step_triton(s, e, i, state.float().contiguous().clone(), Decay(g=g, gk=gk, gv=gv, dt=dt, A=A, step=True))
+    decay = Decay(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w, step=True)
+    y, new = eos_step_triton(s, e, i, state.float().contiguous().clone(), decay)
     return y, new
 
 
 @step.register_fake
-def _(s, e, i, state, g, gk, gv, dt, A):
+def _(s, e, i, state, g, gk, gv, dt, A, w):
     B, H, K = s.shape
     return s.new_empty(B, H, i.shape[-1]), state.new_empty(state.shape, dtype=torch.float32)
