@@ -3,9 +3,11 @@ every expert on, by every split; the partitions recover planted structure; top-k
 trains from the init checkpoint (--init-from, --resume auto) and resumes; bad arguments are exit 2
 naming the flag; lcsm show lists the experts and the active parameters."""
 
+import importlib.util
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +243,21 @@ def test_moe_size_fields_are_validated():
                                                       "shared_hidden_size": 3}})
     moe = model.blocks[0].channel_mixer
     assert moe.w_gate.shape == (4, 16, 5) and moe.shared.gate_proj.weight.shape == (3, 16)
+
+
+def test_the_demonstration_script_runs_end_to_end(tmp_path, capsys):
+    """scripts/upcycle_demo.py --small at its smallest: every arm trains and the table is written."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "upcycle_demo.py"
+    spec = importlib.util.spec_from_file_location("upcycle_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--small", "--dense-steps", "3", "--post-steps", "2", "--splits", "importance",
+                      "--experts", "4", "--set", "task.val_fraction=0.01", "--device", "cpu"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    arms = [r["arm"] for r in result["rows"]]
+    assert arms == ["dense, continued", "upcycled, importance", "dense at equal active (3+2 steps from scratch)"]
+    moe, small = result["rows"][1], result["rows"][2]
+    assert moe["ffn"] == "4×32, top-2" and small["ffn"] == "GLU 64"  # 2 of 4 experts of 32 = 64 neurons per token
+    assert abs(moe["active"] - small["active"]) == 2 * 4 * 32  # equal but for the routers (E·d per layer)
+    assert all(r["loss_after"] > 0 for r in result["rows"]) and (out / "results.md").exists()
