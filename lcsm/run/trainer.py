@@ -392,6 +392,8 @@ def train(
 
         def prepare():
             run_dir, resuming = prepare_run_dir(recipe, resume, overwrite, init=init is not None)
+            if resuming and init is not None:
+                say(f"{run_dir} has a checkpoint: resuming it (--init-from is for a run's start)")
             start = None if resuming else (init or (init_only(run_dir) if resume else None))
             if start is not None:
                 _copy_tokenizer(start, run_dir)

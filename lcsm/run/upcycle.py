@@ -11,9 +11,11 @@ layer computes
     y = scale · Σ_{e ∈ top-k} w_e GLU_e(x) + GLU_shared(x),   w = renormalised top-k of softmax(W_r x)
 
 With top_k = E, a zero router (w_e = 1/E) and scale = E this is the dense GLU to round-off; with
-top_k < E, scale = E keeps the routed part's expected size (k experts of E, each weighted ≈ 1/k,
-times E: each chosen expert's output × E/k). LLaMA-MoE-v2 uses scale 4.0 for 8 experts, top-2
-(tuned, not exact); pass --scale 4 for that.
+1 < top_k < E, scale = E keeps the routed part's expected size (k experts of E, weights summing
+to one, times E: each chosen expert's output × ≈ E/k). With top_k = 1 the weight is the raw
+probability (Switch), ≈ 1/E at a near-uniform router, so the routed part starts near 1/E of its
+dense size whatever the split. LLaMA-MoE-v2 uses scale 4.0 for 8 experts top-2 and 1.0 for its
+shared + 7 top-1 (tuned, not exact); pass --scale for those.
 
 Splits (how the routed neurons are partitioned; docs/upcycling.md):
   random      a seeded permutation.
