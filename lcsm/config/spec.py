@@ -376,6 +376,41 @@ class Routing(Base):
         return v
 
 
+# --------------------------------------------------------------------------- head routing (attention experts)
+
+
+class HeadRouting(Base):
+    """Attention experts (LLaMA-MoE-v2): the mixer's heads in `groups` contiguous groups, a router
+    choosing top_k groups per token; the outputs of the other groups are zeroed before the output
+    projection. An EOS mixer still updates every head's memory (decoding stays exact). See
+    docs/upcycling.md."""
+
+    groups: int = Field(description="G, the head groups (attention experts); must divide the mixer's heads")
+    top_k: int = Field(description="groups each token uses (1..groups)")
+    scale: float = Field(1.0, gt=0, description="multiplies the routed weights (lcsm upcycle sets G: exact at top_k = G)")
+    aux_loss_weight: float = Field(0.01, ge=0, description="weight of the Switch load-balancing loss (one per layer)")
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v):
+        if v < 2:
+            raise ValueError(f"groups must be at least 2 (got {v}); one group routes nothing")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v, info: ValidationInfo):
+        if v < 1:
+            raise ValueError(f"top_k must be at least 1 (got {v})")
+        groups = info.data.get("groups")
+        if groups is not None and v > groups:
+            raise ValueError(f"top_k = {v} must be at most groups = {groups} (a token picks top_k of the groups)")
+        return v
+
+    def describe(self) -> str:
+        return f"{self.groups} groups, top-{self.top_k}, scale {self.scale:g}, aux {self.aux_loss_weight:g}"
+
+
 # --------------------------------------------------------------------------- mixers
 
 
@@ -395,6 +430,7 @@ class EOSMixer(Base):
     output: OutputStage = OutputStage()
     bias: bool = Field(False, description="biases on the projections")
     routing: Routing | None = Field(None, description="Mixture-of-Memories: route tokens to several memories")
+    head_routing: HeadRouting | None = Field(None, description="attention experts: route tokens to groups of heads")
 
     @field_validator("expand_k", "expand_v")
     @classmethod
@@ -488,6 +524,7 @@ class AttentionMixer(Base):
     position: Literal["rope", "none"] = "rope"
     rope_base: float = Field(10000.0, gt=1.0)
     bias: bool = False
+    head_routing: HeadRouting | None = Field(None, description="attention experts: route tokens to groups of heads")
 
 
 Mixer = Annotated[Union[EOSMixer, AttentionMixer], Field(discriminator="kind")]
@@ -528,10 +565,28 @@ class MoEChannelMixer(ChannelMixerKind):
     shared_expert: bool = Field(False, description="an always-on GLU expert added to the routed ones")
     aux_loss_weight: float = Field(0.01, ge=0, description="weight α of α·E·Σ f_e P_e")
     capacity_factor: float | None = Field(None, gt=0, description="none: dropless; else drop tokens past ceil(factor·N·k/E) per expert")
+    hidden_size: int | None = Field(None, ge=1, description="each expert's hidden size, exactly (instead of hidden_ratio; "
+                                    "lcsm upcycle writes it: a dense GLU's neurons split E ways)")
+    shared_hidden_size: int | None = Field(None, ge=1, description="the shared expert's hidden size (default: an expert's)")
+    output_scale: float = Field(1.0, gt=0, description="multiplies the routed experts' weighted sum, not the shared "
+                                "expert (LLaMA-MoE's scale_factor; lcsm upcycle sets E)")
 
     def describe(self) -> str:
-        return (f"moe: {self.experts} experts, top-{self.top_k}" + (", shared expert" if self.shared_expert else "")
+        size = f" of {self.hidden_size}" if self.hidden_size else ""
+        shared = ""
+        if self.shared_expert:
+            shared = ", shared expert" + (f" of {self.shared_hidden_size}" if self.shared_hidden_size else "")
+        return (f"moe: {self.experts} experts{size}, top-{self.top_k}" + shared
+                + (f", scale {self.output_scale:g}" if self.output_scale != 1.0 else "")
                 + (f", capacity ×{self.capacity_factor:g}" if self.capacity_factor else ", dropless"))
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.hidden_size is not None and "hidden_ratio" in self.model_fields_set:
+            raise FieldError("hidden_size", "give either hidden_size or hidden_ratio, not both")
+        if self.shared_hidden_size is not None and not self.shared_expert:
+            raise FieldError("shared_hidden_size", "needs shared_expert: true")
+        return self
 
     @field_validator("top_k")
     @classmethod
@@ -618,6 +673,9 @@ class ModelSpec(Base):
 
     def _check_mixer(self, mixer, where: tuple):
         heads = mixer.heads or self.n_heads
+        if mixer.head_routing is not None and heads % mixer.head_routing.groups:
+            raise FieldError(where + ("head_routing", "groups"),
+                             f"groups = {mixer.head_routing.groups} must divide the mixer's heads = {heads}")
         if isinstance(mixer, AttentionMixer):
             if self.d_model % heads:
                 at = where + ("heads",) if mixer.heads else ("n_heads",)

@@ -53,6 +53,7 @@ class LayerSummary:
     state_size: int  # numbers per sequence (EOS) or per token of context (attention)
     state_grows: bool
     flops_per_token: int
+    active_parameters: int = 0  # used by each token: all but the experts (and head groups) it is not routed to
 
 
 class Model(nn.Module):
@@ -186,6 +187,12 @@ class Model(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def active_parameters(self) -> int:
+        """Parameters each token uses: all of them (embeddings included) less the routed parts it
+        is not sent to, which a module reports through `inactive_parameters()` (the E - k experts
+        of an MoE channel mixer; the unchosen head groups' read-out under head routing)."""
+        return self.num_parameters() - sum(_inactive(m) for m in self.modules())
+
     def summary(self, context: int = 2048) -> list[LayerSummary]:
         """Per layer: parameters, recurrent state size and FLOPs per token (attention at `context`)."""
         rows = []
@@ -195,14 +202,21 @@ class Model(nn.Module):
             flops = 2 * matmul + mixer.flops_per_token(context)
             if hasattr(block.channel_mixer, "flops_per_token"):  # MoE: only the routed experts run
                 flops += block.channel_mixer.flops_per_token() - 2 * block.channel_mixer.router.weight.numel()
+            parameters = sum(p.numel() for p in block.parameters())
             rows.append(
                 LayerSummary(
                     index=idx,
                     mixer=mixer.label,
-                    parameters=sum(p.numel() for p in block.parameters()),
+                    parameters=parameters,
                     state_size=mixer.state_size(),
                     state_grows=mixer.state_grows,
                     flops_per_token=flops,
+                    active_parameters=parameters - sum(_inactive(m) for m in block.modules()),
                 )
             )
         return rows
+
+
+def _inactive(module: nn.Module) -> int:
+    count = getattr(module, "inactive_parameters", None)
+    return count() if callable(count) and not isinstance(module, Model) else 0

@@ -11,6 +11,7 @@ from lcsm.config.spec import EOSMixer as EOSSpec
 from lcsm.kernels.decay import Decay
 from lcsm.nn.cache import store, sub
 from lcsm.nn.context import LayerContext
+from lcsm.nn.head_routing import HeadRouting
 from lcsm.nn.norm import make_norm
 from lcsm.nn.oscillations import build_oscillation
 from lcsm.nn.stages.expand import Expand
@@ -53,6 +54,8 @@ class EOSMixer(nn.Module):
             )
         self.D = nn.Parameter(torch.ones(H, V)) if out.skip else None
         self.o_proj = nn.Linear(H * V, d_model, bias=spec.bias)
+        # attention experts: the read-out of unchosen head groups is zeroed (every memory still updates)
+        self.head_routing = HeadRouting(spec.head_routing, d_model, H) if spec.head_routing is not None else None
 
     @property
     def label(self) -> str:
@@ -113,6 +116,8 @@ class EOSMixer(nn.Module):
             y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
         if gate is not None and not out.gate_first:
             y = y * gate
+        if self.head_routing is not None:  # after the norm, which would undo the weights
+            y = self.head_routing(y, x)
         return self.o_proj(y.flatten(-2))
 
     def state_size(self) -> int:
@@ -123,6 +128,20 @@ class EOSMixer(nn.Module):
             if conv is not None:
                 size += (conv.size - 1) * stage.H * stage.D
         return size
+
+    def inactive_parameters(self) -> int:
+        """With head routing: the parameters of the unchosen groups' read-out (the output
+        projection's columns, the query and output-gate rows); 0 without."""
+        if self.head_routing is None:
+            return 0
+        per_head = [self.o_proj]
+        query = getattr(self.shrink.proj, "proj", None)  # a data-dependent query: Linear d -> H·K
+        if isinstance(query, nn.Linear):
+            per_head.append(query)
+        gate = self.gate_proj[-1] if isinstance(self.gate_proj, nn.Sequential) else self.gate_proj
+        if gate is not None:
+            per_head.append(gate)
+        return self.head_routing.inactive_of(per_head)
 
     def flops_per_token(self, context: int = 2048) -> int:
         """Recurrent-form FLOPs per token beyond the matmuls: decay, write (e iᵀ), read (mᵀs) and a
