@@ -73,8 +73,8 @@ def _load_sq(X, row0, r, m_r, i_h, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _load_sq_t(X, row0, r, m_r, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """The transpose of the same: out[j, t] = X[t, j]."""
-    return tl.load(X + ((row0 + r)[None, :] * H + i_h) * BT + r[:, None], mask=m_r[None, :], other=0.0)
+    """The transpose of the same, out[j, t] = X[t, j]: loaded by rows (coalesced), transposed in registers."""
+    return tl.trans(_load_sq(X, row0, r, m_r, i_h, H, BT))
 
 
 @triton.jit
