@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lcsm.nn.fused import swiglu
 
 from lcsm.nn.moe import MoE
 
@@ -27,6 +30,11 @@ class GLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
+        if self.act is F.silu:
+            # one GEMM for both projections (x is read and kept once) and a SwiGLU that keeps
+            # only its inputs for the backward
+            a, b = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+            return self.down_proj(swiglu(a, b))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -39,10 +39,18 @@ class Block(nn.Module):
             self.channel_mixer = channel
 
     def forward(self, x, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), cache=cache)
+        x = x + self.mixer(_compute_dtype(self.mixer_norm(x)), cache=cache)
         if self.channel_mixer is not None:
-            x = x + self.channel_mixer(self.channel_norm(x))
+            x = x + self.channel_mixer(_compute_dtype(self.channel_norm(x)))
         return x
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.Tensor:
+    """The normalised input of a mixer in the autocast dtype: every projection reading it then
+    shares one copy (autocast would cast it, and keep the cast for the backward, once per matmul)."""
+    if torch.is_autocast_enabled(h.device.type):
+        return h.to(torch.get_autocast_dtype(h.device.type))
+    return h
 
 
 @dataclass

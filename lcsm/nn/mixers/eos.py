@@ -12,7 +12,8 @@ from lcsm.kernels.decay import Decay
 from lcsm.nn.cache import store, sub
 from lcsm.nn.context import LayerContext
 from lcsm.nn.head_routing import HeadRouting
-from lcsm.nn.norm import make_norm
+from lcsm.nn.fused import gated_rms_norm
+from lcsm.nn.norm import RMSNorm, make_norm
 from lcsm.nn.oscillations import build_oscillation
 from lcsm.nn.stages.expand import Expand
 from lcsm.nn.stages.input import Input
@@ -107,15 +108,25 @@ class EOSMixer(nn.Module):
     def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y [B,T,H,V] -> norm, output gate, projection -> [B,T,d]."""
         out = self.spec.output
-        gate = None
-        if self.gate_proj is not None:
-            gate = (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
-        if gate is not None and out.gate_first:
-            y = y * gate
-        if self.out_norm is not None:
-            y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
-        if gate is not None and not out.gate_first:
-            y = y * gate
+        if self.gate_proj is not None and isinstance(self.out_norm, RMSNorm):
+            # the norm and the gate in one function that keeps only its inputs for the backward
+            pre = self.gate_proj(x)
+            if out.norm_scope == "head":
+                y = gated_rms_norm(y, self.out_norm.weight, pre.unflatten(-1, (self.H, self.V)), self.out_norm.eps,
+                                   out.gate, out.gate_first)
+            else:
+                y = gated_rms_norm(y.flatten(-2), self.out_norm.weight, pre, self.out_norm.eps, out.gate,
+                                   out.gate_first).unflatten(-1, (self.H, self.V))
+        else:
+            gate = None
+            if self.gate_proj is not None:
+                gate = (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
+            if gate is not None and out.gate_first:
+                y = y * gate
+            if self.out_norm is not None:
+                y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
+            if gate is not None and not out.gate_first:
+                y = y * gate
         if self.head_routing is not None:  # after the norm, which would undo the weights
             y = self.head_routing(y, x)
         return self.o_proj(y.flatten(-2))
