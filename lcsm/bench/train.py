@@ -163,6 +163,8 @@ def run(args) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             common.free_cache(device)
+            if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+                common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
             config = fla_config(spec.name, args.d_model, args.layers, args.heads, args.vocab) if args.compare else None
             if config is not None:
                 row = {"model": spec.name, "impl": "fla", "B": batch, "T": seq,
@@ -170,6 +172,8 @@ def run(args) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 common.free_cache(device)
+                if args.json:
+                    common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
     print("\n" + table(rows))
     if args.json:
         common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})

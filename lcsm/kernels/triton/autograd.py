@@ -210,9 +210,11 @@ def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout)
         if gates.use["g"]:  # one partial sum per K tile; the largest tile count is K / 32
             nkt = triton.cdiv(K, 32)
             tiles = gate_grad_parts((nkt, B, T, H), (nkt, lay.n_chunks, H), q.device, zero=True)
+        # the autotuner zeroes these between its trials: real (unused) buffers without a scalar decay
+        parts_or_unused = tiles or tuple(torch.zeros(1, device=q.device) for _ in range(3))
         grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt, nbh)
         tk.chunk_dqdk_kernel[grid](
-            q, k, v, do, h, dh, c["g"], c["gv"], s["g"], s["gv"], dA, dq, dk, *(tiles or (None,) * 3), lay.cu,
+            q, k, v, do, h, dh, c["g"], c["gv"], s["g"], s["gv"], dA, dq, dk, *parts_or_unused, lay.cu,
             lay.chunk_idx, T, B * T, lay.n_chunks, H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GV=kw["USE_GV"],
             GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
         )
