@@ -43,7 +43,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def fla_config(name: str, d: int, layers: int, heads: int, vocab: int):
     """fla's model config of the same width, depth and heads as lcsm's `name` (None when fla has no
-    counterpart or is not installed). Everything else is fla's default."""
+    counterpart or is not installed). Everything else is fla's default. fla's Mamba2 is left out:
+    its layer runs its fast path only with the mamba-ssm CUDA package (else a naive loop), so a
+    comparison without it would measure that loop."""
     try:
         import fla.models as fm
     except Exception:  # not installed, or not importable with this Triton
@@ -53,8 +55,6 @@ def fla_config(name: str, d: int, layers: int, heads: int, vocab: int):
         "gla": lambda: fm.GLAConfig(num_heads=heads, **common_args),
         "retnet": lambda: fm.RetNetConfig(num_heads=heads, **common_args),
         "hgrn2": lambda: fm.HGRN2Config(num_heads=heads, expand_ratio=d // heads, **common_args),
-        # lcsm's mamba2 keeps 64 × 64 states per head: the same heads, head size and state size
-        "mamba2": lambda: fm.Mamba2Config(head_dim=64, state_size=64, expand=heads * 64 / d, **common_args),
         "linear_attention": lambda: fm.LinearAttentionConfig(num_heads=heads, feature_map="elu", **common_args),
         "deltanet": lambda: fm.DeltaNetConfig(num_heads=heads, **common_args),
         "gated_deltanet": lambda: fm.GatedDeltaNetConfig(num_heads=heads, head_dim=int(0.75 * d) // heads, expand_v=2,
