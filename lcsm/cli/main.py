@@ -115,8 +115,29 @@ def cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
+def _show_target(target: str) -> ModelSpec:
+    """The spec of `lcsm show TARGET`: a zoo name or spec YAML, a recipe (a run's config.yaml) or a run directory."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").exists():
+            raise UsageError(f"{target}: a directory without config.yaml; give a spec, a recipe or a run directory")
+        path = path / "config.yaml"
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            data = None  # load_model_spec reports it with the line
+        if isinstance(data, dict) and "model" in data and "task" in data:  # a recipe: its model
+            from lcsm.config.recipe import load_recipe
+
+            return load_recipe(path).model
+    return load_model_spec(target)
+
+
 def cmd_show(args) -> int:
-    spec = load_model_spec(args.spec)
+    spec = _show_target(args.spec)
     model = build_meta(spec)
     rows = model.summary(context=args.context)
     out.print(f"[bold]{escape(spec.name or args.spec)}[/bold]: {escape(spec.description or '')}".rstrip(": "))
@@ -125,27 +146,63 @@ def cmd_show(args) -> int:
     if isinstance(spec.mixer, EOSMixer):
         H, K, V = spec.mixer.dims(spec.d_model, spec.n_heads)
         out.print(f"  {'heads':<12} H={H}  K={K}  V={V}")
+    if spec.mixer.head_routing is not None:
+        out.print(f"  {'head groups':<12} {escape(spec.mixer.head_routing.describe())} (attention experts)")
     for name, mixer in spec.mixers.items():
         text = describe_stages(spec.model_copy(update={"mixer": mixer}))
+        if mixer.head_routing is not None:
+            text["head groups"] = mixer.head_routing.describe()
         out.print(f"  {name:<12} " + escape(" · ".join(f"{k} {v}" for k, v in text.items())))
     if spec.pattern:
         out.print(f"  {'pattern':<12} {' '.join(spec.pattern)} (× {spec.n_layers // len(spec.pattern)})")
     channel = spec.channel_mixer.describe()
     if channel:
         out.print(f"  {'channel':<12} {escape(channel)}")
+    routed = any(r.active_parameters != r.parameters for r in rows)
     table = Table(title_justify="left")
-    for col in ("layer", "mixer", "parameters", "state size", "FLOPs/token"):
+    cols = ("layer", "mixer", "parameters", *(("active/token",) if routed else ()), "state size", "FLOPs/token")
+    for col in cols:
         table.add_column(col, justify="right" if col != "mixer" else "left")
     for r in rows:
         state = f"{_si(r.state_size)} per token" if r.state_grows else _si(r.state_size)
-        table.add_row(str(r.index), r.mixer, _si(r.parameters), state, _si(r.flops_per_token))
+        active = (_si(r.active_parameters),) if routed else ()
+        table.add_row(str(r.index), r.mixer, _si(r.parameters), *active, state, _si(r.flops_per_token))
     out.print(table)
     embed = spec.vocab_size * spec.d_model * (1 if spec.tie_embeddings else 2)
+    total, active = model.num_parameters(), model.active_parameters()
     out.print(
-        f"total {_si(model.num_parameters())} parameters ({_si(embed)} in embeddings"
-        f"{', tied' if spec.tie_embeddings else ''}); state sizes count numbers per sequence"
+        f"total {_si(total)} parameters ({_si(embed)} in embeddings"
+        f"{', tied' if spec.tie_embeddings else ''})"
+        + (f", {_si(active)} active per token ({100 * active / total:.0f}%: the routed experts and head groups a token "
+           "is not sent to are left out)" if routed else "")
+        + "; state sizes count numbers per sequence"
         + (f"; attention FLOPs at context {args.context}" if any(r.state_grows for r in rows) else "")
     )
+    return 0
+
+
+def cmd_upcycle(args) -> int:
+    from lcsm.run.upcycle import upcycle
+
+    result = upcycle(
+        args.run, args.out, experts=args.experts, top_k=args.top_k, split=args.split, shared=args.shared,
+        scale=args.scale, router=args.router, importance=args.importance, batches=args.batches,
+        attention_experts=args.attention_experts, attention_top_k=args.attention_top_k,
+        attention_scale=args.attention_scale, aux_loss_weight=args.aux_loss_weight, seed=args.seed,
+        overwrite=args.overwrite, device=args.device, log=lambda s: out.print(escape(s)),
+    )
+    r, p = result.record, result.record["parameters"]
+    new = escape(str(result.run_dir))
+    out.print(
+        f"upcycled {escape(r['source'])} (step {r['source_step']}, a GLU of {r['dense_hidden']} neurons per layer) -> {new}: "
+        f"{r['experts']} experts of {r['expert_hidden']} neurons, top-{r['top_k']}"
+        + (f", a shared expert of {r['shared']}" if r["shared"] else "")
+        + f", scale {r['scale']:g}, split {r['split']}" + (f" ({r['importance']}, {r['batches']} batches)" if r["importance"] else "")
+        + f", router {r['router']}"
+        + (f"; head groups {r['attention']['groups']}, top-{r['attention']['top_k']}" if r["attention"] else "")
+    )
+    out.print(f"parameters: {_si(p['total'])} total, {_si(p['active'])} active per token (dense: {_si(p['dense'])})")
+    out.print(f"next: lcsm eval {new} · lcsm show {new} · lcsm train {new}/config.yaml --init-from {new} [--set steps=N]")
     return 0
 
 
@@ -192,7 +249,7 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         return _launch(args, recipe)
     try:
-        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, console=out)
+        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, console=out, init_from=args.init_from)
     except TrainingError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         return 1
@@ -263,6 +320,7 @@ def _launch(args, recipe) -> int:
     cmd += [args.recipe] if args.recipe else []
     cmd += [a for x in sets for a in ("--set", x)]
     cmd += ["--resume", "auto"] if args.resume else []
+    cmd += ["--init-from", args.init_from] if args.init_from else []
     cmd += ["--overwrite"] if args.overwrite else []
     out.print(f"launching: {escape(shlex.join(cmd))}")
     from lcsm.parallel.grid import run_torchrun
@@ -514,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", metavar="SPEC", help="YAML file or zoo name")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("show", help="per-layer stages, parameters, state size and FLOPs of a spec")
-    p.add_argument("spec", metavar="SPEC", help="YAML file or zoo name")
+    p = sub.add_parser("show", help="per-layer stages, parameters (active per token), state size and FLOPs of a spec")
+    p.add_argument("spec", metavar="SPEC", help="zoo name, spec YAML, a recipe (e.g. a run's config.yaml) or a run directory")
     p.add_argument("--context", type=int, default=2048, help="context length for attention FLOPs (default 2048)")
     p.set_defaults(func=cmd_show)
 
@@ -532,7 +590,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N", help="run under torchrun with N processes (GPUs) on this machine; "
                    "the recipe's parallel: {sequence: S, data: D, strategy: ddp|fsdp|hsdp} splits them "
                    "(default: data = N, ddp); several machines: torchrun itself (docs/parallel.md)")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="start a new run from these weights (a run directory, "
+                   "its checkpoint/ or a model.safetensors) with a fresh optimizer, e.g. an lcsm upcycle output")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense run into a mixture-of-experts run (LLaMA-MoE-v2): its GLU neurons split into experts",
+        description="Split every layer's dense GLU into E experts (and an optional shared expert) with a top-k router, "
+        "optionally group the heads of every mixer into attention experts, and write an ordinary run directory "
+        "(config.yaml, an init checkpoint, upcycle.json) to post-train with lcsm train OUT/config.yaml --init-from OUT. "
+        "See docs/upcycling.md.",
+    )
+    p.add_argument("run", metavar="RUN", help="the dense run directory (or its checkpoint)")
+    p.add_argument("--experts", type=int, required=True, metavar="E", help="routed experts per layer; must divide the GLU's neurons (less --shared)")
+    p.add_argument("--top-k", type=int, required=True, metavar="K", help="experts per token, 1..E")
+    p.add_argument("--out", required=True, metavar="NEW_RUN", help="the new run directory")
+    p.add_argument("--split", default="clustering", metavar="HOW",
+                   help="how the neurons are partitioned: random, clustering (balanced k-means of the gate vectors; default), "
+                   "importance (LLaMA-MoE-v2: token clusters of the run's data and each neuron's importance to them)")
+    p.add_argument("--importance", default="gradient", metavar="MEASURE",
+                   help="--split importance: gradient (|a·∂L/∂a|, default) or activation (|a|)")
+    p.add_argument("--batches", type=int, default=8, metavar="N", help="--split importance: training batches to measure on (default 8)")
+    p.add_argument("--shared", type=int, default=0, metavar="N", help="neurons kept in an always-on shared expert (default 0)")
+    p.add_argument("--scale", type=float, metavar="S", help="multiplies the routed experts' weighted sum (default E: exact at top-k = E)")
+    p.add_argument("--router", default="centroid", metavar="INIT", help="router init: centroid (default), zero (uniform), random")
+    p.add_argument("--attention-experts", type=int, metavar="G", help="also group every mixer's heads into G attention experts")
+    p.add_argument("--attention-top-k", type=int, metavar="K", help="head groups per token, 1..G (with --attention-experts)")
+    p.add_argument("--attention-scale", type=float, metavar="S", help="multiplies the head groups' weights (default G)")
+    p.add_argument("--aux-loss-weight", type=float, metavar="W", help="the routers' balancing-loss weight (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="the random split, k-means seeding and random router init (default 0)")
+    p.add_argument("--device", default="auto", help="where --split importance runs the model: auto, cpu, cuda, ... (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace lcsm's files in an existing NEW_RUN")
+    p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")

@@ -55,6 +55,13 @@ Backend = Literal["auto", "triton", "torch", "reference"]  # lcsm.kernels.BACKEN
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
+class Checkpointing(Base):
+    """Activation checkpointing: a block keeps only its input for the backward and is recomputed
+    there — less memory for long sequences, about one more forward of compute."""
+
+    every: int = Field(1, ge=1, description="checkpoint every N-th block (1: all of them)")
+
+
 class Parallel(Base):
     """The device mesh: world size = data × sequence; how the data ranks hold the weights (docs/parallel.md)."""
 
@@ -105,6 +112,8 @@ class Recipe(Base):
                                "strategy (launch with torchrun or --nproc)")
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step: the batch_size rows are split into "
                             "this many forward/backward passes (less activation memory, the same step)")
+    compile: bool = Field(False, description="torch.compile each block (the recurrence is one custom op); first steps compile")
+    checkpointing: Checkpointing | None = Field(None, description="activation checkpointing of blocks, e.g. {every: 1}")
 
     @field_validator("device")
     @classmethod

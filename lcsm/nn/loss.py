@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MiB in fp32)
+IGNORE = -100  # targets of rows without a loss (torch's ignore_index)
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -40,14 +41,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             hc = hc_all[start : start + chunk]
             t = targets[start : start + chunk]
+            keep = t != IGNORE  # rows without a target add nothing, to the loss or the gradients
+            t = torch.where(keep, t, 0)[:, None]
             logits = (hc @ w.t()).to(acc)  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)
-            total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            total = total + torch.where(keep, lse - logits.gather(1, t)[:, 0], 0.0).sum()
             if need_h or need_w:
                 # d(Σ loss)/d logits = softmax - onehot, computed in place of the logits
                 grad = logits.sub_(lse[:, None]).exp_()
-                grad.scatter_add_(1, t[:, None], torch.full_like(grad[:, :1], -1.0))
-                grad = grad.to(dtype)
+                grad.scatter_add_(1, t, torch.full_like(grad[:, :1], -1.0))
+                grad = (grad * keep[:, None]).to(dtype)
                 if need_h:
                     dh[start : start + chunk] = grad @ w
                 if need_w:
@@ -68,12 +71,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk: int | None = None) -> torch.Tensor:
     """Cross-entropy of the logits h @ weightᵀ against targets, never holding all the logits.
 
-    h [n,d], weight [V,d], targets [n] (long, every one a class: select the labelled rows first).
-    reduction "sum" or "mean". Computed in the autocast dtype when autocast is on (else h's),
-    accumulated in fp32 (fp64 for fp64). chunk: rows per chunk (default: CHUNK_ELEMENTS / V).
+    h [n,d], weight [V,d], targets [n] (long; IGNORE = -100 for rows without a loss: they add
+    nothing). reduction "sum" or "mean" (over the rows with a target). Computed in the autocast
+    dtype when autocast is on (else h's), accumulated in fp32 (fp64 for fp64). chunk: rows per
+    chunk (default: CHUNK_ELEMENTS / V).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean' (got {reduction!r})")
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
     total = _LinearCrossEntropy.apply(h, weight, targets, chunk, _compute_dtype(h))
-    return total / max(h.shape[0], 1) if reduction == "mean" else total
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE).sum().clamp_min(1).to(total.dtype)

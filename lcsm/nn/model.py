@@ -39,10 +39,18 @@ class Block(nn.Module):
             self.channel_mixer = channel
 
     def forward(self, x, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), cache=cache)
+        x = x + self.mixer(_compute_dtype(self.mixer_norm(x)), cache=cache)
         if self.channel_mixer is not None:
-            x = x + self.channel_mixer(self.channel_norm(x))
+            x = x + self.channel_mixer(_compute_dtype(self.channel_norm(x)))
         return x
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.Tensor:
+    """The normalised input of a mixer in the autocast dtype: every projection reading it then
+    shares one copy (autocast would cast it, and keep the cast for the backward, once per matmul)."""
+    if torch.is_autocast_enabled(h.device.type):
+        return h.to(torch.get_autocast_dtype(h.device.type))
+    return h
 
 
 @dataclass
@@ -53,6 +61,7 @@ class LayerSummary:
     state_size: int  # numbers per sequence (EOS) or per token of context (attention)
     state_grows: bool
     flops_per_token: int
+    active_parameters: int = 0  # used by each token: all but the experts (and head groups) it is not routed to
 
 
 class Model(nn.Module):
@@ -126,7 +135,11 @@ class Model(nn.Module):
         if labels.shape != tokens.shape:
             raise ValueError(f"labels: shape {tuple(labels.shape)} must be the shape of tokens, {tuple(tokens.shape)}")
         mask = labels != IGNORE
-        hl, targets = h[mask], labels[mask]
+        if torch.compiler.is_compiling():
+            # every position, the unlabelled ones ignored: selecting rows has a data-dependent size
+            hl, targets = h.flatten(0, 1), labels.flatten()
+        else:
+            hl, targets = h[mask], labels[mask]
         if return_logits:
             logits = self.lm_head(hl)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -138,6 +151,14 @@ class Model(nn.Module):
             # gradient reductions in the backward: keep all of h in the graph
             loss = loss + 0.0 * h.float().sum()
         return loss
+
+    def compile_blocks(self, **options) -> "Model":
+        """torch.compile every block in place (regional compilation: one compiled graph serves all
+        blocks of the same structure, so compiling costs about one block's worth). The recurrence
+        runs as one custom op inside (lcsm/kernels/ops.py). options: torch.compile's."""
+        for block in self.blocks:
+            block.compile(**{"fullgraph": True, **options})
+        return self
 
     def generate(self, prompt, max_new_tokens: int = 256, **sampling):
         """Sample a continuation of `prompt` (token ids): see lcsm.nn.generate.generate."""
@@ -174,6 +195,12 @@ class Model(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def active_parameters(self) -> int:
+        """Parameters each token uses: all of them (embeddings included) less the routed parts it
+        is not sent to, which a module reports through `inactive_parameters()` (the E - k experts
+        of an MoE channel mixer; the unchosen head groups' read-out under head routing)."""
+        return self.num_parameters() - sum(_inactive(m) for m in self.modules())
+
     def summary(self, context: int = 2048) -> list[LayerSummary]:
         """Per layer: parameters, recurrent state size and FLOPs per token (attention at `context`)."""
         rows = []
@@ -183,14 +210,21 @@ class Model(nn.Module):
             flops = 2 * matmul + mixer.flops_per_token(context)
             if hasattr(block.channel_mixer, "flops_per_token"):  # MoE: only the routed experts run
                 flops += block.channel_mixer.flops_per_token() - 2 * block.channel_mixer.router.weight.numel()
+            parameters = sum(p.numel() for p in block.parameters())
             rows.append(
                 LayerSummary(
                     index=idx,
                     mixer=mixer.label,
-                    parameters=sum(p.numel() for p in block.parameters()),
+                    parameters=parameters,
                     state_size=mixer.state_size(),
                     state_grows=mixer.state_grows,
                     flops_per_token=flops,
+                    active_parameters=parameters - sum(_inactive(m) for m in block.modules()),
                 )
             )
         return rows
+
+
+def _inactive(module: nn.Module) -> int:
+    count = getattr(module, "inactive_parameters", None)
+    return count() if callable(count) and not isinstance(module, Model) else 0

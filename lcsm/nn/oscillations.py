@@ -10,7 +10,7 @@ angles). Class attributes describe the kind to the mixer: `decays` (whether o �
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,15 @@ class OscillationOut:
     expand_scale: torch.Tensor | None = None  # multiplies e: [B,T,H,1] or [B,T,H,K]
     angles: torch.Tensor | None = None  # rotation: [T,K/2]
     log_k: torch.Tensor | None = None  # the log decay along K, broadcastable to [B,T,H,K] (for e = 1 - o)
+    beta: torch.Tensor | None = None  # the delta rule's β: [B,T,H] or [H]; the removal key is the expand key
+
+    def with_expand(self, e: torch.Tensor) -> tuple[torch.Tensor, Decay]:
+        """(e, the decay) once the expand key e [B,T,H,K] is known: a delta oscillation takes it as
+        the removal key w (normalised by the expand stage) and writes with e = β·w."""
+        if self.beta is None:
+            return e, self.decay
+        beta = self.beta.to(e.dtype)
+        return e * beta[..., None], replace(self.decay, w=e)
 
 
 class Oscillation(nn.Module):
@@ -39,6 +48,7 @@ class Oscillation(nn.Module):
     (its sub-dict while decoding, or None)) -> OscillationOut."""
 
     decays = True  # o ≠ 1: the recurrent form multiplies the state every token
+    transition_flops = 0  # per state element and token beyond the decay (a delta rule: its read and rank-1 update)
 
 
 class Ones(Oscillation):
@@ -198,6 +208,35 @@ class CumSoftmax(Oscillation):
         return OscillationOut(Decay(gk=log_o), expand_scale=scale, log_k=log_o)
 
 
+class Delta(Oscillation):
+    """The delta rule: (I − w eᵀ) D with w the expand key k̂ (L2-normalised by the expand stage),
+    e = β k̂, and D the element-wise decay of `spec.decay` (built by this registry). β per head:
+    σ(W_β x) (or 2σ), a learned per-head value, or fixed."""
+
+    def __init__(self, spec, ctx: LayerContext, H: int, K: int, V: int):
+        super().__init__()
+        self.inner = build_oscillation(spec.decay, ctx, H, K, V)
+        self.decays = self.inner.decays
+        self.transition_flops = 4  # eᵀ(D⊙m) and the rank-one update w ⊗ (·): 2 FLOPs each per element
+        self.H = H
+        b = spec.beta
+        self.map, self.source, self.value = b.map, b.source, b.value
+        if b.source == "data":
+            self.beta_proj = nn.Linear(ctx.d_model, H, bias=False)  # fla's b_proj: no bias
+        elif b.source == "param":
+            self.beta_z = nn.Parameter(torch.zeros(H))
+
+    def forward(self, x, positions, cache=None):
+        out = self.inner(x, positions, cache)
+        dtype = gate_dtype(x)
+        if self.source == "fixed":
+            beta = torch.full((self.H,), self.value, dtype=dtype, device=x.device)
+        else:
+            z = self.beta_proj(x).to(dtype) if self.source == "data" else self.beta_z.to(dtype)
+            beta = torch.sigmoid(z) * (2.0 if self.map == "sigmoid2" else 1.0)
+        return replace(out, beta=beta)
+
+
 OSCILLATIONS: dict[str, type[Oscillation]] = {
     "ones": Ones,
     "scalar": Scalar,
@@ -207,6 +246,7 @@ OSCILLATIONS: dict[str, type[Oscillation]] = {
     "full": Full,
     "rotation": Rotation,
     "cumsoftmax": CumSoftmax,
+    "delta": Delta,
 }
 
 

@@ -1,5 +1,10 @@
 """Checkpoint IO: the one reader and writer of RUN/checkpoint/ (weights as safetensors, the
-trainer's state as a torch file of plain tensors and containers, loaded with weights_only=True)."""
+trainer's state as a torch file of plain tensors and containers, loaded with weights_only=True).
+
+An *init checkpoint* is RUN/checkpoint/model.safetensors whose metadata has an "init" entry
+(what made it, e.g. "upcycle") and step "0", with no trainer.pt beside it: weights to start a run
+from with a fresh optimizer (`lcsm upcycle` writes one; `lcsm train --init-from` or `--resume
+auto` starts from it)."""
 
 from __future__ import annotations
 
@@ -83,3 +88,66 @@ def checkpoint_step(run_dir: Path) -> int | None:
     except Exception:
         return sharded
     return step if sharded is None else max(step, sharded)
+
+
+def find_weights(path: str | Path) -> Path:
+    """The model.safetensors of a run directory (RUN/checkpoint/), of a checkpoint/ folder, or the
+    file itself. Raises RecipeError when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such run directory or checkpoint")
+    if path.is_file():
+        return path
+    for weights in (path / "checkpoint" / "model.safetensors", path / "model.safetensors"):
+        if weights.exists():
+            return weights
+    raise RecipeError(f"{path}: no checkpoint here (looked for checkpoint/model.safetensors)")
+
+
+def weights_run_dir(weights: Path) -> Path | None:
+    """The run directory a model.safetensors belongs to (the folder with config.yaml beside it or above)."""
+    return next((p for p in (weights.parent, weights.parent.parent) if (p / "config.yaml").exists()), None)
+
+
+def weights_metadata(weights: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def save_init_weights(run_dir: Path, model, made_by: str, extra: dict | None = None) -> Path:
+    """Write RUN/checkpoint/model.safetensors as an init checkpoint (step 0, metadata init = made_by)."""
+    from safetensors.torch import save_model
+
+    folder = run_dir / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"step": "0", "init": made_by, **{k: str(v) for k, v in (extra or {}).items()}}
+    path = folder / "model.safetensors"
+    atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata))
+    return path
+
+
+def init_weights(run_dir: Path) -> Path | None:
+    """RUN's init checkpoint (see the module docstring), or None when it has none."""
+    weights = run_dir / "checkpoint" / "model.safetensors"
+    if not weights.exists() or (run_dir / "checkpoint" / "trainer.pt").exists():
+        return None
+    try:
+        return weights if "init" in weights_metadata(weights) else None
+    except Exception:
+        return None
+
+
+def load_weights(model, weights: Path, device: torch.device, flag: str = "--init-from") -> int:
+    """Load a model.safetensors into `model` (every tensor, shapes equal); returns its step (-1 if
+    unknown). Raises RecipeError naming `flag` when the weights do not fit the model."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(weights), device=str(device))
+        step = int(weights_metadata(weights).get("step", -1))
+    except Exception as e:
+        first = str(e).strip().splitlines()
+        raise RecipeError(f"{flag} {weights}: the weights do not fit the recipe's model ({' '.join(first[:3])[:400]})") from None
+    return step

@@ -18,6 +18,7 @@ from lcsm.config.base import RecipeError
 from lcsm.config.recipe import load_recipe
 from lcsm.nn.model import Model
 from lcsm.run import dcp
+from lcsm.run.checkpoint import find_weights, weights_run_dir
 from lcsm.run.device import autocast
 from lcsm.tasks import IGNORE, Segment, TaskData
 
@@ -98,10 +99,7 @@ def evaluate(model, data: TaskData, batch_size: int, device: torch.device, preci
 def load_run(path: str | Path, device: torch.device | None = None):
     """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder or a model.safetensors
     file; a sharded run's checkpoint (lcsm/run/dcp.py) is read whole."""
-    path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"{path}: no such run directory or checkpoint")
-    sharded = dcp.find(path)  # a sharded run (fsdp, hsdp): its DCP checkpoint, read whole in this process
+    sharded = dcp.find(Path(path))  # a sharded run (fsdp, hsdp): its DCP checkpoint, read whole in this process
     if sharded is not None:
         run_dir, folder = sharded
         recipe = load_recipe(run_dir / "config.yaml")
@@ -109,15 +107,8 @@ def load_run(path: str | Path, device: torch.device | None = None):
         step = dcp.load_weights(folder, model)
         model.set_backend(recipe.backend)
         return recipe, model.to(device or "cpu"), run_dir, step
-    if path.is_file():
-        weights = path
-    elif (path / "checkpoint" / "model.safetensors").exists():
-        weights = path / "checkpoint" / "model.safetensors"
-    else:
-        weights = path / "model.safetensors"
-    if not weights.exists():
-        raise RecipeError(f"{path}: no checkpoint here (looked for checkpoint/model.safetensors)")
-    run_dir = next((p for p in (weights.parent, weights.parent.parent) if (p / "config.yaml").exists()), None)
+    weights = find_weights(path)
+    run_dir = weights_run_dir(weights)
     if run_dir is None:
         raise RecipeError(f"{weights}: no config.yaml beside it or in the folder above; is this an lcsm run?")
     recipe = load_recipe(run_dir / "config.yaml")

@@ -2,7 +2,8 @@
 
     RUN/config.yaml                 the resolved recipe (model inlined); `lcsm eval` rebuilds from it
     RUN/metrics.jsonl               one JSON object a line: {"split": "train" | "eval", "step", ...}
-    RUN/checkpoint/model.safetensors  the weights (metadata: step)
+    RUN/checkpoint/model.safetensors  the weights (metadata: step; an init checkpoint, e.g. from
+                                    lcsm upcycle, also says "init" and has no trainer.pt yet)
     RUN/checkpoint/trainer.pt       optimizer, scheduler, step, RNG states, data position
     RUN/checkpoint/dcp/             instead of those two in a sharded run (fsdp, hsdp): lcsm/run/dcp.py
     RUN/eval.json                   the final evaluation
@@ -19,12 +20,13 @@ import yaml
 
 from lcsm.config.base import RecipeError
 from lcsm.config.recipe import Recipe
-from lcsm.run.checkpoint import checkpoint_step, write_text
+from lcsm.run.checkpoint import checkpoint_step, init_weights, write_text
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "curves.png")
 # recipe fields that may change between an interrupted run and its resumption (accumulate: the
 # same step in more or fewer micro-batches, e.g. on fewer GPUs)
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel", "accumulate")
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel", "compile",
+                     "checkpointing", "accumulate")
 
 
 def _has_run(run_dir: Path) -> bool:
@@ -51,15 +53,32 @@ def diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+def init_only(run_dir: Path) -> Path | None:
+    """The init checkpoint of a run directory that was never trained (lcsm upcycle's output), or None."""
+    if (run_dir / "metrics.jsonl").exists():
+        return None
+    return init_weights(run_dir)
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, init: bool = False) -> tuple[Path, bool]:
     """Create or check the run directory. Returns (run_dir, resuming).
 
     An existing run is never overwritten without overwrite=True; with resume=True it is continued
-    from its checkpoint if it has one (and started afresh if it never reached one).
+    from its checkpoint if it has one (and started afresh if it never reached one). A directory
+    holding only an init checkpoint (never trained) is started from it, its files kept, with
+    resume=True or init=True (--init-from); without either it is refused, so that its weights are
+    not silently replaced by a fresh initialisation.
     """
     run_dir = recipe.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"out_dir: {run_dir} exists and is not a directory")
+    if not overwrite and init_only(run_dir) is not None:
+        if resume or init:
+            return run_dir, False
+        raise RecipeError(
+            f"{run_dir} holds init weights that were never trained (checkpoint/, e.g. from lcsm upcycle); pass "
+            f"--init-from {run_dir} (or --resume auto) to start from them, or --overwrite to start from scratch"
+        )
     if _has_run(run_dir):
         step = checkpoint_step(run_dir)
         if overwrite or (resume and step is None):

@@ -41,10 +41,10 @@ from lcsm.parallel import sequence_parallel
 from lcsm.parallel.data import clip_grad_norm, gradient_sync, reduction_scale, wrap
 from lcsm.parallel.grid import Grid, ParallelError, init_grid
 from lcsm.run import dcp
-from lcsm.run.checkpoint import load_checkpoint, save_checkpoint, write_text
+from lcsm.run.checkpoint import find_weights, load_checkpoint, load_weights, save_checkpoint, weights_run_dir, write_text
 from lcsm.run.device import autocast, resolve_device, resolve_precision
 from lcsm.run.evaluate import evaluate
-from lcsm.run.rundir import RESUMABLE_CHANGES, diff, prepare_run_dir, truncate_metrics
+from lcsm.run.rundir import RESUMABLE_CHANGES, diff, init_only, prepare_run_dir, truncate_metrics
 from lcsm.tasks import TaskData, TaskError, build_task, derive_seed, epoch_batches, steps_per_epoch
 
 __all__ = ["RESUMABLE_CHANGES", "RunResult", "Trainer", "TrainingError", "diff", "train"]
@@ -400,10 +400,15 @@ def train(
     console: Console | None = None,
     quiet: bool = False,
     on_step: Callable[[dict], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> RunResult:
     """Run a recipe; returns when the run is done, stopped early or interrupted (Ctrl-C, saved).
 
     on_step(record) is called after every optimizer step with the step's metrics (tests use it).
+    init_from: a run directory, checkpoint folder or model.safetensors whose weights a new run
+    starts from (a fresh optimizer and schedule at step 0; its tokenizer.json comes along); a run
+    being resumed ignores it. A run directory holding an init checkpoint (lcsm upcycle's) starts
+    from it with resume=True as well.
     Raises RecipeError for bad input and TrainingError when the loss stops being finite.
     """
     console = console or Console(highlight=False)
@@ -421,7 +426,18 @@ def train(
         torch.set_num_threads(recipe.threads)
     try:
         say = (lambda *a: None) if quiet else console.print
-        run_dir, resuming = _on_main(grid, lambda: prepare_run_dir(recipe, resume, overwrite))
+        init = _init_source(recipe, init_from, overwrite)
+
+        def prepare():
+            run_dir, resuming = prepare_run_dir(recipe, resume, overwrite, init=init is not None)
+            if resuming and init is not None:
+                say(f"{run_dir} has a checkpoint: resuming it (--init-from is for a run's start)")
+            start = None if resuming else (init or (init_only(run_dir) if resume else None))
+            if start is not None:
+                _copy_tokenizer(start, run_dir)
+            return run_dir, resuming, start
+
+        run_dir, resuming, init = _on_main(grid, prepare)
 
         def task():
             try:
@@ -442,7 +458,14 @@ def train(
 
         torch.manual_seed(derive_seed(recipe.seed, "init"))
         model = Model(recipe.model).set_backend(recipe.backend).to(device)
+        if init is not None:
+            step = load_weights(model, init, device)
+            say(f"starting from the weights of {init}" + (f" (step {step})" if step >= 0 else "") + " with a fresh optimizer")
         model.train()
+        if recipe.checkpointing is not None:
+            model.checkpoint_every = recipe.checkpointing.every
+        if recipe.compile:
+            model.compile_blocks()
         spe = steps_per_epoch(data.train, recipe.batch_size)
         total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
         trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid,
@@ -452,6 +475,25 @@ def train(
         return trainer.fit(recipe, data, run_dir, resuming, console=console, quiet=quiet, on_step=on_step)
     finally:
         torch.set_num_threads(threads)
+
+
+def _init_source(recipe: Recipe, init_from, overwrite: bool) -> Path | None:
+    """The weights file --init-from names (checked before the run directory is touched)."""
+    if init_from is None:
+        return None
+    weights = find_weights(init_from)
+    if overwrite and weights.resolve().is_relative_to(recipe.run_dir.resolve()):
+        raise RecipeError(f"--init-from {init_from}: these weights are in the run directory that --overwrite would clear; "
+                          "leave out --overwrite (an upcycled directory starts from its weights as it is)")
+    return weights
+
+
+def _copy_tokenizer(weights: Path, run_dir: Path) -> None:
+    """A BPE run's token ids belong to its tokenizer: the new run takes the source run's tokenizer.json."""
+    source = weights_run_dir(weights)
+    if source is None or not (source / "tokenizer.json").exists() or source.resolve() == run_dir.resolve():
+        return
+    write_text(run_dir / "tokenizer.json", (source / "tokenizer.json").read_text())
 
 
 def _grid(recipe: Recipe) -> Grid | None:

@@ -65,6 +65,10 @@ def sp_specs() -> dict:
     static = tiny("gla")
     static["mixer"]["oscillation"] = {"kind": "vector_k", "source": "param", "parametrization": "sigmoid_tau", "tau": 16}
     specs["vector_k_param"] = static
+    routed = tiny("hybrid_gla")  # attention experts on EOS and attention layers (head routing)
+    for mixer in (routed["mixer"], *routed["mixers"].values()):
+        mixer["head_routing"] = {"groups": 2, "top_k": 1}
+    specs["hybrid_head_routing"] = routed
     return specs | routed_specs()
 
 

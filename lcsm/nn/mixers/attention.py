@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lcsm import parallel
 from lcsm.config.spec import AttentionMixer as AttentionSpec
 from lcsm.nn.context import LayerContext
+from lcsm.nn.head_routing import HeadRouting
 from lcsm.parallel import lasp
 
 
@@ -43,6 +44,8 @@ class AttentionMixer(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=spec.bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=spec.bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.bias)
+        # attention experts: unchosen head groups' outputs are zeroed (their K, V are still cached)
+        self.head_routing = HeadRouting(spec.head_routing, d_model, self.H) if spec.head_routing is not None else None
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [B,T,d] -> [B,T,d]. cache (decoding): the KV cache "k", "v" [B,H,capacity,Dh] and the
@@ -63,12 +66,19 @@ class AttentionMixer(nn.Module):
                 # planning anew for each key length) cost 84 ms/token on an H200, these 11 ms
                 with sdpa_kernel(DECODE_BACKENDS):
                     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-                return self.o_proj(y.transpose(1, 2).flatten(-2))
+                return self.readout(y, x)
         if sp is not None:  # LASP-2H: all-gather K and V along the sequence
             y = lasp.attention(q, k, v, sp)
         else:  # no context before these tokens: plain causal attention (FlashAttention for a long prefill)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).flatten(-2))
+        return self.readout(y, x)
+
+    def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [B,H,T,Dh] -> (head routing) -> output projection -> [B,T,d]."""
+        y = y.transpose(1, 2)
+        if self.head_routing is not None:
+            y = self.head_routing(y, x)
+        return self.o_proj(y.flatten(-2))
 
     @staticmethod
     def append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +104,10 @@ class AttentionMixer(nn.Module):
     def state_size(self) -> int:
         """Per token of context: a key and a value per head (the KV cache grows with the context)."""
         return 2 * self.H * self.Dh
+
+    def inactive_parameters(self) -> int:
+        """With head routing: the unchosen groups' query rows and output-projection columns."""
+        return 0 if self.head_routing is None else self.head_routing.inactive_of([self.q_proj, self.o_proj])
 
     def flops_per_token(self, context: int = 2048) -> int:
         # QKᵀ and AV, 2·Dh FLOPs per (query, key) pair and head, half the context on average

@@ -16,8 +16,9 @@ Three paths that agree (tests/nn/test_mom.py):
   reference  a plain loop over tokens and memories in fp64, the oracle of the tests.
   auto       sparse on CUDA when B·T >= 4096 and 1.25·(k + shared) < E + shared, else dense.
 Under sequence parallelism every path runs dense: the M·H heads go through LASP-2 (lcsm.parallel.lasp)
-with the masked decay, since an unchosen memory is one whose decay is 1 at that token; the sparse
-path's packed copies have no per-rank prefix state to hand on.
+with the masked decay, since an unchosen memory is one whose decay is 1 at that token (delta
+memories through lasp2_delta: an unchosen memory's transition is the identity); the sparse path's
+packed copies have no per-rank prefix state to hand on.
 Per-memory projections: dense and reference compute them for every token and memory; sparse
 projects only the copies (x gathered in memory order, one matmul per memory on its rows), except
 for a stage with a short convolution, which needs its neighbours in the original sequence and is
@@ -119,10 +120,12 @@ class MoMMixer(EOSMixer):
             self.shrink = Shrink(spec.shrink, d_model, MH, K, spec.bias, False)
         self.router = Router(d_model, self.E, self.top_k)
         self.conv_tail = max((m.size - 1 for m in self.modules() if isinstance(m, ShortConv)), default=0)
-        # per-memory projections without a convolution: the sparse path projects only the copies
+        # per-memory projections without a convolution: the sparse path projects only the copies (not
+        # a delta rule's expand: its key is also the removal key of the decay, computed with the stages)
         self.deferred = tuple(
             n for n in ("input", "expand", "shrink")
             if n in self.per_memory and getattr(self, n).proj.source == "data" and getattr(self, n).proj.conv is None
+            and not (n == "expand" and spec.oscillation.transition)
         )
         self.aux_scope = r.aux_loss_scope
         self.routing_stats = None
@@ -156,6 +159,8 @@ class MoMMixer(EOSMixer):
     def choose_path(self, x: torch.Tensor) -> str:
         if parallel.current() is not None:
             return "dense"  # sequence parallel: LASP-2 over the M·H heads (the module docstring)
+        if torch.compiler.is_compiling() and self.path != "reference":
+            return "dense"  # the sparse path sizes its segments on the host: no static graph
         if self.path != "auto":
             return self.path
         B, T, _ = x.shape
@@ -171,13 +176,16 @@ class MoMMixer(EOSMixer):
         sp = parallel.current()  # sequence parallel: rotations need the global positions
         positions = torch.arange(x.shape[1], device=x.device) + (sp.offset if sp else 0)
         osc = self.oscillation(x, positions)
+        decay = osc.decay
         out = {}
         for name, short in (("shrink", "s"), ("expand", "e"), ("input", "i")):
             if name not in deferred:
                 t = getattr(self, name)(x, osc)
                 t = t[0] if name == "input" else t
+                if name == "expand":  # a delta rule's removal key is the expand key (one layout: the spec checks it)
+                    t, decay = osc.with_expand(t)
                 out[short] = Stream(t[:, skip:], name in self.per_memory, False)
-        return out, osc.decay.slice(skip, None)
+        return out, decay.slice(skip, None)
 
     def decay_layout(self, decay: Decay, layout) -> Decay:
         """The decay's tensors through a Stream layout: layout(stream) -> tensor."""
@@ -219,10 +227,14 @@ class MoMMixer(EOSMixer):
         decay = self.decay_layout(decay, lambda stream: heads(stream.dense(B, T, M, H))).masked(keep)
         if h0 is not None:
             h0 = h0.reshape(B, M * H, K, V)
-        y, ht = kernels.recurrence(s, e, i, decay, h0=h0, output_final_state=want_state or sp is not None, backend=self.backend)
-        if sp is not None:
-            y = lasp.lasp2(y, ht, s, decay, sp)
-            ht = ht if want_state else None
+        if sp is not None and decay.delta:  # delta memories: K×K transitions, the exact entering state, then the slice
+            y, ht = lasp.lasp2_delta(s, e, i, decay, sp, backend=self.backend), None
+        else:
+            y, ht = kernels.recurrence(s, e, i, decay, h0=h0, output_final_state=want_state or sp is not None,
+                                       backend=self.backend)
+            if sp is not None:
+                y = lasp.lasp2(y, ht, s, decay, sp)
+                ht = ht if want_state else None
         y = torch.einsum("btmhv,btm->bthv", y.view(B, T, M, H, V), w.to(y.dtype))
         return y, (None if ht is None else ht.view(B, M, H, K, V))
 
@@ -286,8 +298,7 @@ class MoMMixer(EOSMixer):
             if n:
                 parts.append(F.linear(xc[start : start + n], W[m], None if b is None else b[m]))
             start += n
-        h = proj.feature_map(torch.cat(parts)).view(1, -1, H, proj.D)
-        return h * proj.scale if proj.scale != 1.0 else h
+        return proj.finish(proj.feature_map(torch.cat(parts)).view(1, -1, H, proj.D))
 
     # ------------------------------------------------------------------ reference
 
@@ -295,10 +306,11 @@ class MoMMixer(EOSMixer):
         """A plain loop over tokens and memories in fp64 (the oracle)."""
         M, H, K, V = self.M, self.H, self.K, self.V
         f64 = torch.float64
-        w, mask = self.memory_weights(routed)
-        w = w.to(f64)
+        weight, mask = self.memory_weights(routed)
+        weight = weight.to(f64)
         s, e, i = (st[n].dense(B, T, M, H).to(f64) for n in ("s", "e", "i"))
         decay = self.decay_layout(decay, lambda stream: stream.dense(B, T, M, H).flatten(2, 3).to(f64))
+        removal = None if decay.w is None else decay.w.unflatten(2, (M, H))  # [B,T,M,H,K]: a delta rule's keys
         zero = torch.zeros(B, H, K, V, dtype=f64, device=s.device)
         states = [zero if h0 is None else h0[:, m].to(f64) for m in range(M)]
         ys = []
@@ -307,9 +319,13 @@ class MoMMixer(EOSMixer):
             log_o = decay.log_step(t, f64)  # [B, M·H, K|1, V|1], or None for o = 1
             o = None if log_o is None else torch.exp(log_o).unflatten(1, (M, H))
             for m in range(M):
-                new = (states[m] if o is None else o[:, m] * states[m]) + e[:, t, m, :, :, None] * i[:, t, m, :, None, :]
+                new = states[m] if o is None else o[:, m] * states[m]
+                if removal is not None:  # (I − w eᵀ) on the decayed state
+                    read = torch.einsum("bhk,bhkv->bhv", e[:, t, m], new)
+                    new = new - removal[:, t, m, :, :, None] * read[:, :, None, :]
+                new = new + e[:, t, m, :, :, None] * i[:, t, m, :, None, :]
                 states[m] = torch.where(mask[:, t, m, None, None, None], new, states[m])
-                y_t = y_t + w[:, t, m, None, None] * torch.einsum("bhkv,bhk->bhv", states[m], s[:, t, m])
+                y_t = y_t + weight[:, t, m, None, None] * torch.einsum("bhkv,bhk->bhv", states[m], s[:, t, m])
             ys.append(y_t)
         y = torch.stack(ys, dim=1).to(st["s"].x.dtype)
         state_dtype = f64 if st["s"].x.dtype == f64 else torch.float32

@@ -74,17 +74,25 @@ def key_scale(spec, K: int) -> float:
     return {"none": 1.0, "rsqrt_k": K**-0.5}.get(spec.scale, spec.scale)
 
 
+def l2_normalize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """h / sqrt(Σ h² + eps) over the last axis (fla's l2norm), computed in fp32 for half types."""
+    x = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
+    return (x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)).to(h.dtype)
+
+
 class Projection(nn.Module):
-    """x [B,T,d] -> [B,T,H,D]: a linear map, an optional short convolution, a feature map, a scale.
+    """x [B,T,d] -> [B,T,H,D]: a linear map, an optional short convolution, a feature map, an
+    optional L2 normalisation per head, a scale.
 
     source data projects x; param is a learned [H,D] vector for every token; fixed is all ones.
     The result is multiplied by `scale` (e.g. K^-1/2).
     """
 
     def __init__(self, source: str, d_model: int, H: int, D: int, feature_map: str, conv: int | None, bias: bool,
-                 scale: float = 1.0):
+                 scale: float = 1.0, norm: str = "none"):
         super().__init__()
         self.source, self.H, self.D, self.scale = source, H, D, scale
+        self.l2 = norm == "l2"
         self.feature_map = FEATURE_MAPS[feature_map]
         if source == "data":
             self.proj = nn.Linear(d_model, H * D, bias=bias)
@@ -104,4 +112,10 @@ class Projection(nn.Module):
             if self.conv is not None:
                 h = self.conv(h, cache)
             h = self.feature_map(h).unflatten(-1, (self.H, self.D))
+        return self.finish(h)
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        """The normalisation and the scale, on [..., H, D] after the feature map."""
+        if self.l2:
+            h = l2_normalize(h)
         return h * self.scale if self.scale != 1.0 else h
