@@ -379,6 +379,56 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from lcsm.tasks import TaskError
+    from lcsm.tasks.prepare import prepare
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=args.quiet)
+    try:
+        with progress:
+            manifest = prepare(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction, text_key=args.text_key,
+                               eos=args.eos, shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=progress,
+                               log=progress.console.print)
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    _corpus_table(manifest, args.out)
+    out.print(f"wrote {escape(str(args.out))}  (train on it with task: {{kind: corpus, path: {escape(str(args.out))}}})")
+    return 0
+
+
+def _corpus_table(manifest: dict, path) -> None:
+    tok = manifest["tokenizer"]
+    table = Table(title=f"{escape(str(path))}: {tok['spec']} tokenizer, vocabulary {tok['model_vocab_size']} "
+                  f"(EOS {tok['eos_id']}{' ' + escape(repr(tok['eos_token'])) if tok.get('eos_token') else ', appended'}), {manifest['dtype']}",
+                  title_justify="left")
+    for col in ("split", "documents", "tokens", "shards"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, split in manifest["splits"].items():
+        table.add_row(name, f"{split['documents']:,}", f"{split['tokens']:,}", str(len(split["shards"])))
+    out.print(table)
+    if manifest.get("skipped"):
+        out.print(f"skipped {len(manifest['skipped'])} file(s) that are not UTF-8 text, e.g. {escape(manifest['skipped'][0])}")
+
+
+def cmd_data_info(args) -> int:
+    from lcsm.tasks import TaskError
+    from lcsm.tasks.corpus import open_split, read_manifest
+
+    try:
+        manifest = read_manifest(Path(args.path))
+        for name in manifest["splits"]:
+            if manifest["splits"][name]["shards"]:
+                open_split(Path(args.path), manifest, name, "checksum" if args.verify else "size")
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    _corpus_table(manifest, args.path)
+    out.print("every shard matches its sha256" if args.verify else "every shard has the size of its counts (--verify: checksums)")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from lcsm.run.plot import plot_runs
 
@@ -542,6 +592,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each step's kernels instead of replaying a captured graph")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("data", help="corpora: tokenise text, JSONL and Parquet into memory-mapped shards (kind: corpus)")
+    data = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    d = data.add_parser("prepare", help="tokenise sources into a corpus directory: shards, document index, manifest")
+    d.add_argument("sources", nargs="+", metavar="SOURCE", help="text files, folders (recursively), .jsonl and .parquet files")
+    d.add_argument("--tokenizer", default="bytes", help="bytes (default), bpe:PATH (an lcsm BPE tokenizer.json), bpe:N (train N "
+                   "tokens on the sources) or hf:PATH (a Hugging Face tokenizer.json, or a folder holding one)")
+    d.add_argument("--out", required=True, metavar="DIR", help="the corpus directory to write")
+    d.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation (default 0.01)")
+    d.add_argument("--text-key", default="text", help="the field of a JSONL record / Parquet column with the text (default text)")
+    d.add_argument("--eos", metavar="TOKEN", help="the document separator among the tokenizer's tokens (default: its EOS, else one id appended)")
+    d.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard before the next one starts (default 2^27)")
+    d.add_argument("--overwrite", action="store_true", help="replace a corpus already in DIR")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_data_prepare)
+    d = data.add_parser("info", help="a corpus's counts and tokenizer; --verify checks every shard's sha256")
+    d.add_argument("path", metavar="DIR")
+    d.add_argument("--verify", action="store_true", help="read every shard and compare its sha256 with the manifest")
+    d.set_defaults(func=cmd_data_info)
 
     p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")

@@ -73,6 +73,16 @@ class Packing:
         return torch.split(x, list(self.lengths), dim=dim)
 
 
+def cu_seqlens_of(starts: torch.Tensor) -> torch.Tensor:
+    """starts [B,T] bool (True where a document starts) -> cu_seqlens [N+1] int32 over the flattened
+    rows, what Model.forward takes (row starts included)."""
+    B, T = starts.shape
+    starts = starts.clone()
+    starts[:, 0] = True
+    inner = starts.reshape(-1).nonzero()[:, 0].to(torch.int32)
+    return torch.cat([inner, torch.tensor([B * T], dtype=torch.int32, device=starts.device)])
+
+
 _CURRENT: Packing | None = None
 
 
@@ -92,4 +102,4 @@ def using(packing: Packing | None):
         _CURRENT = previous
 
 
-__all__ = ["Packing", "current", "using"]
+__all__ = ["Packing", "cu_seqlens_of", "current", "using"]
