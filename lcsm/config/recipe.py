@@ -78,6 +78,8 @@ class Recipe(Base):
     eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: eval_every")
     log_every: int = Field(10, ge=1, description="steps between lines of metrics.jsonl")
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"], description="metric sinks besides metrics.jsonl (always written): tensorboard, wandb")
     early_stop: float | None = Field(None, gt=0, le=1, description="stop once the eval accuracy reaches this")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
     backend: Backend = Field("auto", description="recurrence backend of the EOS layers: auto (triton on CUDA, torch "

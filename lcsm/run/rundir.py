@@ -23,7 +23,7 @@ from lcsm.run.checkpoint import checkpoint_step, write_text
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "corpus.json", "curves.png")
 # recipe fields that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel")
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "log", "eval_batch_size", "out_dir", "threads", "parallel")
 
 
 def _has_run(run_dir: Path) -> bool:

@@ -43,6 +43,7 @@ from lcsm.run.checkpoint import load_checkpoint, save_checkpoint, write_text
 from lcsm.run.device import autocast, resolve_device, resolve_precision
 from lcsm.run.evaluate import evaluate
 from lcsm.run.rundir import RESUMABLE_CHANGES, diff, prepare_run_dir, truncate_metrics
+from lcsm.run.sinks import Sinks
 from lcsm.tasks import Batches, TaskData, TaskError, build_task, derive_seed
 
 __all__ = ["RESUMABLE_CHANGES", "RunResult", "Trainer", "TrainingError", "diff", "train"]
@@ -268,12 +269,10 @@ class Trainer:
             })
             last_ckpt = self.steps_done
 
-        metrics_file = open(run_dir / "metrics.jsonl", "a") if self.is_main else None
-
-        def log(record: dict):
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+        # metrics.jsonl, and TensorBoard / wandb when the recipe's `log` names them (lcsm/run/sinks.py)
+        sinks = Sinks(run_dir, recipe.log, run_name=recipe.name or run_dir.name, config=recipe.resolved(),
+                      resume_step=self.steps_done if resuming else None, enabled=self.is_main, say=say)
+        log = sinks.write
 
         def run_eval() -> dict:
             nonlocal last_eval
@@ -344,8 +343,7 @@ class Trainer:
             if status == "interrupted" and last_ckpt != self.steps_done:
                 checkpoint()
         finally:
-            if metrics_file is not None:
-                metrics_file.close()
+            sinks.close()
         if status != "interrupted":
             if last_eval is None or last_eval["step"] != self.steps_done:
                 run_eval()
