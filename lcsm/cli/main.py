@@ -429,6 +429,37 @@ def cmd_data_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    if args.hf is None and args.out is None:
+        raise UsageError("give what to write: --hf DIR (a transformers model folder) and/or --out FILE.safetensors (the weights)")
+    if args.out is not None:
+        from safetensors.torch import save_model
+
+        from lcsm.run.evaluate import load_run
+
+        _, model, _, step = load_run(args.run)
+        target = Path(args.out)
+        if target.suffix != ".safetensors":
+            raise UsageError(f"--out {target}: a .safetensors file")
+        if target.exists() and not args.overwrite:
+            raise UsageError(f"--out {target}: exists; pass --overwrite to replace it")
+        save_model(model, str(target), metadata={"step": str(step)})
+        out.print(f"wrote {escape(str(target))} (step {step})")
+    if args.hf is not None:
+        try:
+            import lcsm.hf as hf
+        except ImportError as e:
+            raise UsageError(f"--hf: {e}") from None
+        try:
+            folder = hf.export(args.run, args.hf, overwrite=args.overwrite)
+        except hf.ExportError as e:
+            raise UsageError(str(e)) from None
+        files = ", ".join(sorted(p.name for p in folder.iterdir()))
+        out.print(f"wrote {escape(str(folder))}: {escape(files)}")
+        out.print(f"load it with: import lcsm; transformers.AutoModelForCausalLM.from_pretrained({escape(repr(str(folder)))})")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from lcsm.run.plot import plot_runs
 
@@ -611,6 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("path", metavar="DIR")
     d.add_argument("--verify", action="store_true", help="read every shard and compare its sha256 with the manifest")
     d.set_defaults(func=cmd_data_info)
+
+    p = sub.add_parser("export", help="write a run for other tools: a Hugging Face transformers folder (--hf) or the weights (--out)")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("--hf", metavar="DIR", help="config.json, model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(DIR)")
+    p.add_argument("--out", metavar="FILE.safetensors", help="the model's weights as one safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace what is there")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")
