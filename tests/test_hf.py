@@ -25,7 +25,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def trained(tmp_path, model, task, name="run"):
-    recipe = tiny(tmp_path, model=model, task=task, steps=3, eval_every=3, out_dir=str(tmp_path / name))
+    recipe = tiny(tmp_path, model=model, task=task, steps=3, eval_every=3, out_dir=str(tmp_path / name), threads=1)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 0

@@ -270,7 +270,11 @@ def cmd_eval(args) -> int:
     if not DEVICE.match(args.device):
         raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
     device = resolve_device(args.device)
+    if args.lm_eval is None and (args.limit is not None or args.lm_eval_include):
+        raise UsageError("--limit and --lm-eval-include go with --lm-eval TASKS")
     recipe, model, run_dir, step = load_run(args.run, device)
+    if args.lm_eval is not None:
+        return _lm_eval(args, recipe, model, run_dir, step, device, resolve_precision(args.precision, device))
     vocab = recipe.model.vocab_size
     if args.task or args.set:
         data = recipe.resolved()
@@ -296,6 +300,49 @@ def cmd_eval(args) -> int:
         raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
     out.print(_result_table(metrics, f"{escape(str(run_dir))} at step {step}: {recipe.task.kind}"))
     out.print(f"wrote {escape(str(path))}")
+    return 0
+
+
+def _lm_eval(args, recipe, model, run_dir: Path, step: int, device, precision: str) -> int:
+    """lcsm eval RUN --lm-eval TASKS: lm-evaluation-harness on the run, into RUN/eval.json ("lm_eval")."""
+    if args.task or args.set:
+        raise UsageError("--lm-eval runs lm-eval's tasks; --task and --set are for lcsm's own")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
+    try:
+        from lcsm.run import harness
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--lm-eval: give task names, e.g. --lm-eval lambada_openai,piqa")
+    for folder in args.lm_eval_include or []:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--lm-eval-include {folder}: no such folder")
+    tok = _run_tokenizer(recipe, run_dir)
+    if tok is None:
+        raise UsageError(f"{run_dir} is a {recipe.task.kind} run: lm-eval needs a run with text (a text or corpus task)")
+    try:
+        report = harness.run_lm_eval(model, tok, tasks, limit=args.limit, include=args.lm_eval_include, device=device,
+                                     batch_size=args.batch_size or 16, precision=precision)
+    except harness.HarnessError as e:
+        raise UsageError(str(e)) from None
+    report = {"run": str(run_dir), "step": step, **report}
+    path = Path(args.output) if args.output else run_dir / "eval.json"
+    try:
+        path.write_text(json.dumps(harness.merge_into_eval_json(path, report), indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
+    table = Table(title=f"{escape(str(run_dir))} at step {step}: lm-eval" + (f" (limit {args.limit})" if args.limit else ""),
+                  title_justify="left")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for task, metrics in report["results"].items():
+        for name, value in metrics.items():
+            if "stderr" not in name:
+                table.add_row(escape(task), escape(name.replace(",none", "")), f"{value:.4f}")
+    out.print(table)
+    out.print(f"wrote {escape(str(path))} (\"lm_eval\")")
     return 0
 
 
@@ -603,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("-o", "--output", help="JSON file (default RUN/eval.json, or RUN/eval-TASK.json with --task)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks instead, comma-separated (e.g. "
+                   "lambada_openai,piqa,hellaswag,arc_easy); results go into eval.json under lm_eval")
+    p.add_argument("--limit", type=int, metavar="N", help="with --lm-eval: at most N examples per task")
+    p.add_argument("--lm-eval-include", action="append", metavar="DIR", help="with --lm-eval: a folder of task YAMLs (local tasks)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
