@@ -126,6 +126,15 @@ def test_lcsm_eval_lm_eval_runs_local_tasks_into_eval_json(run, tmp_path, capsys
     assert report["lm_eval"]["n_samples"]["lcsm_toy_choice"]["effective"] == 2
 
 
+def test_lm_evals_own_api_takes_a_run_by_its_path(run, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(model="lcsm", model_args=f"run={run},batch_size=4", tasks=["lcsm_toy_choice"], limit=2,
+                                      task_manager=TaskManager(include_path=write_tasks(tmp_path)), bootstrap_iters=0)
+    assert 0 <= results["results"]["lcsm_toy_choice"]["acc,none"] <= 1
+
+
 def test_an_unknown_lm_eval_task_is_a_clear_error(run, tmp_path, capsys):
     err = cli_error(["eval", str(run), "--lm-eval", "no_such_task_xyz"], capsys)
     assert "unknown task(s) no_such_task_xyz" in err
