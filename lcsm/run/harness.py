@@ -12,6 +12,8 @@ The three request kinds, on lcsm's recurrent cache (lcsm/nn/cache.py):
     loglikelihood_rolling  the whole text, in chunks of max_length tokens carried by the cache
                            (exact: a recurrent model has no window to roll)
     generate_until         greedy or sampled decoding from the cache, cut at the first stop string
+                           (one request at a time: prompts of different lengths cannot share a
+                           batch of recurrent states without padding inside them)
 
 A document starts after the run's EOS separator (corpus runs) or, for a tokenizer without one, a
 newline (text runs join their documents with blank lines): that token is the context of an empty

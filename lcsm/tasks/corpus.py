@@ -42,7 +42,7 @@ import torch
 from pydantic import Field, model_validator
 
 from lcsm.config.base import FieldError
-from lcsm.tasks.base import IGNORE, Batch, Sampler, Segment, TaskData, TaskError, TaskSpec, derive_seed
+from lcsm.tasks.base import Batch, Sampler, Segment, TaskData, TaskError, TaskSpec, derive_seed
 from lcsm.tasks.text import BPETokenizer
 
 FORMAT = "lcsm-corpus"
