@@ -6,7 +6,8 @@
                                     lcsm upcycle, also says "init" and has no trainer.pt yet)
     RUN/checkpoint/trainer.pt       optimizer, scheduler, step, RNG states, data position
     RUN/eval.json                   the final evaluation
-    RUN/tokenizer.json              text tasks with a BPE tokenizer
+    RUN/tokenizer.json              text tasks with a BPE tokenizer; corpus runs with a bpe or hf tokenizer
+    RUN/corpus.json                 corpus runs: the corpus's manifest (its tokenizer, EOS, counts)
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from lcsm.config.base import RecipeError
 from lcsm.config.recipe import Recipe
 from lcsm.run.checkpoint import checkpoint_step, init_weights, write_text
 
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "curves.png")
+ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "corpus.json", "curves.png")
 # recipe fields that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel", "compile",
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "log", "eval_batch_size", "out_dir", "threads", "parallel", "compile",
                      "checkpointing")
 
 
