@@ -339,7 +339,11 @@ def cmd_eval(args) -> int:
     if not DEVICE.match(args.device):
         raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
     device = resolve_device(args.device)
+    if args.lm_eval is None and (args.limit is not None or args.lm_eval_include):
+        raise UsageError("--limit and --lm-eval-include go with --lm-eval TASKS")
     recipe, model, run_dir, step = load_run(args.run, device)
+    if args.lm_eval is not None:
+        return _lm_eval(args, recipe, model, run_dir, step, device, resolve_precision(args.precision, device))
     vocab = recipe.model.vocab_size
     if args.task or args.set:
         data = recipe.resolved()
@@ -368,11 +372,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from lcsm.run.export import export
-
-    path, step = export(args.run, args.out)
-    out.print(f"wrote {escape(str(path))} (the weights at step {step})")
+def _lm_eval(args, recipe, model, run_dir: Path, step: int, device, precision: str) -> int:
+    """lcsm eval RUN --lm-eval TASKS: lm-evaluation-harness on the run, into RUN/eval.json ("lm_eval")."""
+    if args.task or args.set:
+        raise UsageError("--lm-eval runs lm-eval's tasks; --task and --set are for lcsm's own")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
+    try:
+        from lcsm.run import harness
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--lm-eval: give task names, e.g. --lm-eval lambada_openai,piqa")
+    for folder in args.lm_eval_include or []:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--lm-eval-include {folder}: no such folder")
+    tok = _run_tokenizer(recipe, run_dir)
+    if tok is None:
+        raise UsageError(f"{run_dir} is a {recipe.task.kind} run: lm-eval needs a run with text (a text or corpus task)")
+    try:
+        report = harness.run_lm_eval(model, tok, tasks, limit=args.limit, include=args.lm_eval_include, device=device,
+                                     batch_size=args.batch_size or 16, precision=precision)
+    except harness.HarnessError as e:
+        raise UsageError(str(e)) from None
+    report = {"run": str(run_dir), "step": step, **report}
+    path = Path(args.output) if args.output else run_dir / "eval.json"
+    try:
+        path.write_text(json.dumps(harness.merge_into_eval_json(path, report), indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
+    table = Table(title=f"{escape(str(run_dir))} at step {step}: lm-eval" + (f" (limit {args.limit})" if args.limit else ""),
+                  title_justify="left")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for task, metrics in report["results"].items():
+        for name, value in metrics.items():
+            if "stderr" not in name:
+                table.add_row(escape(task), escape(name.replace(",none", "")), f"{value:.4f}")
+    out.print(table)
+    out.print(f"wrote {escape(str(path))} (\"lm_eval\")")
     return 0
 
 
@@ -453,6 +492,91 @@ def cmd_generate(args) -> int:
     if tok is not None and not args.ids:
         print(tok.decode(new)[len(shown):], end="")
     print(flush=True)
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from lcsm.tasks import TaskError
+    from lcsm.tasks.prepare import prepare
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=args.quiet)
+    try:
+        with progress:
+            manifest = prepare(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction, text_key=args.text_key,
+                               eos=args.eos, shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=progress,
+                               log=progress.console.print)
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    _corpus_table(manifest, args.out)
+    out.print(f"wrote {escape(str(args.out))}  (train on it with task: {{kind: corpus, path: {escape(str(args.out))}}})")
+    return 0
+
+
+def _corpus_table(manifest: dict, path) -> None:
+    tok = manifest["tokenizer"]
+    table = Table(title=f"{escape(str(path))}: {tok['spec']} tokenizer, vocabulary {tok['model_vocab_size']} "
+                  f"(EOS {tok['eos_id']}{' ' + escape(repr(tok['eos_token'])) if tok.get('eos_token') else ', appended'}), {manifest['dtype']}",
+                  title_justify="left")
+    for col in ("split", "documents", "tokens", "shards"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, split in manifest["splits"].items():
+        table.add_row(name, f"{split['documents']:,}", f"{split['tokens']:,}", str(len(split["shards"])))
+    out.print(table)
+    if manifest.get("skipped"):
+        out.print(f"skipped {len(manifest['skipped'])} file(s) that are not UTF-8 text, e.g. {escape(manifest['skipped'][0])}")
+
+
+def cmd_data_info(args) -> int:
+    from lcsm.tasks import TaskError
+    from lcsm.tasks.corpus import open_split, read_manifest
+
+    try:
+        manifest = read_manifest(Path(args.path))
+        for name in manifest["splits"]:
+            if manifest["splits"][name]["shards"]:
+                open_split(Path(args.path), manifest, name, "checksum" if args.verify else "size")
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    _corpus_table(manifest, args.path)
+    out.print("every shard matches its sha256" if args.verify else "every shard has the size of its counts (--verify: checksums)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.hf is None and args.out is None:
+        raise UsageError("give what to write: --hf DIR (a transformers model folder) and/or --out FILE.safetensors (the weights)")
+    if args.out is not None:
+        from safetensors.torch import save_model
+
+        from lcsm.run.evaluate import load_run
+
+        from lcsm.run.checkpoint import atomic_write
+
+        target = Path(args.out)
+        if target.suffix != ".safetensors":
+            raise UsageError(f"--out {target}: a .safetensors file")
+        if target.exists() and not args.overwrite:
+            raise UsageError(f"--out {target}: exists; pass --overwrite to replace it")
+        if not target.parent.is_dir():
+            raise UsageError(f"--out {target}: the folder {target.parent} does not exist")
+        _, model, _, step = load_run(args.run)  # a sharded run's checkpoint is read whole (lcsm/run/dcp.py)
+        atomic_write(target, lambda tmp: save_model(model, tmp, metadata={"step": str(step)}))
+        out.print(f"wrote {escape(str(target))} (step {step})")
+    if args.hf is not None:
+        try:
+            import lcsm.hf as hf
+        except ImportError as e:
+            raise UsageError(f"--hf: {e}") from None
+        try:
+            folder = hf.export(args.run, args.hf, overwrite=args.overwrite)
+        except hf.ExportError as e:
+            raise UsageError(str(e)) from None
+        files = ", ".join(sorted(p.name for p in folder.iterdir()))
+        out.print(f"wrote {escape(str(folder))}: {escape(files)}")
+        out.print(f"load it with: import lcsm; transformers.AutoModelForCausalLM.from_pretrained({escape(repr(str(folder)))})")
     return 0
 
 
@@ -632,12 +756,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("-o", "--output", help="JSON file (default RUN/eval.json, or RUN/eval-TASK.json with --task)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks instead, comma-separated (e.g. "
+                   "lambada_openai,piqa,hellaswag,arc_easy); results go into eval.json under lm_eval")
+    p.add_argument("--limit", type=int, metavar="N", help="with --lm-eval: at most N examples per task")
+    p.add_argument("--lm-eval-include", action="append", metavar="DIR", help="with --lm-eval: a folder of task YAMLs (local tasks)")
     p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("export", help="the weights of a run (sharded or not) as one safetensors file")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory or its checkpoint/ folder")
-    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the file to write")
-    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
@@ -657,6 +780,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each step's kernels instead of replaying a captured graph")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("data", help="corpora: tokenise text, JSONL and Parquet into memory-mapped shards (kind: corpus)")
+    data = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    d = data.add_parser("prepare", help="tokenise sources into a corpus directory: shards, document index, manifest")
+    d.add_argument("sources", nargs="+", metavar="SOURCE", help="text files, folders (recursively), .jsonl and .parquet files")
+    d.add_argument("--tokenizer", default="bytes", help="bytes (default), bpe:PATH (an lcsm BPE tokenizer.json), bpe:N (train N "
+                   "tokens on the sources) or hf:PATH (a Hugging Face tokenizer.json, or a folder holding one)")
+    d.add_argument("--out", required=True, metavar="DIR", help="the corpus directory to write")
+    d.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation (default 0.01)")
+    d.add_argument("--text-key", default="text", help="the field of a JSONL record / Parquet column with the text (default text)")
+    d.add_argument("--eos", metavar="TOKEN", help="the document separator among the tokenizer's tokens (default: its EOS, else one id appended)")
+    d.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard before the next one starts (default 2^27)")
+    d.add_argument("--overwrite", action="store_true", help="replace a corpus already in DIR")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_data_prepare)
+    d = data.add_parser("info", help="a corpus's counts and tokenizer; --verify checks every shard's sha256")
+    d.add_argument("path", metavar="DIR")
+    d.add_argument("--verify", action="store_true", help="read every shard and compare its sha256 with the manifest")
+    d.set_defaults(func=cmd_data_info)
+
+    p = sub.add_parser("export", help="write a run for other tools: a Hugging Face transformers folder (--hf) or the weights (--out)")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("--hf", metavar="DIR", help="config.json, model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(DIR)")
+    p.add_argument("--out", metavar="FILE.safetensors", help="the model's weights as one safetensors file (a sharded run's too)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is there")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")

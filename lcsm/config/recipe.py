@@ -100,6 +100,8 @@ class Recipe(Base):
     eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: eval_every")
     log_every: int = Field(10, ge=1, description="steps between lines of metrics.jsonl")
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"], description="metric sinks besides metrics.jsonl (always written): tensorboard, wandb")
     early_stop: float | None = Field(None, gt=0, le=1, description="stop once the eval accuracy reaches this")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
     backend: Backend = Field("auto", description="recurrence backend of the EOS layers: auto (triton on CUDA, torch "
@@ -131,6 +133,9 @@ class Recipe(Base):
         if self.batch_size % (self.accumulate * self.parallel.data):
             raise FieldError("accumulate", f"accumulate × parallel.data = {self.accumulate} × {self.parallel.data} must "
                              f"divide batch_size = {self.batch_size} (every micro-batch splits evenly over the data ranks)")
+        if self.parallel.sequence > 1 and getattr(self.task, "packing", None) == "documents":
+            raise FieldError(("parallel", "sequence"), "packed documents (task.packing: documents) do not run under sequence "
+                             "parallelism; use sequence: 1 or task.packing: windows")
         vocab = self.task.model_vocab_size
         if self.model.vocab_size != vocab:
             # the task owns the vocabulary: a spec's own vocab_size (zoo specs say 8192) is replaced
@@ -273,6 +278,8 @@ def load_recipe(recipe: str | Path | dict | None = None, overrides: list[str] = 
         corpus = data["task"].get("corpus", "pydoc")
         if isinstance(corpus, str) and corpus != "pydoc":
             data["task"]["corpus"] = str(find_file(corpus, base).resolve())
+    if isinstance(data.get("task"), dict) and data["task"].get("kind") == "corpus" and isinstance(data["task"].get("path"), str):
+        data["task"]["path"] = str(find_file(data["task"]["path"], base).resolve())
     if name and not data.get("name"):
         data["name"] = name
     try:

@@ -21,6 +21,7 @@ from lcsm.kernels.decay import Decay
 from lcsm.nn.cache import store
 from lcsm.nn.context import LayerContext
 from lcsm.nn.gates import Gate, fixed_log_decay, param_for_log_decay
+from lcsm.nn.packing import current as packing
 from lcsm.nn.stages.common import gate_dtype, on_device
 from lcsm.parallel.context import all_gather
 
@@ -185,6 +186,11 @@ class CumSoftmax(Oscillation):
 
     def forward(self, x, positions, cache=None):
         z = self.proj(x).to(gate_dtype(x)).unflatten(-1, self.dims).clamp(-10.0, 10.0)
+        pk = packing()
+        if pk is not None and cache is None:
+            # packed documents: the normaliser restarts at each one (its first token's decay is 0 too)
+            log_o, scale = (torch.cat(parts, dim=1) for parts in zip(*(self.normalise(part) for part in pk.split(z))))
+            return self.out(log_o, scale)
         lse = torch.logcumsumexp(z, dim=1)
         prev = None if cache is None else cache.get("lse")  # the running normaliser LSE_{t-1} [B,*dims]
         sp = parallel.current()
@@ -202,7 +208,16 @@ class CumSoftmax(Oscillation):
             log_o = torch.cat([prev[:, None], lse[:, :-1]], dim=1) - lse
         if cache is not None:
             store(cache, "lse", lse[:, -1])
-        scale = torch.exp(z - lse)
+        return self.out(log_o, torch.exp(z - lse))
+
+    @staticmethod
+    def normalise(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence from its start: z [B,T,*dims] -> (log o, the scale of e), both like z."""
+        lse = torch.logcumsumexp(z, dim=1)
+        log_o = torch.cat([torch.zeros_like(lse[:, :1]), lse[:, :-1] - lse[:, 1:]], dim=1)
+        return log_o, torch.exp(z - lse)
+
+    def out(self, log_o: torch.Tensor, scale: torch.Tensor) -> OscillationOut:
         if len(self.dims) == 1:
             return OscillationOut(Decay(g=log_o), expand_scale=scale[..., None], log_k=log_o[..., None])
         return OscillationOut(Decay(gk=log_o), expand_scale=scale, log_k=log_o)

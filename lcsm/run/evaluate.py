@@ -19,6 +19,7 @@ from lcsm.config.recipe import load_recipe
 from lcsm.nn.model import Model
 from lcsm.run import dcp
 from lcsm.run.checkpoint import find_weights, weights_run_dir
+from lcsm.nn.packing import cu_seqlens_of
 from lcsm.run.device import autocast
 from lcsm.tasks import IGNORE, Segment, TaskData
 
@@ -33,8 +34,11 @@ def evaluate_segment(model, seg: Segment, batch_size: int, device: torch.device,
         y = seg.labels[start : start + batch_size].to(device)
         mask = y != IGNORE
         targets = y[mask]
+        packed = {}
+        if seg.starts is not None:  # packed documents: the model restarts at each (as in training)
+            packed["cu_seqlens"] = cu_seqlens_of(seg.starts[start : start + batch_size].to(device))
         with autocast(device, precision):
-            loss, logits = model(x, y, reduction="sum", return_logits=True)
+            loss, logits = model(x, y, reduction="sum", return_logits=True, **packed)
         nats += float(loss)
         hit = logits.argmax(-1) == targets
         tokens += targets.numel()

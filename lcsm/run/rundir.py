@@ -7,7 +7,8 @@
     RUN/checkpoint/trainer.pt       optimizer, scheduler, step, RNG states, data position
     RUN/checkpoint/dcp/             instead of those two in a sharded run (fsdp, hsdp): lcsm/run/dcp.py
     RUN/eval.json                   the final evaluation
-    RUN/tokenizer.json              text tasks with a BPE tokenizer
+    RUN/tokenizer.json              text tasks with a BPE tokenizer; corpus runs with a bpe or hf tokenizer
+    RUN/corpus.json                 corpus runs: the corpus's manifest (its tokenizer, EOS, counts)
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from lcsm.config.base import RecipeError
 from lcsm.config.recipe import Recipe
 from lcsm.run.checkpoint import checkpoint_step, init_weights, write_text
 
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "curves.png")
+ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "tokenizer.json", "corpus.json", "curves.png")
 # recipe fields that may change between an interrupted run and its resumption (accumulate: the
 # same step in more or fewer micro-batches, e.g. on fewer GPUs)
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel", "compile",
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "log", "eval_batch_size", "out_dir", "threads", "parallel", "compile",
                      "checkpointing", "accumulate")
 
 

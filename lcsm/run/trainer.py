@@ -6,13 +6,13 @@
                                   .fit(data)               the loop: steps, logs, evaluations, checkpoints
     train(recipe, resume=..., overwrite=...)             prepare the run directory, build, fit
 
-Batches are a pure function of (seed, step) (lcsm.tasks.epoch_batches), so resuming from a
-checkpoint replays exactly the run that was interrupted. Under a device mesh (data and sequence
-parallel, DDP or FSDP2, docs/parallel.md) every rank runs the same step on its shard of the batch;
-the loss is normalised by the global number of labelled tokens, so the gradients summed over the
-ranks are those of one process (lcsm/parallel/data.py: DDP / FSDP2 average them, the loss is
-scaled to match). Sharded runs (fsdp, hsdp) checkpoint through torch.distributed.checkpoint
-(lcsm/run/dcp.py), the others through lcsm/run/checkpoint.py.
+Batches are a pure function of (seed, step) (lcsm.tasks.Batches: epoch_batches, or a corpus's
+streaming sampler), so resuming from a checkpoint replays exactly the run that was interrupted.
+Under a device mesh (data and sequence parallel, DDP or FSDP2, docs/parallel.md) every rank runs
+the same step on its shard of the batch; the loss is normalised by the global number of labelled
+tokens, so the gradients summed over the ranks are those of one process (lcsm/parallel/data.py:
+DDP / FSDP2 average them, the loss is scaled to match). Sharded runs (fsdp, hsdp) checkpoint
+through torch.distributed.checkpoint (lcsm/run/dcp.py), the others through lcsm/run/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from lcsm.config.base import RecipeError
 from lcsm.config.recipe import Optimizer, Recipe, Schedule
 from lcsm.nn.model import Model
+from lcsm.nn.packing import cu_seqlens_of
 from lcsm.parallel import sequence_parallel
 from lcsm.parallel.data import clip_grad_norm, gradient_sync, reduction_scale, wrap
 from lcsm.parallel.grid import Grid, ParallelError, init_grid
@@ -45,7 +46,8 @@ from lcsm.run.checkpoint import find_weights, load_checkpoint, load_weights, sav
 from lcsm.run.device import autocast, resolve_device, resolve_precision
 from lcsm.run.evaluate import evaluate
 from lcsm.run.rundir import RESUMABLE_CHANGES, diff, init_only, prepare_run_dir, truncate_metrics
-from lcsm.tasks import TaskData, TaskError, build_task, derive_seed, epoch_batches, steps_per_epoch
+from lcsm.run.sinks import Sinks
+from lcsm.tasks import Batches, TaskData, TaskError, build_task, derive_seed
 
 __all__ = ["RESUMABLE_CHANGES", "RunResult", "Trainer", "TrainingError", "diff", "train"]
 
@@ -174,11 +176,12 @@ class Trainer:
     def sharded(self) -> bool:
         return self.grid is not None and self.grid.sharded
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, step_number: int | None = None) -> StepResult:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, step_number: int | None = None,
+             starts: torch.Tensor | None = None) -> StepResult:
         """One optimizer step on the global batch tokens, labels [B,T] (every rank passes the same
-        batch; each takes its shard), in `accumulate` micro-batches of its rows. Raises
-        TrainingError when the loss or the gradient norm is not finite (step_number names the step
-        in the message)."""
+        batch; each takes its shard), in `accumulate` micro-batches of its rows. starts [B,T] bool:
+        where packed documents start (the model restarts there). Raises TrainingError when the
+        loss or the gradient norm is not finite (step_number names the step in the message)."""
         grid, model, n_micro = self.grid, self.model, self.accumulate
         tokens, labels = tokens.to(self.device), labels.to(self.device)
         n_tokens = tokens.numel()
@@ -190,18 +193,21 @@ class Trainer:
         scale = reduction_scale(grid)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum and aux of this rank (for the logs)
         self.optimizer.zero_grad(set_to_none=True)
-        micro = zip(tokens.tensor_split(n_micro), labels.tensor_split(n_micro))
-        for i, (tok, lab) in enumerate(micro):
+        micro_starts = [None] * n_micro if starts is None else starts.tensor_split(n_micro)
+        micro = zip(tokens.tensor_split(n_micro), labels.tensor_split(n_micro), micro_starts)
+        for i, (tok, lab, st) in enumerate(micro):
             ctx = None
             if grid is not None:
                 try:
                     tok, lab = grid.shard(tok), grid.shard(lab)
+                    st = None if st is None else grid.shard(st)
                     ctx = grid.context(tok.shape[1])
                 except ValueError as e:
                     raise RecipeError(str(e)) from None
+            packed = {} if st is None else {"cu_seqlens": cu_seqlens_of(st.to(self.device))}
             with gradient_sync(self.engine, grid, sync=i == n_micro - 1), sequence_parallel(ctx):
                 with autocast(self.device, self.precision):
-                    total = self.engine(tok, lab, reduction="sum")
+                    total = self.engine(tok, lab, reduction="sum", **packed)
                     aux = model.aux_loss()
                 objective = total * (scale / count).to(total.dtype)
                 if torch.is_tensor(aux):
@@ -272,7 +278,8 @@ class Trainer:
         checkpointing as the recipe says; evaluates and checkpoints the last step."""
         say = (lambda *a: None) if quiet else console.print
         grid = self.grid
-        spe = steps_per_epoch(data.train, recipe.batch_size)
+        batches = Batches(data, recipe.batch_size, recipe.seed)
+        spe = batches.steps_per_epoch
         total = self.total_steps
         eval_every = recipe.eval_every or max(1, total // 10)
         ckpt_every = recipe.checkpoint_every or eval_every
@@ -300,12 +307,10 @@ class Trainer:
             })
             last_ckpt = self.steps_done
 
-        metrics_file = open(run_dir / "metrics.jsonl", "a") if self.is_main else None
-
-        def log(record: dict):
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+        # metrics.jsonl, and TensorBoard / wandb when the recipe's `log` names them (lcsm/run/sinks.py)
+        sinks = Sinks(run_dir, recipe.log, run_name=recipe.name or run_dir.name, config=recipe.resolved(),
+                      resume_step=self.steps_done if resuming else None, enabled=self.is_main, say=say)
+        log = sinks.write
 
         def run_eval() -> dict:
             nonlocal last_eval
@@ -319,7 +324,7 @@ class Trainer:
             f"({self.model.num_parameters() / 1e6:.2f}M parameters) on {recipe.task.kind}, {total} steps of "
             f"{recipe.batch_size}, {self.device.type} {self.precision} -> {run_dir}"
         )
-        status, batches, batches_epoch = "done", None, -1
+        status = "done"
         stop = StopFlag()
         progress = _progress(console, quiet)
         try:
@@ -331,13 +336,12 @@ class Trainer:
                         status = "interrupted"
                         break
                     t0 = time.perf_counter()
-                    epoch, index = divmod(self.steps_done, spe)
-                    if epoch != batches_epoch:
-                        batches, batches_epoch = epoch_batches(data.train, recipe.batch_size, recipe.seed, epoch), epoch
-                    seg_index, rows = batches[index]
-                    seg = data.train[seg_index]
                     try:
-                        result = self.step(seg.inputs[rows], seg.labels[rows])
+                        batch = batches.at(self.steps_done)
+                    except TaskError as e:  # a shard that went bad under the run: stop, the checkpoint stays
+                        raise RecipeError(f"task: {e}; {_kept(run_dir, last_ckpt)}") from None
+                    try:
+                        result = self.step(batch.tokens, batch.labels, starts=batch.starts)
                     except TrainingError as e:
                         raise TrainingError(_nonfinite(str(e), run_dir, last_ckpt)) from None
                     step = self.steps_done
@@ -377,8 +381,7 @@ class Trainer:
             if status == "interrupted" and last_ckpt != self.steps_done:
                 checkpoint()
         finally:
-            if metrics_file is not None:
-                metrics_file.close()
+            sinks.close()
         if status != "interrupted":
             if last_eval is None or last_eval["step"] != self.steps_done:
                 run_eval()
@@ -466,7 +469,10 @@ def train(
             model.checkpoint_every = recipe.checkpointing.every
         if recipe.compile:
             model.compile_blocks()
-        spe = steps_per_epoch(data.train, recipe.batch_size)
+        try:
+            spe = Batches(data, recipe.batch_size, recipe.seed).steps_per_epoch
+        except TaskError as e:
+            raise RecipeError(f"task: {e}") from None
         total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
         trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid,
                           accumulate=recipe.accumulate)
@@ -565,12 +571,16 @@ def _eval_line(step: int, metrics: dict) -> str:
     return "  ".join(parts)
 
 
-def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None) -> str:
-    kept = (
+def _kept(run_dir: Path, last_ckpt: int | None) -> str:
+    return (
         f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir / 'checkpoint'}"
         if last_ckpt is not None
         else "no checkpoint had been written yet"
     )
+
+
+def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None) -> str:
+    kept = _kept(run_dir, last_ckpt)
     return (
         f"{what}; training stopped and {kept}. "
         "Try a lower optimizer.lr, a longer schedule.warmup_steps or optimizer.grad_clip, or precision: fp32"

@@ -225,8 +225,9 @@ def test_lcsm_export_of_a_replicated_run_and_its_errors(one_process, tmp_path, c
     assert main(["export", data["out_dir"], "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["step"] == "4" and "embed.weight" in f.keys()
-    assert "must end in .safetensors" in cli_error(["export", data["out_dir"], "--out", str(tmp_path / "w.pt")], capsys)
-    assert "no such run directory" in cli_error(["export", str(tmp_path / "nope"), "--out", str(out)], capsys)
+    assert "a .safetensors file" in cli_error(["export", data["out_dir"], "--out", str(tmp_path / "w.pt")], capsys)
+    assert "exists; pass --overwrite" in cli_error(["export", data["out_dir"], "--out", str(out)], capsys)
+    assert "no such run directory" in cli_error(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "v.safetensors")], capsys)
     assert "does not exist" in cli_error(["export", data["out_dir"], "--out", str(tmp_path / "no" / "w.safetensors")], capsys)
 
 

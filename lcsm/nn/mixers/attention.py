@@ -11,18 +11,22 @@ from lcsm import parallel
 from lcsm.config.spec import AttentionMixer as AttentionSpec
 from lcsm.nn.context import LayerContext
 from lcsm.nn.head_routing import HeadRouting
+from lcsm.nn.packing import current as packing
 from lcsm.parallel import lasp
 
 
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def rope(x: torch.Tensor, base: float, start: int = 0) -> torch.Tensor:
-    """Rotary position embedding on [B,T,H,D] (rotate-half convention), positions start..start+T-1."""
+def rope(x: torch.Tensor, base: float, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary position embedding on [B,T,H,D] (rotate-half convention), positions start..start+T-1,
+    or the given positions [B,T] (packed documents: each restarts at 0)."""
     T, D = x.shape[1], x.shape[-1]
     inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
-    ang = torch.arange(start, start + T, device=x.device, dtype=torch.float64)[:, None] * inv
-    cos, sin = torch.cos(ang).to(x.dtype)[:, None, :], torch.sin(ang).to(x.dtype)[:, None, :]
+    if positions is None:
+        positions = torch.arange(start, start + T, device=x.device)
+    ang = positions.to(torch.float64)[..., None] * inv  # [T, D/2] or [B, T, D/2]
+    cos, sin = torch.cos(ang).to(x.dtype)[..., None, :], torch.sin(ang).to(x.dtype)[..., None, :]
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -50,6 +54,9 @@ class AttentionMixer(nn.Module):
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [B,T,d] -> [B,T,d]. cache (decoding): the KV cache "k", "v" [B,H,capacity,Dh] and the
         context length "len"; "max_len", when the caller sets it, sizes the buffers once."""
+        pk = packing()
+        if pk is not None:
+            return self.packed(x, pk)
         start = 0 if cache is None else cache.get("len", 0)
         q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
         sp = parallel.current()
@@ -79,6 +86,21 @@ class AttentionMixer(nn.Module):
         if self.head_routing is not None:
             y = self.head_routing(y, x)
         return self.o_proj(y.flatten(-2))
+
+    def packed(self, x: torch.Tensor, pk) -> torch.Tensor:
+        """Packed documents, x [1,B·T,d]: attention per row again (the rows are separate), a query
+        seeing the keys of its own document only (a block-diagonal causal mask), positions restarting."""
+        B, T = pk.rows
+        x = x.view(B, T, -1)
+        q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.spec.position == "rope":
+            positions = pk.positions.view(B, T)
+            q, k = rope(q, self.spec.rope_base, positions=positions), rope(k, self.spec.rope_base, positions=positions)
+        doc = pk.doc.view(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        mask = (doc[:, :, None] == doc[:, None, :]) & causal  # [B,T,T]; the diagonal: never a row without keys
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
+        return self.o_proj(y.transpose(1, 2).flatten(-2)).reshape(1, B * T, -1)
 
     @staticmethod
     def append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from lcsm.nn.head_routing import HeadRouting
 from lcsm.nn.fused import gated_rms_norm
 from lcsm.nn.norm import RMSNorm, make_norm
 from lcsm.nn.oscillations import build_oscillation
+from lcsm.nn.packing import current as packing
 from lcsm.nn.stages.expand import Expand
 from lcsm.nn.stages.input import Input
 from lcsm.nn.stages.shrink import Shrink
@@ -64,10 +65,13 @@ class EOSMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [B,T,d] -> [B,T,d]. cache (decoding, see lcsm/nn/cache.py): "state" [B,H,K,V] fp32, the
-        absolute position "offset" (a 0-d tensor, for rotations) and the stages' own sub-dicts."""
+        absolute position "offset" (a 0-d tensor, for rotations) and the stages' own sub-dicts.
+        Packed documents (lcsm/nn/packing.py, x [1,B·T,d]): positions restart and the recurrence
+        runs on the varlen kernel, one zero state per document."""
         B, T, _ = x.shape
         sp = parallel.current()  # sequence parallel: x is this rank's slice of the sequence
-        positions = torch.arange(T, device=x.device) + (sp.offset if sp else 0)
+        pk = packing()
+        positions = pk.positions if pk is not None else torch.arange(T, device=x.device) + (sp.offset if sp else 0)
         if cache is not None:
             if "offset" not in cache:
                 cache["offset"] = torch.zeros((), dtype=torch.long, device=x.device)
@@ -83,7 +87,8 @@ class EOSMixer(nn.Module):
         elif sp is not None and decay.delta:  # LASP-2 with K×K transitions: the exact prefix state, then the slice
             y = lasp.lasp2_delta(s, e, i, decay, sp, backend=self.backend)
         else:
-            y, ht = kernels.recurrence(s, e, i, decay, output_final_state=sp is not None, backend=self.backend)
+            y, ht = kernels.recurrence(s, e, i, decay, output_final_state=sp is not None,
+                                       cu_seqlens=None if pk is None else pk.cu_seqlens, backend=self.backend)
             if sp is not None:  # LASP-2: add the decayed state of the earlier slices
                 y = lasp.lasp2(y, ht, s, decay, sp)
         if self.D is not None:

@@ -39,6 +39,7 @@ from lcsm.nn.cache import store
 from lcsm.nn.context import LayerContext
 from lcsm.nn.mixers.eos import EOSMixer
 from lcsm.nn.oscillations import build_oscillation
+from lcsm.nn.packing import current as packing
 from lcsm.nn.routing import Routed, Router, RoutingStats
 from lcsm.nn.stages.common import ShortConv
 from lcsm.nn.stages.expand import Expand
@@ -173,8 +174,8 @@ class MoMMixer(EOSMixer):
         """Run the stages on x [B,T',d]; drop the first `skip` tokens (the cached conv context).
         Stages named in `deferred` are left out (the sparse path projects the copies itself).
         Returns the s, e, i streams and the decay (its tensors in the layout of `oscillation`)."""
-        sp = parallel.current()  # sequence parallel: rotations need the global positions
-        positions = torch.arange(x.shape[1], device=x.device) + (sp.offset if sp else 0)
+        pk, sp = packing(), parallel.current()  # sequence parallel: rotations need the global positions
+        positions = pk.positions if pk is not None else torch.arange(x.shape[1], device=x.device) + (sp.offset if sp else 0)
         osc = self.oscillation(x, positions)
         decay = osc.decay
         out = {}
@@ -230,8 +231,9 @@ class MoMMixer(EOSMixer):
         if sp is not None and decay.delta:  # delta memories: K×K transitions, the exact entering state, then the slice
             y, ht = lasp.lasp2_delta(s, e, i, decay, sp, backend=self.backend), None
         else:
+            pk = packing()  # packed documents: every memory starts from zero per document (varlen kernel; not under SP)
             y, ht = kernels.recurrence(s, e, i, decay, h0=h0, output_final_state=want_state or sp is not None,
-                                       backend=self.backend)
+                                       cu_seqlens=None if pk is None else pk.cu_seqlens, backend=self.backend)
             if sp is not None:
                 y = lasp.lasp2(y, ht, s, decay, sp)
                 ht = ht if want_state else None
@@ -241,9 +243,13 @@ class MoMMixer(EOSMixer):
     # ------------------------------------------------------------------ sparse
 
     def run_sparse(self, st: dict[str, Stream], decay: Decay, routed: Routed, B: int, T: int, h0, want_state: bool, x: torch.Tensor):
-        """Copies sorted by (memory, batch row, time) into one packed sequence per (memory, row)."""
+        """Copies sorted by (memory, batch row, time) into one packed sequence per (memory, row);
+        with packed documents (B = 1) the rows are the documents."""
         M, H, K, V = self.M, self.H, self.K, self.V
         dev = routed.index.device
+        pk = packing()
+        # R sequences of the batch: the rows, or the packed documents (each token's index in row_of)
+        R, row_of = (B, None) if pk is None else (pk.n, pk.doc)
         mem = routed.index
         w = routed.weights
         if self.shared:
@@ -255,17 +261,17 @@ class MoMMixer(EOSMixer):
         # keys are distinct, so the sort groups (memory, row) and keeps time order inside a group
         order = torch.argsort(mem * (B * T) + tok)
         tok_s, mem_s = tok[order], mem[order]
-        seg = mem * B + tok // T
-        counts = torch.bincount(seg, minlength=M * B).tolist()  # the one host sync: segment sizes
+        seg = mem * R + (tok // T if row_of is None else row_of[tok])
+        counts = torch.bincount(seg, minlength=M * R).tolist()  # the one host sync: segment sizes
         segs = [n for n, c in enumerate(counts) if c > 0]
         bounds = [0]
         for n in segs:
             bounds.append(bounds[-1] + counts[n])
         cu = torch.tensor(bounds, device=dev, dtype=torch.int32)
         seg_t = torch.tensor(segs, device=dev, dtype=torch.long)
-        seg_m, seg_b = seg_t // B, seg_t % B
+        seg_m, seg_b = seg_t // R, seg_t % R
         if self.deferred:
-            per_memory = [sum(counts[m * B : (m + 1) * B]) for m in range(M)]
+            per_memory = [sum(counts[m * R : (m + 1) * R]) for m in range(M)]
             xc = x.reshape(B * T, -1)[tok_s]  # [N,d], grouped by memory
             st = dict(st)
             for name in self.deferred:
@@ -313,8 +319,11 @@ class MoMMixer(EOSMixer):
         removal = None if decay.w is None else decay.w.unflatten(2, (M, H))  # [B,T,M,H,K]: a delta rule's keys
         zero = torch.zeros(B, H, K, V, dtype=f64, device=s.device)
         states = [zero if h0 is None else h0[:, m].to(f64) for m in range(M)]
+        pk = packing()
         ys = []
         for t in range(T):
+            if pk is not None and int(pk.positions[t]) == 0:  # a packed document starts: empty memories
+                states = [zero] * M
             y_t = torch.zeros(B, H, V, dtype=f64, device=s.device)
             log_o = decay.log_step(t, f64)  # [B, M·H, K|1, V|1], or None for o = 1
             o = None if log_o is None else torch.exp(log_o).unflatten(1, (M, H))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lcsm import parallel
 from lcsm.nn.cache import store
+from lcsm.nn.packing import current as packing
 from lcsm.parallel.context import previous_tail
 
 FEATURE_MAPS = {
@@ -48,6 +49,9 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         T, n = x.shape[1], self.size - 1
         sp = parallel.current()
+        pk = packing()
+        if pk is not None and cache is None:
+            return self.packed(x, pk.positions)
         if cache is None and sp is None:
             return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
         if cache is None:
@@ -61,6 +65,19 @@ class ShortConv(nn.Module):
         xx = torch.cat([tail.to(x.dtype), x], dim=1)
         store(cache, "conv", xx[:, xx.shape[1] - n :])
         return F.conv1d(xx.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.groups).transpose(1, 2)
+
+    def packed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Packed documents: x [1,N,C], positions [N] within each document. The tap of lag l reads
+        x_{t-l} only where l <= position_t, so no document sees the end of the one before it (the
+        zero padding of a document run alone). A sum over the size taps, as conv1d computes it."""
+        N, n = x.shape[1], self.size - 1
+        w = self.conv.weight[:, 0, :].to(x.dtype)  # [C, size]: out_t = sum_lag w[:, n-lag] x_{t-lag}
+        xp = F.pad(x, (0, 0, n, 0))
+        y = x * w[:, n]
+        for lag in range(1, n + 1):
+            reach = (positions >= lag).to(x.dtype)[None, :, None]
+            y = y + xp[:, n - lag : n - lag + N] * w[:, n - lag] * reach
+        return y if self.conv.bias is None else y + self.conv.bias.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
