@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lcsm.config.base import Base, FieldError, RecipeError, format_errors, load_yaml
+from lcsm.config.base import Base, FieldError, RecipeError, format_errors, load_yaml, path_component_problem
 from lcsm.config.paths import find_file, resolve_recipe_path, resolve_spec_path, shipped_recipes
 from lcsm.config.spec import ModelSpec
 from lcsm.tasks import Task
@@ -99,6 +99,16 @@ class Recipe(Base):
     def _length_and_vocab(self):
         if (self.steps is None) == (self.epochs is None):
             raise FieldError("steps", "give exactly one of steps or epochs")
+        if self.out_dir is None and self.name is not None:
+            problem = path_component_problem(self.name)
+            if problem:  # the name becomes runs/<name>: it must stay there
+                raise FieldError("name", f"{problem}; a run's name is its folder in runs/ (letters, digits, "
+                                 "'-', '_', '.'), or give out_dir for another place")
+        warmup = self.schedule.warmup_steps
+        if warmup is not None and self.steps is not None and warmup > self.steps:
+            raise FieldError(("schedule", "warmup_steps"), f"{warmup} warmup steps exceed the run's {self.steps} steps "
+                             f"(the learning rate would never reach optimizer.lr); use at most {self.steps}, e.g. "
+                             f"--set schedule.warmup_steps={self.steps // 10}")
         if self.batch_size % self.parallel.data:
             raise FieldError(("parallel", "data"), f"data = {self.parallel.data} must divide batch_size = {self.batch_size}")
         mixers = [self.model.mixer, *(getattr(self.model, "mixers", None) or {}).values()]
