@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lcsm.config.base import SpecError
+from lcsm.config.base import SpecError, path_component_problem
 from lcsm.config.spec import EOSMixer, ModelSpec, load_model_spec
 
 out = Console(highlight=False)
@@ -71,9 +71,23 @@ def _meta_device():
 
 def build_meta(spec: ModelSpec):
     from lcsm.nn.model import Model
+    from lcsm.run.size import count_parameters
 
+    count_parameters(spec)  # an absurd size is a SpecError here, before a module is built
     with _meta_device():
         return Model(spec)
+
+
+def _output_file(path: str, option: str, suffixes: tuple[str, ...]) -> Path:
+    """A file an option writes, checked before any work: its extension, and that its folder exists."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} {path}: the file must end in {' or '.join(suffixes)}")
+    if p.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if not p.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {p.parent} does not exist")
+    return p
 
 
 # --------------------------------------------------------------------------- commands
@@ -102,13 +116,59 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def _kind_of(path: str) -> str:
+    """'spec', 'recipe' or 'ablation': what a file (by its top-level keys) or a shipped name is."""
+    from lcsm.config.base import load_yaml
+    from lcsm.config.paths import _looks_like_path, shipped
+
+    if not _looks_like_path(Path(path)):
+        for kind, folder in (("spec", "models"), ("recipe", "train"), ("ablation", "ablations")):
+            if path in shipped(folder):
+                return kind
+        return "spec"  # (load_model_spec names the zoo in its error)
+    data, _ = load_yaml(path)
+    if isinstance(data, dict) and "grid" in data and "base" in data:
+        return "ablation"
+    if isinstance(data, dict) and ("task" in data or "model" in data) and "d_model" not in data:
+        return "recipe"
+    return "spec"
+
+
+def _validate(path: str) -> str:
+    """Validate a spec, a training recipe or an ablation recipe (every point) without training;
+    returns what it is, for the ok line. Raises SpecError."""
+    from lcsm.run.size import count_parameters
+
+    kind = _kind_of(path)
+    if kind == "recipe":
+        from lcsm.config.recipe import load_recipe
+
+        recipe = load_recipe(path)
+        length = f"{recipe.steps} steps" if recipe.steps else f"{recipe.epochs:g} epochs"
+        return (f"training recipe: {recipe.model.name or 'model'}, {count_parameters(recipe.model)} parameters, "
+                f"task {recipe.task.kind}, {length} -> {recipe.run_dir}")
+    if kind == "ablation":
+        from lcsm.config.recipe import load_recipe
+        from lcsm.run import ablate
+
+        ab = ablate.prepare(path)
+        models = {json.dumps(p.recipe["model"], sort_keys=True): p for p in ab.points}
+        for p in models.values():
+            try:
+                count_parameters(load_recipe(p.recipe).model)
+            except SpecError as e:
+                raise SpecError(f"{ab.grid.name}: point {p.id}: {e}") from None
+        return f"ablation recipe: {len(ab.points)} points, every one a valid training recipe -> {ab.out_dir}"
+    spec = load_model_spec(path)
+    return f"{spec.name or 'unnamed'}, {count_parameters(spec)} parameters"
+
+
 def cmd_validate(args) -> int:
     failed = 0
     for path in args.specs:
         try:
-            spec = load_model_spec(path)
-            params = build_meta(spec).num_parameters()
-            out.print(f"[green]ok[/green]      {escape(path)}  ({escape(spec.name or 'unnamed')}, {_si(params)} parameters)")
+            what = _validate(path)
+            out.print(f"[green]ok[/green]      {escape(path)}  ({escape(what)})", soft_wrap=True)
         except SpecError as e:
             failed += 1
             err.print(f"[red]invalid[/red] {escape(path)}\n{escape(str(e))}")
@@ -154,9 +214,14 @@ def cmd_schema(args) -> int:
 
     text = json.dumps(spec_json_schema(), indent=2)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-        out.print(f"wrote {args.output}")
+        from lcsm.run.checkpoint import write_text
+
+        path = _output_file(args.output, "-o", (".json",))
+        try:
+            write_text(path, text + "\n")
+        except OSError as e:
+            raise UsageError(f"-o {args.output}: cannot write ({e.strerror})") from None
+        out.print(f"wrote {escape(str(path))}")
     else:
         print(text)
     return 0
@@ -192,18 +257,23 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         return _launch(args, recipe)
     try:
-        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, console=out)
+        # retune: a resume may lower the learning rate (what the non-finite-loss message suggests)
+        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, retune=True, console=out)
     except TrainingError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}")
+        message = str(e)
+        if e.resume_with:
+            again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else [])
+                               + [a for x in [*(args.set or []), *(f"{k}={v}" for k, v in e.resume_with.items())] for a in ("--set", x)]
+                               + ["--resume", "auto"] + _nproc_again())
+            message += f". Continue with a lower learning rate: {again}"
+        err.print(f"[red]error:[/red] {escape(message)}")
         return 1
     if _distributed_rank() > 0:
         return 0  # rank 0 reports
     run = escape(str(result.run_dir))
     if result.status == "interrupted":
-        again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)])
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:  # started by torchrun (e.g. through --nproc): continue the same way
-            again += f" --nproc {world}"
+        again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)]
+                           + _nproc_again())
         err.print(
             f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved in {run}/checkpoint. "
             f"Continue with: {escape(again)} --resume auto"
@@ -211,7 +281,7 @@ def cmd_train(args) -> int:
         return 130
     how = "stopped early: eval accuracy reached the early_stop target" if result.status == "early_stop" else "done"
     m = result.eval
-    out.print(_result_table(m, f"{recipe.name or 'run'}: test results at step {result.step} ({how}, {result.elapsed_s:.0f}s training)"))
+    out.print(_result_table(m, f"{escape(recipe.name or 'run')}: test results at step {result.step} ({how}, {result.elapsed_s:.0f}s training)"))
     headline = (
         f"bits per byte {m['bits_per_byte']:.3f}, perplexity {m['perplexity']:.2f}"
         if "bits_per_byte" in m
@@ -219,6 +289,12 @@ def cmd_train(args) -> int:
     )
     out.print(f"[bold]{headline}[/bold]. Run: {run}  (lcsm eval {run} · lcsm plot {run})")
     return 0
+
+
+def _nproc_again() -> list[str]:
+    """--nproc N when torchrun started this process (e.g. through --nproc): continue the same way."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return ["--nproc", str(world)] if world > 1 else []
 
 
 def _distributed_rank() -> int:
@@ -261,7 +337,7 @@ def _launch(args, recipe) -> int:
 
 def cmd_eval(args) -> int:
     from lcsm.run.device import resolve_device, resolve_precision
-    from lcsm.run.evaluate import evaluate, load_run
+    from lcsm.run.evaluate import evaluate, load_run, write_eval
     from lcsm.config.recipe import DEVICE, RecipeError, load_recipe, resolve_task
     from lcsm.tasks import TaskError, build_task
 
@@ -269,8 +345,9 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if not DEVICE.match(args.device):
         raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    output = _output_file(args.output, "-o", (".json",)) if args.output else None
     device = resolve_device(args.device)
-    recipe, model, run_dir, step = load_run(args.run, device)
+    recipe, model, run_dir, step = load_run(args.run, device, log=lambda text: err.print(escape(text)))
     vocab = recipe.model.vocab_size
     if args.task or args.set:
         data = recipe.resolved()
@@ -287,16 +364,36 @@ def cmd_eval(args) -> int:
     except TaskError as e:
         raise RecipeError(f"task: {e}") from None
     precision = resolve_precision(args.precision, device)
+    path = output or _eval_path(run_dir, args.task)  # (checked before the evaluation runs)
     metrics = evaluate(model, task, args.batch_size or recipe.eval_batch_size or recipe.batch_size, device, precision)
-    report = {"run": str(run_dir), "step": step, "task": recipe.resolved()["task"], "metrics": metrics}
-    path = Path(args.output) if args.output else run_dir / (f"eval-{Path(args.task).stem}.json" if args.task else "eval.json")
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        if output is None:
+            from lcsm.run import files
+
+            files.claim(run_dir, "eval", f"eval/{path.name}")
+            path.parent.mkdir(exist_ok=True)
+        write_eval(path, step, metrics, recipe.resolved()["task"], "lcsm eval", run=str(run_dir))
     except OSError as e:
         raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
     out.print(_result_table(metrics, f"{escape(str(run_dir))} at step {step}: {recipe.task.kind}"))
     out.print(f"wrote {escape(str(path))}")
     return 0
+
+
+def _eval_path(run_dir: Path, task: str | None) -> Path:
+    """Where `lcsm eval` writes by default: RUN/eval/<task>.json (test.json: the run's own test
+    split), beside the training's RUN/eval.json, never over it or over a file lcsm did not write."""
+    from lcsm.run import files
+
+    name = Path(task).stem if task else "test"
+    if path_component_problem(name):
+        raise UsageError(f"--task {task}: cannot name a report after it; give -o FILE.json")
+    path = run_dir / "eval" / f"{name}.json"
+    mine = files.owned(run_dir)
+    for target, rel in ((run_dir / "eval", "eval"), (path, f"eval/{name}.json")):
+        if target.exists() and rel not in mine:
+            raise UsageError(f"{target} was not written by lcsm; lcsm eval does not write over it: give -o FILE.json")
+    return path
 
 
 def _run_tokenizer(recipe, run_dir: Path):
@@ -338,7 +435,7 @@ def cmd_generate(args) -> int:
     if not DEVICE.match(args.device):
         raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
     device = resolve_device(args.device)
-    recipe, model, run_dir, step = load_run(args.run, device)
+    recipe, model, run_dir, step = load_run(args.run, device, log=lambda text: err.print(escape(text)))
     tok = _run_tokenizer(recipe, run_dir)
     if args.tokens is not None:
         ids = _parse_ids(args.tokens)
@@ -382,6 +479,8 @@ def cmd_generate(args) -> int:
 def cmd_plot(args) -> int:
     from lcsm.run.plot import plot_runs
 
+    if args.output:
+        _output_file(args.output, "-o", (".png", ".pdf", ".svg"))
     path = plot_runs(args.runs, args.output)
     out.print(f"wrote {escape(str(path))}")
     return 0
@@ -400,11 +499,13 @@ def _seeds(text: str) -> list[int]:
 def _summary_table(grid, summary) -> Table:
     key = grid.best_of.key if grid.best_of else None
     axes = [a for a in grid.grid if a != key]
-    table = Table(title=f"{grid.name}: {grid.report_metric}" + (f" at the best {key}" if key else ""), title_justify="left")
+    table = Table(title=escape(f"{grid.name}: {grid.report_metric}" + (f" at the best {key}" if key else "")), title_justify="left")
     for a in axes + ([f"best {key.split('.')[-1]}"] if key else []) + [grid.report_metric, "seeds"]:
         table.add_column(a, justify="right" if a in (grid.report_metric, "seeds") else "left")
+    from lcsm.run.report import mean_std
+
     for s in summary:
-        value = "-" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
+        value = mean_std(s)  # (one seed: the value alone, no ± 0.0000)
         table.add_row(*[escape(s["labels"][a]) for a in axes], *([escape(str(s["best"] or "-"))] if key else []), value, str(s["n"]))
     return table
 
@@ -413,7 +514,7 @@ def _wrote(rep: dict) -> None:
     if rep["png"]:
         plot = f", {escape(str(rep['png']))}"
     elif rep["png_missing"]:
-        plot = f" (no plot: {rep['png_missing']})"
+        plot = f" (no plot: {escape(rep['png_missing'])})"  # the hint says lcsm[plots]: not markup
     else:
         plot = ""
     out.print(f"wrote {escape(str(rep['csv']))}, {escape(str(rep['md']))}{plot}")
@@ -443,7 +544,7 @@ def cmd_ablate(args) -> int:
     if args.dry_run:
         for ab in abls:
             axes = list(ab.grid.grid)
-            table = Table(title=f"{ab.grid.name}: {len(ab.points)} points -> {escape(str(ab.out_dir))}", title_justify="left")
+            table = Table(title=f"{escape(ab.grid.name)}: {len(ab.points)} points -> {escape(str(ab.out_dir))}", title_justify="left")
             for col in ["#", *axes, "seed", "steps", "status"]:
                 table.add_column(col, justify="right" if col in ("#", "seed", "steps") else "left")
             for n, p in enumerate(ab.points):
@@ -491,8 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="list the shipped model specs")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("validate", help="check spec files; exit 2 if any is invalid")
-    p.add_argument("specs", nargs="+", metavar="SPEC", help="YAML file or zoo name")
+    p = sub.add_parser("validate", help="check specs, training recipes and ablation recipes without training; exit 2 if any is invalid")
+    p.add_argument("specs", nargs="+", metavar="FILE", help="a spec, training recipe or ablation recipe (YAML), or a shipped name")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("show", help="per-layer stages, parameters, state size and FLOPs of a spec")
@@ -521,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the recipe's eval batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("-o", "--output", help="JSON file (default RUN/eval.json, or RUN/eval-TASK.json with --task)")
+    p.add_argument("-o", "--output", help="JSON file (default RUN/eval/test.json, or RUN/eval/TASK.json with --task)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
@@ -545,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")
-    p.add_argument("-o", "--output", help="PNG file (default RUN/curves.png for one run, curves.png for several)")
+    p.add_argument("-o", "--output", help="a .png (or .pdf, .svg) file (default RUN/curves.png for one run, curves.png for several)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser(

@@ -77,6 +77,8 @@ class Recipe(Base):
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations; default: 10 per run")
     eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: eval_every")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept, the newest; an older one is removed only "
+                                  "once a newer one is written and verified")
     log_every: int = Field(10, ge=1, description="steps between lines of metrics.jsonl")
     early_stop: float | None = Field(None, gt=0, le=1, description="stop once the eval accuracy reaches this")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")

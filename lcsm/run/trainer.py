@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lcsm.config.base import RecipeError
@@ -40,15 +41,23 @@ from lcsm.parallel.data import sync_gradients, wrap
 from lcsm.parallel.grid import Grid, ParallelError, init_grid
 from lcsm.run.checkpoint import load_checkpoint, save_checkpoint, write_text
 from lcsm.run.device import autocast, resolve_device, resolve_precision
-from lcsm.run.evaluate import evaluate
-from lcsm.run.rundir import RESUMABLE_CHANGES, diff, prepare_run_dir, truncate_metrics
+from lcsm.run.evaluate import evaluate, write_eval
+from lcsm.run.rundir import RESUMABLE_CHANGES, diff, open_run_dir, record_retune, truncate_metrics
+from lcsm.run.size import check_recipe_size
 from lcsm.tasks import TaskData, TaskError, build_task, derive_seed, epoch_batches, steps_per_epoch
 
 __all__ = ["RESUMABLE_CHANGES", "RunResult", "Trainer", "TrainingError", "diff", "train"]
 
 
 class TrainingError(Exception):
-    """The run cannot go on (a non-finite loss); str() is the message for the user."""
+    """The run cannot go on (a non-finite loss); str() is the message for the user.
+
+    resume_with: recipe overrides ({"optimizer.lr": 0.0033}) with which `--resume auto` can
+    continue from the kept checkpoint (the command line builds the command from it), or None."""
+
+    def __init__(self, message: str, resume_with: dict | None = None):
+        super().__init__(message)
+        self.resume_with = resume_with
 
 
 @dataclass
@@ -60,6 +69,7 @@ class RunResult:
     eval: dict | None
     elapsed_s: float
     resumed_from: int = 0
+    notes: list[str] = field(default_factory=list)  # what the user should know (a checkpoint fallen back from, ...)
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Trainer:
         self.model = wrap(model, grid)
         self.device, self.precision, self.grid = device, precision, grid
         self.grad_clip = optimizer.grad_clip
+        self.lr = optimizer.lr
         if optimizer_class is None:
             self.optimizer = make_optimizer(model, optimizer, fused=device.type == "cuda")
         else:  # another torch optimizer with the recipe's learning rate (tests: plain SGD)
@@ -215,24 +226,42 @@ class Trainer:
             metrics = box[0]
         return metrics
 
-    def save(self, run_dir: Path, state: dict) -> None:
-        """Rank 0 writes the checkpoint (replicated weights: its state loads on any number of processes)."""
+    def save(self, run_dir: Path, state: dict, keep: int = 2) -> None:
+        """Rank 0 writes the checkpoint (replicated weights: its state loads on any number of
+        processes) and keeps the newest `keep`."""
         if self.is_main:
-            save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, {"step": self.steps_done, **state})
+            save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, {"step": self.steps_done, **state}, keep=keep)
 
-    def load(self, run_dir: Path) -> dict:
-        """Resume from RUN/checkpoint; returns the trainer state saved with it."""
-        state = load_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, self.device)
+    def load(self, run_dir: Path, log: Callable[[str], None] | None = None) -> dict:
+        """Resume from the newest readable checkpoint of RUN/checkpoint (an unreadable newer one is
+        reported through log); returns the trainer state saved with it."""
+        state = load_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, self.device, log=log,
+                                set_aside=self.is_main)
         self.steps_done = state["step"]
+        # the schedule is this trainer's: a resume with another optimizer.lr or warmup (allowed
+        # after a non-finite loss) goes on from the saved step at the new rate; with the same
+        # recipe this recomputes exactly the rate that was saved
+        self.scheduler.base_lrs = [self.lr for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return state
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self, recipe: Recipe, data: TaskData, run_dir: Path, resuming: bool, *, console: Console, quiet: bool,
-            on_step: Callable[[dict], None] | None = None) -> RunResult:
+            on_step: Callable[[dict], None] | None = None, note: Callable[[str], None] | None = None) -> RunResult:
         """Train to the end of the schedule (or an early stop, or Ctrl-C), logging, evaluating and
-        checkpointing as the recipe says; evaluates and checkpoints the last step."""
+        checkpointing as the recipe says; evaluates and checkpoints the last step. note(text)
+        receives what the user should know even when quiet (plain text, no markup)."""
         say = (lambda *a: None) if quiet else console.print
+        notes: list[str] = []
+
+        def tell(text: str) -> None:
+            notes.append(text)
+            (note or (lambda t: say(escape(t))))(text)
+
         grid = self.grid
         spe = steps_per_epoch(data.train, recipe.batch_size)
         total = self.total_steps
@@ -243,14 +272,15 @@ class Trainer:
         elapsed, window = 0.0, {"loss": 0.0, "n": 0, "tokens": 0}
         last_eval, last_ckpt = None, None
         if resuming:
-            state = self.load(run_dir)
+            state = self.load(run_dir, log=tell)
             elapsed, window = state["elapsed_s"], state["log_window"]
             last_eval, last_ckpt = state.get("last_eval"), self.steps_done
             if self.is_main:
-                truncate_metrics(run_dir / "metrics.jsonl", self.steps_done)
+                truncate_metrics(run_dir / "metrics.jsonl", self.steps_done, log=tell)
+                record_retune(run_dir, recipe, log=tell)
             if grid is not None:
                 dist.barrier()
-            say(f"resuming {run_dir} at step {self.steps_done}")
+            say(f"resuming {escape(str(run_dir))} at step {self.steps_done}")
         start_step = self.steps_done
 
         def checkpoint():
@@ -259,7 +289,7 @@ class Trainer:
             self.save(run_dir, {
                 "data": {"epoch": epoch, "batch": batch, "steps_per_epoch": spe, "seed": recipe.seed},
                 "elapsed_s": elapsed, "log_window": dict(window), "last_eval": last_eval,
-            })
+            }, keep=recipe.keep_checkpoints)
             last_ckpt = self.steps_done
 
         metrics_file = open(run_dir / "metrics.jsonl", "a") if self.is_main else None
@@ -277,9 +307,9 @@ class Trainer:
             return metrics
 
         say(
-            f"[bold]{recipe.name or run_dir.name}[/bold]: {recipe.model.name or 'model'} "
+            f"[bold]{escape(recipe.name or run_dir.name)}[/bold]: {escape(recipe.model.name or 'model')} "
             f"({self.model.num_parameters() / 1e6:.2f}M parameters) on {recipe.task.kind}, {total} steps of "
-            f"{recipe.batch_size}, {self.device.type} {self.precision} -> {run_dir}"
+            f"{recipe.batch_size}, {self.device.type} {self.precision} -> {escape(str(run_dir))}"
         )
         status, batches, batches_epoch = "done", None, -1
         stop = StopFlag()
@@ -301,7 +331,8 @@ class Trainer:
                     try:
                         result = self.step(seg.inputs[rows], seg.labels[rows])
                     except TrainingError as e:
-                        raise TrainingError(_nonfinite(str(e), run_dir, last_ckpt)) from None
+                        lower = {"optimizer.lr": float(f"{recipe.optimizer.lr / 3:.2g}")}
+                        raise TrainingError(_nonfinite(str(e), run_dir, last_ckpt, lower), resume_with=lower) from None
                     step = self.steps_done
                     elapsed += time.perf_counter() - t0
                     window["loss"] += result.loss
@@ -347,8 +378,9 @@ class Trainer:
             if last_ckpt != self.steps_done:
                 checkpoint()
             if self.is_main:
-                write_text(run_dir / "eval.json", json.dumps(last_eval, indent=2) + "\n")
-        return RunResult(run_dir, self.steps_done, total, status, last_eval, elapsed, start_step)
+                metrics = {k: v for k, v in last_eval.items() if k != "step"}
+                write_eval(run_dir / "eval.json", last_eval["step"], metrics, recipe.resolved()["task"], "lcsm train")
+        return RunResult(run_dir, self.steps_done, total, status, last_eval, elapsed, start_step, notes)
 
 
 # --------------------------------------------------------------------------- train()
@@ -359,14 +391,18 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    retune: bool = False,
     console: Console | None = None,
     quiet: bool = False,
     on_step: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Run a recipe; returns when the run is done, stopped early or interrupted (Ctrl-C, saved).
 
-    on_step(record) is called after every optimizer step with the step's metrics (tests use it).
-    Raises RecipeError for bad input and TrainingError when the loss stops being finite.
+    The run directory is locked while it runs (a second process gets a RecipeError naming this
+    one). retune: a resume may change optimizer.lr, optimizer.grad_clip and schedule.warmup_steps
+    (`lcsm train --resume auto` allows it; ablation points do not). on_step(record) is called after
+    every optimizer step with the step's metrics (tests use it). Raises RecipeError for bad input
+    and TrainingError when the loss stops being finite.
     """
     console = console or Console(highlight=False)
     grid = _grid(recipe)
@@ -378,12 +414,20 @@ def train(
     precision = resolve_precision(recipe.precision, device)
     if recipe.backend == "triton" and device.type != "cuda":
         raise RecipeError(f"backend: 'triton' needs a CUDA device (device is {device}); use backend: auto or torch")
+    check_recipe_size(recipe, device)  # absurd sizes fail here, before anything is allocated
     threads = torch.get_num_threads()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    held = None
     try:
         say = (lambda *a: None) if quiet else console.print
-        run_dir, resuming = _on_main(grid, lambda: prepare_run_dir(recipe, resume, overwrite))
+        notes: list[str] = []
+
+        def note(text: str) -> None:  # shown (escaped: paths may hold [brackets]) and kept in the result
+            notes.append(text)
+            say(escape(text))
+
+        run_dir, resuming, held = _on_main(grid, lambda: open_run_dir(recipe, resume, overwrite, retune=retune, log=note))
 
         def task():
             try:
@@ -407,11 +451,19 @@ def train(
         model.train()
         spe = steps_per_epoch(data.train, recipe.batch_size)
         total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
+        warmup = recipe.schedule.warmup_steps
+        if warmup is not None and warmup > total:  # (recipes in steps are checked when they load)
+            raise RecipeError(f"schedule.warmup_steps: {warmup} warmup steps exceed the run's {total} steps "
+                              f"({recipe.epochs} epochs of {spe}); use at most {total}")
         trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid)
         if not resuming and trainer.is_main:
             write_text(run_dir / "config.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True))
-        return trainer.fit(recipe, data, run_dir, resuming, console=console, quiet=quiet, on_step=on_step)
+        result = trainer.fit(recipe, data, run_dir, resuming, console=console, quiet=quiet, on_step=on_step, note=note)
+        result.notes = notes  # (note() kept the trainer's notes too)
+        return result
     finally:
+        if held is not None:
+            held.release()  # (a no-op on the ranks that got a copy of rank 0's lock)
         torch.set_num_threads(threads)
 
 
@@ -483,13 +535,15 @@ def _eval_line(step: int, metrics: dict) -> str:
     return "  ".join(parts)
 
 
-def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None) -> str:
+def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None, lower: dict) -> str:
     kept = (
-        f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir / 'checkpoint'}"
+        f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir / 'checkpoint' / f'step-{last_ckpt:06d}'}"
         if last_ckpt is not None
         else "no checkpoint had been written yet"
     )
+    sets = " ".join(f"--set {k}={v}" for k, v in lower.items())
     return (
         f"{what}; training stopped and {kept}. "
-        "Try a lower optimizer.lr, a longer schedule.warmup_steps or optimizer.grad_clip, or precision: fp32"
+        f"Try a lower optimizer.lr (--resume auto {sets} continues {'from it' if last_ckpt is not None else 'the run'}), "
+        "a longer schedule.warmup_steps, a smaller optimizer.grad_clip, or precision: fp32"
     )

@@ -165,3 +165,24 @@ def test_non_utf8_and_binary_files_name_the_file_and_the_byte(tmp_path):
     spec.write_bytes(b"d_model: 16\nn_layers: 1\n# \xff\nmixer: {kind: eos, oscillation: {kind: ones}}\n")
     assert f"{spec}: not UTF-8 text: byte 0xff at offset 26 (line 3)" in error_of(recipe(model=str(spec)))
 
+
+def test_lcsm_validate_checks_training_and_ablation_recipes_without_training(tmp_path, capsys):
+    from helpers import cli_error  # tests/helpers.py
+
+    from lcsm.cli.main import main
+    from lcsm.config.paths import shipped
+
+    paths = [str(p) for p in shipped_recipes("train").values()]  # lcsm validate lcsm/recipes/train/*.yaml
+    assert main(["validate", *paths, "mqar_gla"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("training recipe:") == len(paths) + 1 and "did you mean" not in printed
+    assert main(["validate", str(shipped("ablations")["lm_feature_maps"])]) == 0
+    assert "ablation recipe: " in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe(optimizer={"lr": 0})))
+    msg = cli_error(["validate", str(bad)], capsys)
+    assert "optimizer.lr: input should be greater than 0" in msg and "d_model" not in msg
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "base": recipe(), "grid": {"model.d_model": [16, -4]}}))
+    assert "point model.d_model=-4, seed=0" in cli_error(["validate", str(grid)], capsys)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ablations").exists()  # nothing was trained or written
