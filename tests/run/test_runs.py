@@ -312,3 +312,10 @@ def test_brackets_in_paths_and_in_the_install_hint_are_printed_as_written(tmp_pa
     assert "'lcsm[plots]'" in out and "out[2]" in out
     assert "± 0.0000" not in out  # one seed: the value alone
 
+
+def test_the_readme_states_the_run_guarantees_and_the_cpu_torch_advice_in_the_quick_start():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "download.pytorch.org/whl/cpu" in quick
+    runs = readme.split("## Runs", 1)[1].split("\n## ", 1)[0]
+    assert all(word in runs for word in ("atomic", "verified", "locked", "never deletes"))
