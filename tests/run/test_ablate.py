@@ -18,8 +18,6 @@ from lcsm.run import ablate, report
 from lcsm.cli.main import main
 from lcsm.config.recipe import RecipeError
 
-from helpers import cli_error  # tests/helpers.py (tests/ is on sys.path)
-
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
@@ -280,7 +278,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
-def test_a_second_ablate_on_one_out_is_refused_and_workers_die_with_their_parent(tmp_path, capsys):
+def test_a_second_ablate_on_one_out_is_refused_and_workers_die_with_their_parent(tmp_path):
     grid = tiny_grid(best_of=None, grid={"optimizer.lr": [1e-2, 3e-2]})
     grid["base"].update(steps=10**6, eval_every=10**6, log_every=10**5)  # points that would run for hours
     path = tmp_path / "grid.yaml"
@@ -299,9 +297,11 @@ def test_a_second_ablate_on_one_out_is_refused_and_workers_die_with_their_parent
         assert len(list(runs.glob("*/metrics.jsonl"))) == 2
         workers = _children(first.pid)
         assert len(workers) >= 2
-        # a second lcsm ablate on the same --out (this test's process) is refused, naming the first
-        msg = cli_error(["ablate", str(path), "--out", str(out)], capsys)
-        assert f"this ablation directory is in use by process {first.pid}" in msg
+        # a second lcsm ablate on the same --out is refused, naming the first (the code before ran the grid twice)
+        second = subprocess.run([sys.executable, "-m", "lcsm.cli", "ablate", str(path), "--out", str(out)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"this ablation directory is in use by process {first.pid}" in second.stderr
     finally:
         first.kill()  # SIGKILL: no handler runs in the parent
         first.wait()

@@ -235,10 +235,14 @@ def test_a_run_in_use_is_refused_to_a_second_process_and_a_stale_lock_is_taken_o
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (run / "config.yaml").exists(), 180, "the first training", first)
-        for args in (["train", path, "--resume", "auto"], ["train", path, "--overwrite"]):
-            msg = cli_error(args, capsys)  # this test's process is the second one
-            assert f"this run directory is in use by process {first.pid} on {socket.gethostname()}" in msg
-            assert "lcsm train" in msg and "Traceback" not in msg
+        # a second process (the code before trained into the same directory: a timeout here)
+        second = subprocess.run([sys.executable, "-m", "lcsm.cli", "train", path, "--resume", "auto"], env=_env(tmp_path),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"this run directory is in use by process {first.pid} on {socket.gethostname()}" in second.stderr
+        assert f"(lcsm train {path})" in second.stderr
+        msg = cli_error(["train", path, "--overwrite"], capsys)  # and this test's process, a third
+        assert f"in use by process {first.pid}" in msg
     finally:
         first.kill()
         first.wait()
