@@ -616,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder, one checkpoint/step-N/ folder or a model.safetensors")
     p.add_argument("--task", metavar="TASK", help="another task: a task YAML or a shipped task name (recipes/tasks)")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a task field, e.g. --set test.0.num_examples=500")
     p.add_argument("--batch-size", type=int, help="default: the recipe's eval batch size")
@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder, one checkpoint/step-N/ folder or a model.safetensors")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text, encoded with the run's tokenizer (text runs)")
     prompt.add_argument("--tokens", metavar="ID,ID,...", help="the prompt as token ids (any run, e.g. MQAR)")

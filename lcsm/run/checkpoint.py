@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -199,7 +200,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
     try:
         parent.mkdir(exist_ok=True)
         if partial.exists():
-            files.remove_tree_we_wrote(partial)  # a save cut short earlier: lcsm's own temporary folder
+            shutil.rmtree(partial, ignore_errors=True)  # a save cut short earlier: lcsm's own temporary folder
         partial.mkdir()
         listed = {}
         for name, write in ((WEIGHTS, lambda p: save_model(model, p, metadata={"step": str(step)})),
@@ -215,7 +216,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
         os.replace(partial, final)
         _fsync_dir(parent)
     except OSError as e:
-        files.remove_tree_we_wrote(partial)
+        shutil.rmtree(partial, ignore_errors=True)  # lcsm's own temporary folder
         raise CheckpointError(
             f"{final}: cannot write the checkpoint ({e.strerror or e}); the earlier checkpoints are kept as they were"
         ) from None
@@ -224,6 +225,33 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
         raise CheckpointError(f"{problem}: the checkpoint just written does not verify; the earlier ones are kept")
     _prune(run_dir, keep)
     return final
+
+
+def remove_checkpoint_folder(folder: Path) -> None:
+    """Remove one checkpoint folder lcsm wrote: the files its manifest.json lists, the manifest and
+    lcsm's temporary files; the folder itself only if nothing else is in it (the user's stays)."""
+    try:
+        listed = list(json.loads((folder / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = [WEIGHTS, TRAINER]
+    for name in [*listed, MANIFEST]:
+        if "/" not in name and name not in ("..", "."):
+            (folder / name).unlink(missing_ok=True)
+    for tmp in folder.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something of the user's is in it
+
+
+def remove_checkpoint_files(target: Path) -> bool:
+    """For --overwrite: remove a checkpoint folder lcsm wrote (step-N, step-N.partial, ...) as
+    remove_checkpoint_folder does. Returns False when target is not one (nothing done)."""
+    if target.parent.name != "checkpoint" or not target.name.startswith("step-") or not target.is_dir():
+        return False
+    remove_checkpoint_folder(target)
+    return True
 
 
 def _aside(folder: Path, why: str) -> Path:
@@ -242,7 +270,7 @@ def _prune(run_dir: Path, keep: int) -> None:
             for path in (old.weights, old.trainer):
                 path.unlink(missing_ok=True)
         else:
-            files.remove_checkpoint_folder(old.folder)
+            remove_checkpoint_folder(old.folder)
 
 
 # --------------------------------------------------------------------------- loading

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 MANIFEST = ".lcsm-files.jsonl"
@@ -82,59 +81,3 @@ def entries(run_dir: Path) -> list[str]:
         return sorted(p.name for p in run_dir.iterdir() if p.name not in BOOKKEEPING)
     except OSError:
         return []
-
-
-def unclaimed(run_dir: Path) -> list[str]:
-    """Top-level entries of run_dir that lcsm did not write (a top-level name counts as lcsm's
-    when it, or a path inside it, is claimed)."""
-    mine = {p.split("/")[0] for p in owned(run_dir)}
-    return [n for n in entries(run_dir) if n not in mine]
-
-
-def remove_owned(run_dir: Path) -> list[str]:
-    """Remove every claimed path that exists (deepest first), folders only once empty; returns
-    what is left of lcsm's folders because they hold files lcsm did not write. Then a fresh
-    manifest (the removed paths are no longer there)."""
-    mine = owned(run_dir)
-    kept = []
-    for rel in sorted(mine, key=lambda p: (-p.count("/"), p)):
-        target = run_dir / rel
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.is_dir():
-            if _is_checkpoint_folder(target):
-                remove_checkpoint_folder(target)
-            if target.exists():
-                try:
-                    target.rmdir()
-                except OSError:
-                    kept.append(rel)  # it holds something lcsm did not write: left as it is
-    (run_dir / MANIFEST).unlink(missing_ok=True)
-    return kept
-
-
-def _is_checkpoint_folder(path: Path) -> bool:
-    return path.parent.name == "checkpoint" and path.name.startswith("step-")
-
-
-def remove_checkpoint_folder(folder: Path) -> None:
-    """Remove one checkpoint folder written by lcsm: the files its manifest.json lists, the manifest,
-    lcsm's temporary files; the folder itself if nothing else is in it."""
-    try:
-        listed = list(json.loads((folder / "manifest.json").read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = ["model.safetensors", "trainer.pt"]
-    for name in [*listed, "manifest.json"]:
-        if "/" not in name and name not in ("..", "."):
-            (folder / name).unlink(missing_ok=True)
-    for tmp in folder.glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # something of the user's is in it
-
-
-def remove_tree_we_wrote(folder: Path) -> None:
-    """A temporary folder lcsm made and filled itself (a checkpoint being written): all of it."""
-    shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,7 @@ import yaml
 from lcsm.config.base import RecipeError, SpecError, read_utf8
 from lcsm.config.recipe import Recipe
 from lcsm.run import files, lock
-from lcsm.run.checkpoint import list_checkpoints, write_text
+from lcsm.run.checkpoint import list_checkpoints, remove_checkpoint_files, write_text
 
 ARTIFACTS = files.NAMES
 # recipe fields that may change between an interrupted run and its resumption: they change
@@ -115,7 +115,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bo
     found = list_checkpoints(run_dir) if "checkpoint" in mine else []
     results = [n for n in ("metrics.jsonl", "eval.json", "eval") if n in mine and (run_dir / n).exists()]
     if overwrite:
-        kept = files.remove_owned(run_dir)
+        kept = remove_owned(run_dir)
         if kept:
             say(f"--overwrite: kept {', '.join(kept)} in {run_dir}: they hold files lcsm did not write")
         files.claim(run_dir, *FRESH)
@@ -154,9 +154,30 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bo
         )
     # lcsm's own leftovers of a start that never trained (config.yaml, a tokenizer.json that must
     # not be reused): replaced
-    files.remove_owned(run_dir)
+    remove_owned(run_dir)
     files.claim(run_dir, *FRESH)
     return run_dir, False
+
+
+def remove_owned(run_dir: Path) -> list[str]:
+    """Remove every path lcsm claimed in run_dir that exists (deepest first; a checkpoint folder by
+    its manifest; any folder only once empty); then the manifest. Returns lcsm's folders left in
+    place because they hold files lcsm did not write."""
+    mine = files.owned(run_dir)
+    kept = []
+    for rel in sorted(mine, key=lambda p: (-p.count("/"), p)):
+        target = run_dir / rel
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            remove_checkpoint_files(target)
+            if target.exists():
+                try:
+                    target.rmdir()
+                except OSError:
+                    kept.append(rel)  # it holds something lcsm did not write: left as it is
+    (run_dir / files.MANIFEST).unlink(missing_ok=True)
+    return kept
 
 
 def record_retune(run_dir: Path, recipe: Recipe, log: Callable[[str], None] | None = None) -> list[str]:

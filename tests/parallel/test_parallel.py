@@ -113,7 +113,9 @@ def test_lcsm_train_nproc_matches_one_process_and_checkpoint_loads_on_one(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = train_losses(one.run_dir), train_losses(tmp_path / "two")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 * abs(a[k]) for k in a), (a, b)
-    saved = json.loads((tmp_path / "two" / "eval.json").read_text())
+    from lcsm.run.evaluate import read_eval
+
+    saved = read_eval(tmp_path / "two" / "eval.json").metrics  # (the eval schema: lcsm/run/evaluate.py)
     proc = subprocess.run([sys.executable, "-m", "lcsm.cli", "eval", str(tmp_path / "two"), "-o", str(tmp_path / "e.json")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
