@@ -102,6 +102,36 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path
     assert train_losses(part.run_dir) == reference  # step for step, as if nothing had happened
 
 
+def test_a_checkpoint_that_cannot_be_written_leaves_the_earlier_ones(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    recipe = load_recipe(tiny(tmp_path, checkpoint_every=2))
+    real = torch.save
+    saves = []
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("trainer.pt"):
+            saves.append(f)
+            if len(saves) == 3:  # the third checkpoint: the disk fills up half way through its file
+                Path(f).write_bytes(b"\x00" * 10)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RecipeError, match=r"step-000006: cannot write the checkpoint \(No space left on device\); the earlier"):
+        train(recipe, quiet=True)
+    folder = recipe.run_dir / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002", "step-000004"]  # no half-written folder
+    monkeypatch.setattr(torch, "save", real)
+    (folder / "step-000008.partial").mkdir()  # and what a kill during a save leaves: ignored, then replaced
+    (folder / "step-000008.partial" / "trainer.pt").write_bytes(b"cut")
+    result = train(recipe, quiet=True, resume=True)
+    assert result.resumed_from == 4 and result.status == "done"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000010", "step-000012"]
+
+
 def copy_old_run(tmp_path) -> Path:
     run = tmp_path / "run_v0"
     shutil.copytree(OLD, run)
