@@ -50,6 +50,15 @@ def _alive(pid: int, ticks: int | None) -> bool:
     return ticks is None or now is None or now == ticks
 
 
+def _command() -> str:
+    """This process's command line as the user typed it ('lcsm train r.yaml', 'pytest ...')."""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    first = Path(sys.argv[0])
+    name = "lcsm" if first.name == "lcsm" or first.parts[-3:] == ("lcsm", "cli", "__main__.py") else first.name
+    return " ".join([name, *sys.argv[1:]])[:300]
+
+
 def _describe(info: dict) -> str:
     since = info.get("started")
     when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
@@ -88,7 +97,7 @@ def acquire(folder: Path, what: str = "run directory", log: Callable[[str], None
     pid = os.getpid()
     token = f"{socket.gethostname()}:{pid}:{time.time_ns()}"
     info = {"pid": pid, "host": socket.gethostname(), "started": round(time.time(), 3),
-            "command": " ".join(["lcsm", *sys.argv[1:]])[:300] if sys.argv and sys.argv[0] else "",
+            "command": _command(),
             "start_ticks": _start_ticks(pid), "token": token}
     for _ in range(20):
         try:
