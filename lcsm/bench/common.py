@@ -2,10 +2,10 @@
 
     timers        do_bench_ms (triton.testing.do_bench median: CUDA events), Stopwatch and mean_ms
                   (host clock, synchronised at both ends), cuda_graph_ms (replayed CUDA graphs)
-    memory        reset_peak, peak_gib (None off CUDA)
+    memory        reset_peak, peak_gib (None off CUDA), free_cache
     environment   environment(device): date, GPU, torch, CUDA, triton, fla versions
-    errors        BenchError (a SpecError: `lcsm` prints it and exits 2), positive / non_negative
-                  checks that name the flag, require_cuda(what), guard(measure) for one row
+    errors        BenchError (a SpecError: `lcsm` prints it and exits 2), at_least / positive /
+                  non_negative checks that name the flag, require_cuda(what), guard(measure) for one row
     output        check_json_path / write_json, markdown_table, cell, arguments(args)
     models        resized(name, d_model, n_layers, n_heads, vocab): a zoo spec at another size;
                   validated(data, source): a changed spec, errors as BenchError
@@ -17,6 +17,8 @@ A benchmark module keeps only what it measures: `add_arguments(parser)` and `run
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -28,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 from pydantic import ValidationError
 
 from lcsm.config.base import SpecError, format_errors
@@ -197,18 +198,21 @@ def _distribution(name: str) -> str | None:
 
 def _module_version(name: str) -> str | None:
     try:
-        module = __import__(name)
-    except Exception:  # not installed, or not importable here (e.g. against another triton)
+        module = importlib.import_module(name)
+    except Exception:  # not installed, or not importable here
         return None
     return getattr(module, "__version__", "?")
 
 
 def environment(device: torch.device | None = None, **extra) -> dict:
     """Where a measurement was taken: date, GPU (None on the CPU), device (the GPU's name or
-    "cpu"), torch, CUDA, triton, fla (the importable `fla` package's version) and the installed
-    fla-core / flash-linear-attention distributions, Python; then `extra`."""
+    "cpu"), torch, CUDA, triton, fla (the version of the `fla` package when one is installed) and
+    the fla-core / flash-linear-attention distributions, Python; then `extra`."""
     cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     gpu = torch.cuda.get_device_name(device) if cuda else None
+    fla_core, fla_full = _distribution("fla-core"), _distribution("flash-linear-attention")
+    # found, not imported: importing fla takes seconds (bench kernels imports it when it runs it)
+    fla = (fla_core or fla_full or "?") if importlib.util.find_spec("fla") is not None else None
     env = {
         "date": time.strftime("%Y-%m-%d"),
         "gpu": gpu,
@@ -216,9 +220,9 @@ def environment(device: torch.device | None = None, **extra) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _module_version("triton"),
-        "fla": _module_version("fla"),
-        "fla_core": _distribution("fla-core"),
-        "flash_linear_attention": _distribution("flash-linear-attention"),
+        "fla": fla,
+        "fla_core": fla_core,
+        "flash_linear_attention": fla_full,
         "python": platform.python_version(),
     }
     return {**env, **extra}

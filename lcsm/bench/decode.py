@@ -75,7 +75,7 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
     rows = []
     for batch in args.batch:
         # untimed: compiles (and autotunes) the kernels, so no row's prefill time includes that
-        common.guard(lambda: decode_row(model, label, min(args.contexts), batch, 2, 1, graph, device), catch_all=True)
+        common.guard(lambda batch=batch: decode_row(model, label, min(args.contexts), batch, 2, 1, graph, device), catch_all=True)
         for context in args.contexts:
             def attempt(graph, batch=batch, context=context):
                 with torch.no_grad():
@@ -168,7 +168,7 @@ def bench_step(args, device) -> list[dict]:
         print(json.dumps(row), flush=True)
     # softmax attention over a KV cache, one query per sequence
     for L in args.kv_contexts:
-        row = common.guard(lambda: sdpa_row(L, B, H, K, V, randn, args, device), catch_all=True)
+        row = common.guard(lambda L=L: sdpa_row(L, B, H, K, V, randn, args, device), catch_all=True)
         row.setdefault("what", f"SDPA decode, KV cache {L}")
         rows.append(row)
         print(json.dumps(row), flush=True)

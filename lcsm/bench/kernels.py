@@ -20,7 +20,8 @@ from lcsm.bench.common import BenchError
 from lcsm.kernels import eos_recurrence
 
 DEFAULT_SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128)]
-FORMS = ["ones", "scalar", "scalar_static", "vector_k", "vector_v", "outer", "full"]
+FORMS = ["ones", "scalar", "scalar_static", "vector_k", "vector_v", "outer", "full",
+         "delta", "delta_scalar", "delta_vector_k"]  # the delta forms: see "the delta rule" below
 FULL_K = 16  # `full` runs at K = 16 (Mamba's state size), V = D
 
 
@@ -137,6 +138,8 @@ def with_backend(backend: str, names: list[str]):
 def time_form(form: str, shape, device, bandwidth: float, dtype=torch.bfloat16, torch_path: bool = True) -> dict:
     """One row: ours (Triton), fla-core's and the torch path's times of one form at shape B,T,H,D,
     and the memory floors. The inputs are freed when it returns."""
+    if form in DELTA_FORMS:
+        return time_delta_form(form, shape, device, bandwidth, dtype, torch_path)
     B, T, H, D = shape
     s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
     tensors = [s, e, i, *gates.values()]
@@ -218,12 +221,16 @@ def profile_form(form, shape, device, dtype=torch.bfloat16, steps: int = 5) -> s
     from torch.profiler import ProfilerActivity, profile
 
     B, T, H, D = shape
-    s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
-    tensors = [s, e, i, *gates.values()]
-    runs = {"ours": fwd_bwd(with_backend("triton", list(gates)), tensors)}
-    fla = fla_counterpart(form)
-    if fla is not None:
-        runs["fla"] = fwd_bwd(fla, tensors, 3 if form in FLA_CONSTANT_GATES else None)
+    if form in DELTA_FORMS:
+        tensors, ours, fla = delta_case(form, B, T, H, D, dtype, device)
+        runs = {"ours": fwd_bwd(ours("triton"), tensors)} | ({"fla": fwd_bwd(fla, tensors)} if fla else {})
+    else:
+        s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device)
+        tensors = [s, e, i, *gates.values()]
+        runs = {"ours": fwd_bwd(with_backend("triton", list(gates)), tensors)}
+        fla = fla_counterpart(form)
+        if fla is not None:
+            runs["fla"] = fwd_bwd(fla, tensors, 3 if form in FLA_CONSTANT_GATES else None)
     out = []
     for who, fn in runs.items():
         try:
@@ -248,7 +255,8 @@ def profile_form(form, shape, device, dtype=torch.bfloat16, steps: int = 5) -> s
 
 def tuned_configs() -> str:
     """The configuration each of our autotuned kernels settled on, per key."""
-    from lcsm.kernels.triton import chunk as triton_chunk, scan as triton_scan
+    from lcsm.kernels.triton import chunk as triton_chunk
+    from lcsm.kernels.triton import scan as triton_scan
 
     lines = []
     for mod in (triton_chunk, triton_scan):
@@ -270,6 +278,8 @@ def _rel(a, b) -> float:
 def check_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16):
     """Relative errors of bf16 outputs and gradients against an fp64 oracle (the torch path in fp64,
     itself checked against the reference loop by the test suite), ours and fla-core's side by side."""
+    if form in DELTA_FORMS:
+        return check_delta_form(form, shape, device, scale, with_fla, with_ours, dtype)
     B, T, H, D = shape
     s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device, scale=scale, seed=1)
     names = list(gates)
@@ -310,6 +320,121 @@ def check_form(form, shape, device, scale=None, with_fla=True, with_ours=True, d
     del oracle
     torch.cuda.empty_cache()
     return out
+
+
+# --------------------------------------------------------------------------- the delta rule
+
+DELTA_FORMS = ("delta", "delta_scalar", "delta_vector_k")
+DELTA_GATE = {"delta": None, "delta_scalar": "g", "delta_vector_k": "gk"}
+
+
+def delta_case(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: float | None = None, seed: int = 0):
+    """The delta rule in fla's terms: leaves [q, k, v, beta, (g | gk)] and two ops on them, ours and
+    fla-core's (or None), each `op(*leaves) -> y`.
+
+    fla: S_t = D_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = S_tᵀ (q_t·scale) with unit keys k —
+    chunk_delta_rule (D = 1), chunk_gated_delta_rule (g [B,T,H]), chunk_kda (g along K [B,T,H,K]).
+    Ours is the same recurrence mapped exactly: s = q (already scaled, so fla gets scale=1), w = k,
+    e = β k, i = v and the same log decay; `ours(backend)` forms e = β k inside the op, so both
+    sides differentiate the same leaves (q, k, v, β and the gate) and their gradients compare 1:1.
+    q·K^-1/2, k L2-normalised, β = σ(z); log gates as make_inputs (or uniform in [-1.5,-0.5]·scale)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+
+    def log_gate(*shape):
+        if scale is None:
+            return F.logsigmoid(randn(*shape)) / 16
+        return -scale * (0.5 + torch.rand(*shape, generator=gen, device=device))
+
+    q = (randn(B, T, H, D) * D**-0.5).to(dtype)
+    k = F.normalize(randn(B, T, H, D), dim=-1).to(dtype)
+    v = randn(B, T, H, D).to(dtype)
+    beta = torch.sigmoid(randn(B, T, H)).to(dtype)
+    name = DELTA_GATE[form]
+    leaves = [q, k, v, beta] + ([] if name is None else [log_gate(B, T, H) if name == "g" else log_gate(B, T, H, D)])
+
+    def ours(backend):
+        def op(q, k, v, beta, *gate):
+            decay = {} if name is None else {name: gate[0]}
+            return eos_recurrence(q, beta[..., None] * k, v, w=k, backend=backend, **decay)[0]
+
+        return op
+
+    fla = None
+    try:
+        if form == "delta":
+            from fla.ops.delta_rule import chunk_delta_rule
+
+            def fla(q, k, v, beta):
+                return chunk_delta_rule(q, k, v, beta, scale=1.0)[0]
+        elif form == "delta_scalar":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+            def fla(q, k, v, beta, g):
+                return chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0, use_qk_l2norm_in_kernel=False)[0]
+        else:
+            from fla.ops.kda import chunk_kda
+
+            def fla(q, k, v, beta, g):
+                return chunk_kda(q, k, v, g, beta, scale=1.0)[0]
+    except Exception:  # fla-core not installed, too old for the form, or not importable here
+        fla = None
+    return leaves, ours, fla
+
+
+def time_delta_form(form, shape, device, bandwidth: float, dtype=torch.bfloat16, torch_path: bool = True) -> dict:
+    """time_form for a delta form: ours (Triton) beside fla-core's kernel on the same leaves."""
+    B, T, H, D = shape
+    leaves, ours, fla = delta_case(form, B, T, H, D, dtype, device)
+    row = {"form": form, "shape": shape}
+    row["ours_fwd"] = timed(lambda: ours("triton")(*leaves))
+    row["ours_fwdbwd"] = timed(fwd_bwd(ours("triton"), leaves))
+    if fla is not None:
+        row["fla_fwd"] = timed(lambda: fla(*leaves))
+        row["fla_fwdbwd"] = timed(fwd_bwd(fla, leaves))
+    if torch_path:
+        row["torch_fwd"] = timed(lambda: ours("torch")(*leaves), warmup=2, rep=10)
+    read = sum(x.numel() * x.element_size() for x in leaves)
+    out = leaves[2].numel() * leaves[2].element_size()
+    row["floor_fwd"] = (read + out) / bandwidth
+    row["floor_fwdbwd"] = (2 * read + 2 * out + read) / bandwidth  # fwd; read again with dy; write the gradients
+    return row
+
+
+def check_delta_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16):
+    """check_form for a delta form: relative errors of the bf16 output and the gradients of q, k, v, β
+    and the gate against the fp64 torch path, one sequence at a time (ours and fla-core's)."""
+    B, T, H, D = shape
+    leaves, ours, fla = delta_case(form, B, T, H, D, dtype, device, scale=scale, seed=1)
+    dy = torch.randn(B, T, H, D, generator=torch.Generator(device=device).manual_seed(2), device=device)
+
+    def grads_of(op, leaves, dy, dt):
+        x = [t.detach().to(dt if dt == torch.float64 or t.dtype != torch.float32 else t.dtype).clone().requires_grad_()
+             for t in leaves]
+        y = op(*x)
+        return [y.detach()] + [g.detach() for g in torch.autograd.grad(y, x, dy.to(y.dtype))]
+
+    per_b = [grads_of(ours("torch"), [t[b:b + 1] for t in leaves], dy[b:b + 1], torch.float64) for b in range(B)]
+    oracle = [torch.cat(xs) for xs in zip(*per_b)]
+    labels = ["y", "dq", "dk", "dv", "dbeta"] + ([] if DELTA_GATE[form] is None else [f"d{DELTA_GATE[form]}"])
+    res = {"form": form, "shape": shape, "scale": scale}
+    if with_ours:
+        got = grads_of(ours("triton"), leaves, dy, dtype)
+        res["ours"] = dict(zip(labels, (_rel(a, b) for a, b in zip(got, oracle))))
+        finite = all(bool(torch.isfinite(a).all()) for a in got)
+        res["ours"]["finite"] = float(finite)
+        del got
+    if with_fla and fla is not None:
+        try:
+            got = grads_of(fla, leaves, dy, dtype)
+            res["fla"] = dict(zip(labels, (_rel(a, b) for a, b in zip(got, oracle))))
+        except Exception as err:
+            res["fla"] = f"error: {type(err).__name__}"
+    del oracle
+    torch.cuda.empty_cache()
+    return res
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -356,7 +481,7 @@ def run(args) -> int:
     if args.check or args.check_only:
         shape = shapes[0]
         for form in args.forms:
-            scales = [1e-3, 0.1, 5.0] if form == "vector_k" else [None]
+            scales = [1e-3, 0.1, 5.0] if form in ("vector_k", *DELTA_FORMS) else [None]
             for scale in scales:
                 t0 = time.time()
                 try:

@@ -1,7 +1,7 @@
 """`lcsm bench mom`: one Mixture-of-Memories layer (dense and sparse paths) against the same mixer
 with a single memory: forward, and forward + backward, of the token mixer alone.
 
-Default shape (issue 5): B = 8, T = 4096, d_model 2048, E = 4 memories, top-2, a shared memory,
+Default shape: B = 8, T = 4096, d_model 2048, E = 4 memories, top-2, a shared memory,
 bf16 autocast over fp32 weights (as `lcsm train` runs on the GPU). `--small` is a tiny shape that
 runs on the CPU in seconds (a smoke test of the command, not a measurement).
 """
@@ -161,7 +161,7 @@ def run(args) -> int:
     specs = [(label, layer_spec(args.model, args.d_model, args.heads, r)) for label, r in configs]  # all checked first
     rows = []
     for label, spec in specs:
-        row = {"layer": label, **common.guard(lambda: time_layer(spec, args.batch, args.seq, args.steps, args.warmup, device, dtype))}
+        row = {"layer": label, **common.guard(lambda spec=spec: time_layer(spec, args.batch, args.seq, args.steps, args.warmup, device, dtype))}
         rows.append(row)
         print(json.dumps(row), flush=True)
         common.free_cache(device)

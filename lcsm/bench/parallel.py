@@ -247,7 +247,8 @@ def _relaunch(args) -> int:
 
 
 def run(args) -> int:
-    common.positive(args, "nproc", "d_model", "layers", "heads", "vocab", "seq", "batch", "steps", "check_seq", "check_d",
+    common.at_least(args, 2, "nproc")  # one process has no sequence to split
+    common.positive(args, "d_model", "layers", "heads", "vocab", "seq", "batch", "steps", "check_seq", "check_d",
                     "longest_start", "longest_max")
     common.non_negative(args, "warmup")
     common.check_json_path(args.json)
@@ -261,6 +262,8 @@ def run(args) -> int:
         args.check_seq, args.check_d = 64, 32
         args.longest_start, args.longest_max = 64, 128
     world = int(os.environ["WORLD_SIZE"])
+    if world < 2:
+        raise BenchError(f"lcsm bench parallel needs at least 2 processes (WORLD_SIZE is {world})")
     for name in ("check_seq", "longest_start"):  # every rank holds an equal slice of the sequence
         if getattr(args, name) % world:
             raise BenchError(f"{common.flag(name)} {getattr(args, name)} must be a multiple of the number of processes ({world})")

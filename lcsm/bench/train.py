@@ -1,9 +1,9 @@
-"""`lcsm bench train`: training throughput (tokens/s) of zoo models resized to one common shape,
-side by side in one process: the trainer's one step (forward, backward, fused AdamW) under bf16
-autocast on the GPU.
+"""`lcsm bench train`: training throughput and peak memory of zoo models resized to one common
+shape, side by side in one process: the trainer's one step (forward, backward, fused AdamW) under
+bf16 autocast on the GPU; with `--compare fla`, fla's own models of the same width, depth and
+heads (built from their Hugging Face configs), stepped with the same optimizer and autocast.
 
-The default shape is the ~125M-parameter setting of the issue tracker: d_model 768, 12 layers,
-T = 2048, vocabulary 32000.
+Defaults: d_model 1024, 12 layers, 8 heads, vocabulary 32000, at B×T = 8×2048, 2×8192 and 1×32768.
 """
 
 from __future__ import annotations
@@ -14,23 +14,64 @@ import json
 import torch
 
 from lcsm.bench import common
-from lcsm.bench.common import resized  # re-exported: tests/parallel/test_parallel.py imports it from here
+from lcsm.bench.common import BenchError, resized
 from lcsm.config.recipe import Optimizer, Schedule
 from lcsm.config.spec import ModelSpec
 from lcsm.nn.model import Model
-from lcsm.run.trainer import Trainer
+from lcsm.run.trainer import Trainer, make_optimizer
 
-__all__ = ["add_arguments", "main", "measure", "resized", "run"]
+# resized (lcsm/bench/common.py) is re-exported: tests/parallel/test_parallel.py imports it from here
+__all__ = ["add_arguments", "fla_config", "main", "measure", "parse_shapes", "resized", "run"]
 
 # a benchmark times steps, so: a constant learning rate, no warmup, no clipping (one less reduction)
 OPTIMIZER = Optimizer(lr=1e-4, grad_clip=None)
 SCHEDULE = Schedule(kind="constant", warmup_steps=0)
+DEFAULT_MODELS = ["gla", "retnet", "hgrn2", "mamba2", "linear_attention", "deltanet", "gated_deltanet", "transformer"]
+DEFAULT_SHAPES = "8x2048,2x8192,1x32768"
 
 
-def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device: torch.device) -> dict:
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'8x2048,2x8192' -> [(8, 2048), (2, 8192)]."""
+    shapes = []
+    for part in text.split(","):
+        b, sep, t = part.strip().lower().partition("x")
+        if not sep or not b.isdigit() or not t.isdigit() or int(b) < 1 or int(t) < 2:
+            raise BenchError(f"--shapes: '{part}' is not BxT with B >= 1 and T >= 2 (e.g. --shapes 8x2048,2x8192)")
+        shapes.append((int(b), int(t)))
+    return shapes
+
+
+def fla_config(name: str, d: int, layers: int, heads: int, vocab: int):
+    """fla's model config of the same width, depth and heads as lcsm's `name` (None when fla has no
+    counterpart or is not installed). Everything else is fla's default. fla's Mamba2 is left out:
+    its layer runs its fast path only with the mamba-ssm CUDA package (else a naive loop), so a
+    comparison without it would measure that loop."""
+    try:
+        import fla.models as fm
+    except Exception:  # not installed, or not importable with this Triton
+        return None
+    common_args = dict(hidden_size=d, num_hidden_layers=layers, vocab_size=vocab)
+    make = {
+        "gla": lambda: fm.GLAConfig(num_heads=heads, **common_args),
+        "retnet": lambda: fm.RetNetConfig(num_heads=heads, **common_args),
+        "hgrn2": lambda: fm.HGRN2Config(num_heads=heads, expand_ratio=d // heads, **common_args),
+        "linear_attention": lambda: fm.LinearAttentionConfig(num_heads=heads, feature_map="elu", **common_args),
+        "deltanet": lambda: fm.DeltaNetConfig(num_heads=heads, **common_args),
+        "gated_deltanet": lambda: fm.GatedDeltaNetConfig(num_heads=heads, head_dim=int(0.75 * d) // heads, expand_v=2,
+                                                         **common_args),
+        "kda": lambda: fm.KDAConfig(num_heads=heads, head_dim=d // heads, **common_args),
+        "transformer": lambda: fm.TransformerConfig(num_heads=heads, **common_args),
+    }.get(name)
+    return None if make is None else make()
+
+
+def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
+            compile: bool = False) -> dict:
     """Mean time of `steps` Trainer steps on random tokens [batch, seq] after `warmup` steps."""
     torch.manual_seed(0)
     model = Model(spec).to(device)
+    if compile:
+        model.compile_blocks(dynamic=False)
     precision = "bf16" if device.type == "cuda" else "fp32"
     trainer = Trainer(model, OPTIMIZER, SCHEDULE, warmup + steps, device=device, precision=precision)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
@@ -44,7 +85,38 @@ def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, devi
         step()
     common.reset_peak(device)
     ms = common.mean_ms(step, steps, device)
-    out = {"model": spec.name, "params_M": model.num_parameters() / 1e6, "ms_per_step": ms,
+    out = {"params_M": model.num_parameters() / 1e6, "ms_per_step": ms, "tokens_per_s": batch * seq / (ms / 1e3),
+           "loss": losses[-1]}
+    if device.type == "cuda":
+        out["peak_GiB"] = common.peak_gib(device)
+    return out
+
+
+def measure_fla(config, batch: int, seq: int, steps: int, warmup: int, device: torch.device) -> dict:
+    """The same timing for an fla model: its own forward with labels (its fused loss), backward,
+    and the fused AdamW of lcsm's trainer, under the same bf16 autocast. This loop is the baseline's
+    step, not lcsm's."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    opt = make_optimizer(model, OPTIMIZER, fused=device.type == "cuda")
+    tokens = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    losses = []
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=tokens, labels=tokens).loss  # fla shifts the labels itself
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+
+    for _ in range(warmup):
+        step()
+    common.reset_peak(device)
+    ms = common.mean_ms(step, steps, device)
+    out = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "ms_per_step": ms,
            "tokens_per_s": batch * seq / (ms / 1e3), "loss": losses[-1]}
     if device.type == "cuda":
         out["peak_GiB"] = common.peak_gib(device)
@@ -52,22 +124,30 @@ def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, devi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=["gla", "retnet", "linear_attention", "transformer"],
-                   metavar="SPEC", help="zoo names or spec files (default: gla retnet linear_attention transformer)")
-    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="SPEC",
+                   help=f"zoo names or spec files (default: {' '.join(DEFAULT_MODELS)})")
+    p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"B×T of each run (default {DEFAULT_SHAPES})")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compare", choices=["fla"], help="fla: also fla's models of the same size, with ratios")
+    p.add_argument("--compile", action="store_true", help="torch.compile lcsm's blocks (Model.compile_blocks)")
     p.add_argument("--json", help="write the results here")
 
 
+def _ratio(a: dict, b: dict | None, key: str, fmt: str = ".2f") -> str:
+    if b is None or key not in a or key not in b or not b[key]:
+        return "—"
+    return format(a[key] / b[key], fmt)
+
+
 def run(args) -> int:
-    common.positive(args, "d_model", "layers", "heads", "vocab", "seq", "batch", "steps")
+    common.positive(args, "d_model", "layers", "heads", "vocab", "steps")
     common.non_negative(args, "warmup")
+    shapes = parse_shapes(args.shapes)
     if args.json:
         common.check_json_path(args.json)
     specs = [resized(name, args.d_model, args.layers, args.heads, args.vocab) for name in args.models]  # all checked first
@@ -75,23 +155,48 @@ def run(args) -> int:
     env = common.environment(device)
     print(json.dumps(env), flush=True)
     rows = []
-    for spec in specs:
-        row = {"model": spec.name, **common.guard(lambda: measure(spec, args.batch, args.seq, args.steps, args.warmup, device))}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        common.free_cache(device)
-    base = next((r for r in rows if r.get("model") == "transformer" and "tokens_per_s" in r), None)
-    table = []
-    for r in rows:
-        if "tokens_per_s" not in r:
-            table.append([r["model"], "—", r["error"], "—", "—"])
-            continue
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "—"
-        table.append([r["model"], f"{r['params_M']:.1f}", f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", ratio])
-    print("\n" + common.markdown_table(["model", "params (M)", "ms/step", "tokens/s", "× transformer"], table))
+    for batch, seq in shapes:
+        for spec in specs:
+            row = {"model": spec.name, "impl": "lcsm", "B": batch, "T": seq,
+                   **common.guard(lambda spec=spec: measure(spec, batch, seq, args.steps, args.warmup, device, args.compile),
+                                  catch_all=True)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            common.free_cache(device)
+            if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+                common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
+            config = fla_config(spec.name, args.d_model, args.layers, args.heads, args.vocab) if args.compare else None
+            if config is not None:
+                row = {"model": spec.name, "impl": "fla", "B": batch, "T": seq,
+                       **common.guard(lambda: measure_fla(config, batch, seq, args.steps, args.warmup, device), catch_all=True)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                common.free_cache(device)
+                if args.json:
+                    common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
+    print("\n" + table(rows))
     if args.json:
         common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
     return 0
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (shape, model): lcsm's numbers, fla's, and the ratios fla/lcsm tokens/s and lcsm/fla memory."""
+    out = []
+    for r in (r for r in rows if r["impl"] == "lcsm"):
+        same = [x for x in rows if x["B"] == r["B"] and x["T"] == r["T"]]
+        fla = next((x for x in same if x["model"] == r["model"] and x["impl"] == "fla" and "tokens_per_s" in x), None)
+        base = next((x for x in same if x["model"] == "transformer" and x["impl"] == "lcsm" and "tokens_per_s" in x), None)
+        if "tokens_per_s" not in r:
+            out.append([f"{r['B']}×{r['T']}", r["model"], "—", r.get("error", "—"), "—", "—", "—", "—", "—", "—"])
+            continue
+        out.append([
+            f"{r['B']}×{r['T']}", r["model"], f"{r['params_M']:.1f}", f"{r['tokens_per_s']:,.0f}", common.cell(r.get("peak_GiB"), ".1f"),
+            "—" if fla is None else f"{fla['tokens_per_s']:,.0f}", "—" if fla is None else common.cell(fla.get("peak_GiB"), ".1f"),
+            _ratio(r, fla, "tokens_per_s"), _ratio(r, fla, "peak_GiB"), _ratio(r, base, "tokens_per_s"),
+        ])
+    return common.markdown_table(["B×T", "model", "params (M)", "lcsm tok/s", "lcsm GiB", "fla tok/s", "fla GiB",
+                                  "lcsm/fla tok/s", "lcsm/fla memory", "× lcsm transformer"], out)
 
 
 def main(argv=None) -> int:

@@ -175,8 +175,29 @@ def cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
+def _show_target(target: str) -> ModelSpec:
+    """The spec of `lcsm show TARGET`: a zoo name or spec YAML, a recipe (a run's config.yaml) or a run directory."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").exists():
+            raise UsageError(f"{target}: a directory without config.yaml; give a spec, a recipe or a run directory")
+        path = path / "config.yaml"
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            data = None  # load_model_spec reports it with the line
+        if isinstance(data, dict) and "model" in data and "task" in data:  # a recipe: its model
+            from lcsm.config.recipe import load_recipe
+
+            return load_recipe(path).model
+    return load_model_spec(target)
+
+
 def cmd_show(args) -> int:
-    spec = load_model_spec(args.spec)
+    spec = _show_target(args.spec)
     model = build_meta(spec)
     rows = model.summary(context=args.context)
     out.print(f"[bold]{escape(spec.name or args.spec)}[/bold]: {escape(spec.description or '')}".rstrip(": "))
@@ -185,27 +206,63 @@ def cmd_show(args) -> int:
     if isinstance(spec.mixer, EOSMixer):
         H, K, V = spec.mixer.dims(spec.d_model, spec.n_heads)
         out.print(f"  {'heads':<12} H={H}  K={K}  V={V}")
+    if spec.mixer.head_routing is not None:
+        out.print(f"  {'head groups':<12} {escape(spec.mixer.head_routing.describe())} (attention experts)")
     for name, mixer in spec.mixers.items():
         text = describe_stages(spec.model_copy(update={"mixer": mixer}))
+        if mixer.head_routing is not None:
+            text["head groups"] = mixer.head_routing.describe()
         out.print(f"  {name:<12} " + escape(" · ".join(f"{k} {v}" for k, v in text.items())))
     if spec.pattern:
         out.print(f"  {'pattern':<12} {' '.join(spec.pattern)} (× {spec.n_layers // len(spec.pattern)})")
     channel = spec.channel_mixer.describe()
     if channel:
         out.print(f"  {'channel':<12} {escape(channel)}")
+    routed = any(r.active_parameters != r.parameters for r in rows)
     table = Table(title_justify="left")
-    for col in ("layer", "mixer", "parameters", "state size", "FLOPs/token"):
+    cols = ("layer", "mixer", "parameters", *(("active/token",) if routed else ()), "state size", "FLOPs/token")
+    for col in cols:
         table.add_column(col, justify="right" if col != "mixer" else "left")
     for r in rows:
         state = f"{_si(r.state_size)} per token" if r.state_grows else _si(r.state_size)
-        table.add_row(str(r.index), r.mixer, _si(r.parameters), state, _si(r.flops_per_token))
+        active = (_si(r.active_parameters),) if routed else ()
+        table.add_row(str(r.index), r.mixer, _si(r.parameters), *active, state, _si(r.flops_per_token))
     out.print(table)
     embed = spec.vocab_size * spec.d_model * (1 if spec.tie_embeddings else 2)
+    total, active = model.num_parameters(), model.active_parameters()
     out.print(
-        f"total {_si(model.num_parameters())} parameters ({_si(embed)} in embeddings"
-        f"{', tied' if spec.tie_embeddings else ''}); state sizes count numbers per sequence"
+        f"total {_si(total)} parameters ({_si(embed)} in embeddings"
+        f"{', tied' if spec.tie_embeddings else ''})"
+        + (f", {_si(active)} active per token ({100 * active / total:.0f}%: the routed experts and head groups a token "
+           "is not sent to are left out)" if routed else "")
+        + "; state sizes count numbers per sequence"
         + (f"; attention FLOPs at context {args.context}" if any(r.state_grows for r in rows) else "")
     )
+    return 0
+
+
+def cmd_upcycle(args) -> int:
+    from lcsm.run.upcycle import upcycle
+
+    result = upcycle(
+        args.run, args.out, experts=args.experts, top_k=args.top_k, split=args.split, shared=args.shared,
+        scale=args.scale, router=args.router, importance=args.importance, batches=args.batches,
+        attention_experts=args.attention_experts, attention_top_k=args.attention_top_k,
+        attention_scale=args.attention_scale, aux_loss_weight=args.aux_loss_weight, seed=args.seed,
+        overwrite=args.overwrite, device=args.device, log=lambda s: out.print(escape(s)),
+    )
+    r, p = result.record, result.record["parameters"]
+    new = escape(str(result.run_dir))
+    out.print(
+        f"upcycled {escape(r['source'])} (step {r['source_step']}, a GLU of {r['dense_hidden']} neurons per layer) -> {new}: "
+        f"{r['experts']} experts of {r['expert_hidden']} neurons, top-{r['top_k']}"
+        + (f", a shared expert of {r['shared']}" if r["shared"] else "")
+        + f", scale {r['scale']:g}, split {r['split']}" + (f" ({r['importance']}, {r['batches']} batches)" if r["importance"] else "")
+        + f", router {r['router']}"
+        + (f"; head groups {r['attention']['groups']}, top-{r['attention']['top_k']}" if r["attention"] else "")
+    )
+    out.print(f"parameters: {_si(p['total'])} total, {_si(p['active'])} active per token (dense: {_si(p['dense'])})")
+    out.print(f"next: lcsm eval {new} · lcsm show {new} · lcsm train {new}/config.yaml --init-from {new} [--set steps=N]")
     return 0
 
 
@@ -258,7 +315,8 @@ def cmd_train(args) -> int:
         return _launch(args, recipe)
     try:
         # retune: a resume may lower the learning rate (what the non-finite-loss message suggests)
-        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, retune=True, console=out)
+        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, retune=True, console=out,
+                       init_from=args.init_from)
     except TrainingError as e:
         message = str(e)
         if e.resume_with:
@@ -328,6 +386,7 @@ def _launch(args, recipe) -> int:
     cmd += [args.recipe] if args.recipe else []
     cmd += [a for x in sets for a in ("--set", x)]
     cmd += ["--resume", "auto"] if args.resume else []
+    cmd += ["--init-from", args.init_from] if args.init_from else []
     cmd += ["--overwrite"] if args.overwrite else []
     out.print(f"launching: {escape(shlex.join(cmd))}")
     from lcsm.parallel.grid import run_torchrun
@@ -347,7 +406,11 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
     output = _output_file(args.output, "-o", (".json",)) if args.output else None
     device = resolve_device(args.device)
+    if args.lm_eval is None and (args.limit is not None or args.lm_eval_include):
+        raise UsageError("--limit and --lm-eval-include go with --lm-eval TASKS")
     recipe, model, run_dir, step = load_run(args.run, device, log=lambda text: err.print(escape(text)))
+    if args.lm_eval is not None:
+        return _lm_eval(args, recipe, model, run_dir, step, device, resolve_precision(args.precision, device), output)
     vocab = recipe.model.vocab_size
     if args.task or args.set:
         data = recipe.resolved()
@@ -394,6 +457,57 @@ def _eval_path(run_dir: Path, task: str | None) -> Path:
         if target.exists() and rel not in mine:
             raise UsageError(f"{target} was not written by lcsm; lcsm eval does not write over it: give -o FILE.json")
     return path
+
+
+def _lm_eval(args, recipe, model, run_dir: Path, step: int, device, precision: str, output: Path | None) -> int:
+    """lcsm eval RUN --lm-eval TASKS: lm-evaluation-harness on the run, into RUN/eval/lm_eval.json (or -o
+    FILE) in the eval schema (lcsm/run/evaluate.py), beside the training's eval.json as every lcsm eval report."""
+    from lcsm.run.evaluate import write_eval
+
+    if args.task or args.set:
+        raise UsageError("--lm-eval runs lm-eval's tasks; --task and --set are for lcsm's own")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
+    try:
+        from lcsm.run import harness
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--lm-eval: give task names, e.g. --lm-eval lambada_openai,piqa")
+    for folder in args.lm_eval_include or []:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--lm-eval-include {folder}: no such folder")
+    tok = _run_tokenizer(recipe, run_dir)
+    if tok is None:
+        raise UsageError(f"{run_dir} is a {recipe.task.kind} run: lm-eval needs a run with text (a text or corpus task)")
+    path = output or _eval_path(run_dir, "lm_eval")  # (checked before the evaluation runs)
+    try:
+        report = harness.run_lm_eval(model, tok, tasks, limit=args.limit, include=args.lm_eval_include, device=device,
+                                     batch_size=args.batch_size or 16, precision=precision)
+    except harness.HarnessError as e:
+        raise UsageError(str(e)) from None
+    section, results = harness.as_eval(report, args.lm_eval_include)
+    try:
+        if output is None:
+            from lcsm.run import files
+
+            files.claim(run_dir, "eval", f"eval/{path.name}")
+            path.parent.mkdir(exist_ok=True)
+        write_eval(path, step, results, section, "lcsm eval --lm-eval", run=str(run_dir))
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
+    table = Table(title=f"{escape(str(run_dir))} at step {step}: lm-eval" + (f" (limit {args.limit})" if args.limit else ""),
+                  title_justify="left")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for task, metrics in report["results"].items():
+        for name, value in metrics.items():
+            if "stderr" not in name:
+                table.add_row(escape(task), escape(name.replace(",none", "")), f"{value:.4f}")
+    out.print(table)
+    out.print(f"wrote {escape(str(path))}")
+    return 0
 
 
 def _run_tokenizer(recipe, run_dir: Path):
@@ -473,6 +587,87 @@ def cmd_generate(args) -> int:
     if tok is not None and not args.ids:
         print(tok.decode(new)[len(shown):], end="")
     print(flush=True)
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from lcsm.tasks import TaskError
+    from lcsm.tasks.prepare import prepare
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=args.quiet)
+    try:
+        with progress:
+            manifest = prepare(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction, text_key=args.text_key,
+                               eos=args.eos, shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=progress,
+                               log=progress.console.print)
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    _corpus_table(manifest, args.out)
+    out.print(f"wrote {escape(str(args.out))}  (train on it with task: {{kind: corpus, path: {escape(str(args.out))}}})")
+    return 0
+
+
+def _corpus_table(manifest: dict, path) -> None:
+    tok = manifest["tokenizer"]
+    table = Table(title=f"{escape(str(path))}: {tok['spec']} tokenizer, vocabulary {tok['model_vocab_size']} "
+                  f"(EOS {tok['eos_id']}{' ' + escape(repr(tok['eos_token'])) if tok.get('eos_token') else ', appended'}), {manifest['dtype']}",
+                  title_justify="left")
+    for col in ("split", "documents", "tokens", "shards"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, split in manifest["splits"].items():
+        table.add_row(name, f"{split['documents']:,}", f"{split['tokens']:,}", str(len(split["shards"])))
+    out.print(table)
+    if manifest.get("skipped"):
+        out.print(f"skipped {len(manifest['skipped'])} file(s) that are not UTF-8 text, e.g. {escape(manifest['skipped'][0])}")
+
+
+def cmd_data_info(args) -> int:
+    from lcsm.tasks import TaskError
+    from lcsm.tasks.corpus import open_split, read_manifest
+
+    try:
+        manifest = read_manifest(Path(args.path))
+        for name in manifest["splits"]:
+            if manifest["splits"][name]["shards"]:
+                open_split(Path(args.path), manifest, name, "checksum" if args.verify else "size")
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    _corpus_table(manifest, args.path)
+    out.print("every shard matches its sha256" if args.verify else "every shard has the size of its counts (--verify: checksums)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.hf is None and args.out is None:
+        raise UsageError("give what to write: --hf DIR (a transformers model folder) and/or --out FILE.safetensors (the weights)")
+    if args.out is not None:
+        from lcsm.run.checkpoint import save_weights
+        from lcsm.run.evaluate import load_run
+
+        target = _output_file(args.out, "--out", (".safetensors",))
+        if target.exists() and not args.overwrite:
+            raise UsageError(f"--out {target}: exists; pass --overwrite to replace it")
+        _, model, _, step = load_run(args.run, log=lambda text: err.print(escape(text)))
+        try:
+            save_weights(model, target, step)
+        except OSError as e:
+            raise UsageError(f"--out {target}: cannot write ({e.strerror})") from None
+        out.print(f"wrote {escape(str(target))} (step {step})")
+    if args.hf is not None:
+        try:
+            import lcsm.hf as hf
+        except ImportError as e:
+            raise UsageError(f"--hf: {e}") from None
+        try:
+            folder = hf.export(args.run, args.hf, overwrite=args.overwrite)
+        except hf.ExportError as e:
+            raise UsageError(str(e)) from None
+        files = ", ".join(sorted(p.name for p in folder.iterdir()))
+        out.print(f"wrote {escape(str(folder))}: {escape(files)}")
+        out.print(f"load it with: import lcsm; transformers.AutoModelForCausalLM.from_pretrained({escape(repr(str(folder)))})")
     return 0
 
 
@@ -596,8 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", metavar="FILE", help="a spec, training recipe or ablation recipe (YAML), or a shipped name")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("show", help="per-layer stages, parameters, state size and FLOPs of a spec")
-    p.add_argument("spec", metavar="SPEC", help="YAML file or zoo name")
+    p = sub.add_parser("show", help="per-layer stages, parameters (active per token), state size and FLOPs of a spec")
+    p.add_argument("spec", metavar="SPEC", help="zoo name, spec YAML, a recipe (e.g. a run's config.yaml) or a run directory")
     p.add_argument("--context", type=int, default=2048, help="context length for attention FLOPs (default 2048)")
     p.set_defaults(func=cmd_show)
 
@@ -613,7 +808,40 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     p.add_argument("--nproc", type=int, metavar="N", help="run under torchrun with N processes (GPUs) on this machine; "
                    "the recipe's parallel: {sequence: S, data: D} splits them (default: data = N)")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="start a new run from these weights (a run directory: "
+                   "its newest verified checkpoint, or its init checkpoint; a checkpoint/step-N/ or checkpoint/init/ folder; or a "
+                   "model.safetensors) with a fresh optimizer, e.g. an lcsm upcycle output")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense run into a mixture-of-experts run (LLaMA-MoE-v2): its GLU neurons split into experts",
+        description="Split every layer's dense GLU into E experts (and an optional shared expert) with a top-k router, "
+        "optionally group the heads of every mixer into attention experts, and write an ordinary run directory "
+        "(config.yaml, an init checkpoint in checkpoint/init/, upcycle.json) to post-train with lcsm train OUT/config.yaml --init-from OUT. "
+        "See docs/upcycling.md.",
+    )
+    p.add_argument("run", metavar="RUN", help="the dense run directory (its newest verified checkpoint), or one checkpoint/step-N/ folder")
+    p.add_argument("--experts", type=int, required=True, metavar="E", help="routed experts per layer; must divide the GLU's neurons (less --shared)")
+    p.add_argument("--top-k", type=int, required=True, metavar="K", help="experts per token, 1..E")
+    p.add_argument("--out", required=True, metavar="NEW_RUN", help="the new run directory")
+    p.add_argument("--split", default="clustering", metavar="HOW",
+                   help="how the neurons are partitioned: random, clustering (balanced k-means of the gate vectors; default), "
+                   "importance (LLaMA-MoE-v2: token clusters of the run's data and each neuron's importance to them)")
+    p.add_argument("--importance", default="gradient", metavar="MEASURE",
+                   help="--split importance: gradient (|a·∂L/∂a|, default) or activation (|a|)")
+    p.add_argument("--batches", type=int, default=8, metavar="N", help="--split importance: training batches to measure on (default 8)")
+    p.add_argument("--shared", type=int, default=0, metavar="N", help="neurons kept in an always-on shared expert (default 0)")
+    p.add_argument("--scale", type=float, metavar="S", help="multiplies the routed experts' weighted sum (default E: exact at top-k = E)")
+    p.add_argument("--router", default="centroid", metavar="INIT", help="router init: centroid (default), zero (uniform), random")
+    p.add_argument("--attention-experts", type=int, metavar="G", help="also group every mixer's heads into G attention experts")
+    p.add_argument("--attention-top-k", type=int, metavar="K", help="head groups per token, 1..G (with --attention-experts)")
+    p.add_argument("--attention-scale", type=float, metavar="S", help="multiplies the head groups' weights (default G)")
+    p.add_argument("--aux-loss-weight", type=float, metavar="W", help="the routers' balancing-loss weight (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="the random split, k-means seeding and random router init (default 0)")
+    p.add_argument("--device", default="auto", help="where --split importance runs the model: auto, cpu, cuda, ... (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace lcsm's files in an existing NEW_RUN")
+    p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder, one checkpoint/step-N/ folder or a model.safetensors")
@@ -622,7 +850,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the recipe's eval batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("-o", "--output", help="JSON file (default RUN/eval/test.json, or RUN/eval/TASK.json with --task)")
+    p.add_argument("-o", "--output", help="JSON file (default RUN/eval/test.json, RUN/eval/TASK.json with --task, "
+                   "RUN/eval/lm_eval.json with --lm-eval)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks instead, comma-separated (e.g. "
+                   "lambada_openai,piqa,hellaswag,arc_easy); results go to RUN/eval/lm_eval.json, beside eval.json")
+    p.add_argument("--limit", type=int, metavar="N", help="with --lm-eval: at most N examples per task")
+    p.add_argument("--lm-eval-include", action="append", metavar="DIR", help="with --lm-eval: a folder of task YAMLs (local tasks)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
@@ -643,6 +876,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each step's kernels instead of replaying a captured graph")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("data", help="corpora: tokenise text, JSONL and Parquet into memory-mapped shards (kind: corpus)")
+    data = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    d = data.add_parser("prepare", help="tokenise sources into a corpus directory: shards, document index, manifest")
+    d.add_argument("sources", nargs="+", metavar="SOURCE", help="text files, folders (recursively), .jsonl and .parquet files")
+    d.add_argument("--tokenizer", default="bytes", help="bytes (default), bpe:PATH (an lcsm BPE tokenizer.json), bpe:N (train N "
+                   "tokens on the sources) or hf:PATH (a Hugging Face tokenizer.json, or a folder holding one)")
+    d.add_argument("--out", required=True, metavar="DIR", help="the corpus directory to write")
+    d.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation (default 0.01)")
+    d.add_argument("--text-key", default="text", help="the field of a JSONL record / Parquet column with the text (default text)")
+    d.add_argument("--eos", metavar="TOKEN", help="the document separator among the tokenizer's tokens (default: its EOS, else one id appended)")
+    d.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard before the next one starts (default 2^27)")
+    d.add_argument("--overwrite", action="store_true", help="replace a corpus already in DIR")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_data_prepare)
+    d = data.add_parser("info", help="a corpus's counts and tokenizer; --verify checks every shard's sha256")
+    d.add_argument("path", metavar="DIR")
+    d.add_argument("--verify", action="store_true", help="read every shard and compare its sha256 with the manifest")
+    d.set_defaults(func=cmd_data_info)
+
+    p = sub.add_parser("export", help="write a run for other tools: a Hugging Face transformers folder (--hf) or the weights (--out)")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder, one checkpoint/step-N/ folder or a model.safetensors")
+    p.add_argument("--hf", metavar="DIR", help="config.json, model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(DIR)")
+    p.add_argument("--out", metavar="FILE.safetensors", help="the model's weights as one safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace what is there")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")

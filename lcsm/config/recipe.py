@@ -55,6 +55,13 @@ Backend = Literal["auto", "triton", "torch", "reference"]  # lcsm.kernels.BACKEN
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
+class Checkpointing(Base):
+    """Activation checkpointing: a block keeps only its input for the backward and is recomputed
+    there — less memory for long sequences, about one more forward of compute."""
+
+    every: int = Field(1, ge=1, description="checkpoint every N-th block (1: all of them)")
+
+
 class Parallel(Base):
     """The process grid: world size = sequence × data (docs/parallel.md)."""
 
@@ -80,6 +87,8 @@ class Recipe(Base):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept, the newest; an older one is removed only "
                                   "once a newer one is written and verified")
     log_every: int = Field(10, ge=1, description="steps between lines of metrics.jsonl")
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"], description="metric sinks besides metrics.jsonl (always written): tensorboard, wandb")
     early_stop: float | None = Field(None, gt=0, le=1, description="stop once the eval accuracy reaches this")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
     backend: Backend = Field("auto", description="recurrence backend of the EOS layers: auto (triton on CUDA, torch "
@@ -89,6 +98,8 @@ class Recipe(Base):
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     out_dir: str | None = Field(None, description="the run directory; default runs/<name>")
     parallel: Parallel = Field(default_factory=Parallel, description="sequence × data parallel grid (launch with torchrun or --nproc)")
+    compile: bool = Field(False, description="torch.compile each block (the recurrence is one custom op); first steps compile")
+    checkpointing: Checkpointing | None = Field(None, description="activation checkpointing of blocks, e.g. {every: 1}")
 
     @field_validator("device")
     @classmethod
@@ -117,6 +128,9 @@ class Recipe(Base):
         if self.parallel.sequence > 1 and any(getattr(m, "routing", None) is not None for m in mixers):
             raise FieldError(("parallel", "sequence"), "Mixture-of-Memories (routing) layers do not run under sequence "
                              "parallelism yet; use sequence: 1 (data parallelism works)")
+        if self.parallel.sequence > 1 and getattr(self.task, "packing", None) == "documents":
+            raise FieldError(("parallel", "sequence"), "packed documents (task.packing: documents) do not run under sequence "
+                             "parallelism; use sequence: 1 or task.packing: windows")
         vocab = self.task.model_vocab_size
         if self.model.vocab_size != vocab:
             # the task owns the vocabulary: a spec's own vocab_size (zoo specs say 8192) is replaced
@@ -259,6 +273,8 @@ def load_recipe(recipe: str | Path | dict | None = None, overrides: list[str] = 
         corpus = data["task"].get("corpus", "pydoc")
         if isinstance(corpus, str) and corpus != "pydoc":
             data["task"]["corpus"] = str(find_file(corpus, base).resolve())
+    if isinstance(data.get("task"), dict) and data["task"].get("kind") == "corpus" and isinstance(data["task"].get("path"), str):
+        data["task"]["path"] = str(find_file(data["task"]["path"], base).resolve())
     if name and not data.get("name"):
         data["name"] = name
     try:

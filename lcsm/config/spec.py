@@ -49,8 +49,12 @@ class KeyStage(Base):
     tie: Literal["none", "one_minus_oscillation"] = Field(
         "none", description="expand only: e = 1 - o (HGRN2); the stage then has no source of its own"
     )
+    norm: Literal["none", "l2"] = Field(
+        "none", description="l2: each head's vector divided by its L2 norm, after the feature map and before the "
+        "scale (the delta rule's keys and queries)",
+    )
 
-    @field_validator("feature_map", "conv")
+    @field_validator("feature_map", "conv", "norm")
     @classmethod
     def _needs_a_tensor(cls, v, info: ValidationInfo):
         if info.data.get("source") == "fixed" and v not in (None, "identity"):
@@ -61,7 +65,7 @@ class KeyStage(Base):
     @classmethod
     def _tie_replaces_source(cls, v, info: ValidationInfo):
         if v != "none":
-            for field in ("source", "feature_map", "conv", "scale"):
+            for field in ("source", "feature_map", "conv", "scale", "norm"):
                 if field in info.data and info.data[field] not in (None, "identity", "none"):
                     raise ValueError(f"tie '{v}' replaces the stage's projection; remove '{field}'")
         return v
@@ -81,6 +85,7 @@ class OscillationKind(Base):
     decay_along_k: ClassVar[bool] = False  # a decay along K (or per head) for the tie e = 1 - o
     delta_along: ClassVar[bool] = False  # exp_softplus gives a Δ along heads or V for input.scale_by: dt
     rotates: ClassVar[bool] = False  # a rotation of expand and shrink (K/2 projected features)
+    transition: ClassVar[bool] = False  # a K×K delta transition whose removal key is the expand key
 
     def describe(self) -> str:
         """One short line for tables (lcsm show, lcsm zoo)."""
@@ -224,23 +229,60 @@ class CumSoftmaxOscillation(OscillationKind):
         return f"cumsoftmax along {self.along}"
 
 
-class MatrixOscillation(Base):
-    """A K×K matrix oscillation (DeltaNet-style I - β k kᵀ); rejected until a kernel exists."""
+class Beta(Base):
+    """The delta rule's write strength β_t per head: the transition is I − β k̂ k̂ᵀ."""
 
-    kind: Literal["matrix", "delta"]
+    source: Literal["data", "param", "fixed"] = Field("data", description="data: a projection of x; param: "
+                                                      "learned per head; fixed: `value` everywhere")
+    map: Literal["sigmoid", "sigmoid2"] = Field(
+        "sigmoid", description="sigmoid: β ∈ (0, 1); sigmoid2: 2σ ∈ (0, 2), negative eigenvalues allowed")
+    value: float = Field(1.0, gt=0, le=2, description="fixed: the constant β")
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v, info: ValidationInfo):
+        set_only_with(info, "source", ("fixed",), "value")
+        return v
+
+
+DeltaDecay = Annotated[Union["OnesOscillation", "ScalarOscillation", "VectorKOscillation"], Field(discriminator="kind")]
+
+
+class DeltaOscillation(OscillationKind):
+    """The delta rule: a K×K transition m_t = (I − w_t e_tᵀ)(D_t ⊙ m_{t−1}) + e_t i_tᵀ with the
+    removal key w_t the (L2-normalised) expand key k̂_t, e_t = β_t k̂_t, and D_t the element-wise decay
+    of `decay` (ones: DeltaNet; scalar: Gated DeltaNet; vector_k: Kimi Delta Attention)."""
+
+    kind: Literal["delta"]
+    decay: DeltaDecay = Field(default_factory=lambda: OnesOscillation(kind="ones"),
+                              description="the element-wise part: ones, scalar or vector_k (any of their sources)")
+    beta: Beta = Field(default_factory=Beta)
+    routable: ClassVar[bool] = True
+    transition: ClassVar[bool] = True
+
+    def describe(self) -> str:
+        beta = f"β {self.beta.source}" + (f" {self.beta.map}" if self.beta.source != "fixed" else f" = {self.beta.value:g}")
+        return f"delta, decay {self.decay.describe()}, {beta}"
+
+
+class MatrixOscillation(Base):
+    """Other K×K matrix oscillations: rejected, there is no kernel for them."""
+
+    kind: Literal["matrix"]
 
     @model_validator(mode="before")
     @classmethod
     def _not_supported(cls, data):
         raise ValueError(
-            "K×K matrix oscillations (DeltaNet-style I - β k kᵀ) are not supported yet: the lcsm kernel "
-            "is element-wise; use one of ones, scalar, vector_k, vector_v, outer, full, rotation, cumsoftmax"
+            "general K×K matrix oscillations are not supported: the kernel runs element-wise decays and the "
+            "delta rule (kind: delta, a rank-one transition I − β k̂ k̂ᵀ); use one of ones, scalar, vector_k, "
+            "vector_v, outer, full, rotation, cumsoftmax, delta"
         )
 
 
 OSCILLATION_KINDS = (
     OnesOscillation, ScalarOscillation, VectorKOscillation, VectorVOscillation, OuterOscillation,
-    FullOscillation, RotationOscillation, CumSoftmaxOscillation,
+    FullOscillation, RotationOscillation, CumSoftmaxOscillation, DeltaOscillation,
 )
 
 
@@ -259,6 +301,7 @@ Oscillation = Annotated[
         FullOscillation,
         RotationOscillation,
         CumSoftmaxOscillation,
+        DeltaOscillation,
         MatrixOscillation,
     ],
     Field(discriminator="kind"),
@@ -333,6 +376,41 @@ class Routing(Base):
         return v
 
 
+# --------------------------------------------------------------------------- head routing (attention experts)
+
+
+class HeadRouting(Base):
+    """Attention experts (LLaMA-MoE-v2): the mixer's heads in `groups` contiguous groups, a router
+    choosing top_k groups per token; the outputs of the other groups are zeroed before the output
+    projection. An EOS mixer still updates every head's memory (decoding stays exact). See
+    docs/upcycling.md."""
+
+    groups: int = Field(description="G, the head groups (attention experts); must divide the mixer's heads")
+    top_k: int = Field(description="groups each token uses (1..groups)")
+    scale: float = Field(1.0, gt=0, description="multiplies the routed weights (lcsm upcycle sets G: exact at top_k = G)")
+    aux_loss_weight: float = Field(0.01, ge=0, description="weight of the Switch load-balancing loss (one per layer)")
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v):
+        if v < 2:
+            raise ValueError(f"groups must be at least 2 (got {v}); one group routes nothing")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v, info: ValidationInfo):
+        if v < 1:
+            raise ValueError(f"top_k must be at least 1 (got {v})")
+        groups = info.data.get("groups")
+        if groups is not None and v > groups:
+            raise ValueError(f"top_k = {v} must be at most groups = {groups} (a token picks top_k of the groups)")
+        return v
+
+    def describe(self) -> str:
+        return f"{self.groups} groups, top-{self.top_k}, scale {self.scale:g}, aux {self.aux_loss_weight:g}"
+
+
 # --------------------------------------------------------------------------- mixers
 
 
@@ -352,6 +430,7 @@ class EOSMixer(Base):
     output: OutputStage = OutputStage()
     bias: bool = Field(False, description="biases on the projections")
     routing: Routing | None = Field(None, description="Mixture-of-Memories: route tokens to several memories")
+    head_routing: HeadRouting | None = Field(None, description="attention experts: route tokens to groups of heads")
 
     @field_validator("expand_k", "expand_v")
     @classmethod
@@ -383,6 +462,9 @@ class EOSMixer(Base):
                     f"'dt' needs an oscillation with parametrization exp_softplus and kind {', '.join(kinds_where('delta_along'))} "
                     "(its Δ must run along heads or V)",
                 )
+        if osc.transition and self.expand.norm != "l2":
+            # unnormalised keys make the chunked triangular solve blow up (and the transition expansive)
+            raise FieldError(("expand", "norm"), "a delta oscillation needs L2-normalised keys: set expand.norm: l2")
         if osc.rotates:
             for name in ("expand", "shrink"):
                 if getattr(self, name).resolved_source != "data" or getattr(self, name).tie != "none":
@@ -420,8 +502,12 @@ def _check_routing(mixer: "EOSMixer") -> None:
             raise FieldError(("routing", "per_memory"), "a fixed oscillation is the same for every memory; remove 'oscillation' from per_memory")
         if getattr(osc, "lower_bound", 0.0) == "layerwise":
             raise FieldError(("routing", "per_memory"), "lower_bound: layerwise is learned per head, not per memory; remove 'oscillation' from per_memory")
-    if "oscillation" in routing.per_memory and not hasattr(osc, "source"):
+    if "oscillation" in routing.per_memory and not (hasattr(osc, "source") or osc.transition):
         raise FieldError(("routing", "per_memory"), f"oscillation kind {osc.kind} has no parameters to give each memory; remove 'oscillation'")
+    if osc.transition and ("expand" in routing.per_memory) != ("oscillation" in routing.per_memory):
+        # the removal key is the expand key and β the oscillation's: one layout for both
+        raise FieldError(("routing", "per_memory"), "with a delta oscillation, expand and oscillation are either both per "
+                         "memory or both shared (the removal key is the expand key, scaled by the oscillation's β)")
 
 
 def _per_head(total: float, heads: int, field: str) -> int:
@@ -438,6 +524,7 @@ class AttentionMixer(Base):
     position: Literal["rope", "none"] = "rope"
     rope_base: float = Field(10000.0, gt=1.0)
     bias: bool = False
+    head_routing: HeadRouting | None = Field(None, description="attention experts: route tokens to groups of heads")
 
 
 Mixer = Annotated[Union[EOSMixer, AttentionMixer], Field(discriminator="kind")]
@@ -478,10 +565,28 @@ class MoEChannelMixer(ChannelMixerKind):
     shared_expert: bool = Field(False, description="an always-on GLU expert added to the routed ones")
     aux_loss_weight: float = Field(0.01, ge=0, description="weight α of α·E·Σ f_e P_e")
     capacity_factor: float | None = Field(None, gt=0, description="none: dropless; else drop tokens past ceil(factor·N·k/E) per expert")
+    hidden_size: int | None = Field(None, ge=1, description="each expert's hidden size, exactly (instead of hidden_ratio; "
+                                    "lcsm upcycle writes it: a dense GLU's neurons split E ways)")
+    shared_hidden_size: int | None = Field(None, ge=1, description="the shared expert's hidden size (default: an expert's)")
+    output_scale: float = Field(1.0, gt=0, description="multiplies the routed experts' weighted sum, not the shared "
+                                "expert (LLaMA-MoE's scale_factor; lcsm upcycle sets E)")
 
     def describe(self) -> str:
-        return (f"moe: {self.experts} experts, top-{self.top_k}" + (", shared expert" if self.shared_expert else "")
+        size = f" of {self.hidden_size}" if self.hidden_size else ""
+        shared = ""
+        if self.shared_expert:
+            shared = ", shared expert" + (f" of {self.shared_hidden_size}" if self.shared_hidden_size else "")
+        return (f"moe: {self.experts} experts{size}, top-{self.top_k}" + shared
+                + (f", scale {self.output_scale:g}" if self.output_scale != 1.0 else "")
                 + (f", capacity ×{self.capacity_factor:g}" if self.capacity_factor else ", dropless"))
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.hidden_size is not None and "hidden_ratio" in self.model_fields_set:
+            raise FieldError("hidden_size", "give either hidden_size or hidden_ratio, not both")
+        if self.shared_hidden_size is not None and not self.shared_expert:
+            raise FieldError("shared_hidden_size", "needs shared_expert: true")
+        return self
 
     @field_validator("top_k")
     @classmethod
@@ -568,6 +673,9 @@ class ModelSpec(Base):
 
     def _check_mixer(self, mixer, where: tuple):
         heads = mixer.heads or self.n_heads
+        if mixer.head_routing is not None and heads % mixer.head_routing.groups:
+            raise FieldError(where + ("head_routing", "groups"),
+                             f"groups = {mixer.head_routing.groups} must divide the mixer's heads = {heads}")
         if isinstance(mixer, AttentionMixer):
             if self.d_model % heads:
                 at = where + ("heads",) if mixer.heads else ("n_heads",)

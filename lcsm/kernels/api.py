@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .decay import Decay
 from .reference import eos_reference
 from .torch.chunked import eos_chunked
+from .torch.delta import eos_delta
 from .torch.scan import eos_scan
 from .torch.step import eos_step_torch
 
@@ -80,25 +81,29 @@ def eos_recurrence(
     gv: torch.Tensor | None = None,
     dt: torch.Tensor | None = None,
     A: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run m_t = o_t ⊙ m_{t-1} + e_t i_tᵀ, y_t = m_tᵀ s_t over [B,T,H,·] tensors.
+    """Run m_t = o_t ⊙ m_{t-1} + e_t i_tᵀ, y_t = m_tᵀ s_t over [B,T,H,·] tensors; with a removal
+    key w (the delta rule) m_t = (I - w_t e_tᵀ)(o_t ⊙ m_{t-1}) + e_t i_tᵀ.
 
     Args (canonical tensors, see lcsm/kernels/decay.py): s, e [B,T,H,K]; i [B,T,H,V]; the log
     decays g, gk, gv, dt, A (all <= 0, any combination; none means o = 1; -inf is a hard reset);
-    h0 [N,H,K,V]; cu_seqlens [N+1] for N packed sequences in a batch of one.
-    backend: "triton" (chunked kernels for separable decays, scan kernels for dt/A; on the CPU only
-    under TRITON_INTERPRET=1), "torch" (chunked for separable decays, sequential for dt/A),
-    "reference" (the loop, computed in fp64 and cast back), "auto" (triton on CUDA, else torch).
-    chunk_size applies to the torch backend (the Triton kernels use chunks of 64).
+    w [B,T,H,K] the removal key of the delta rule (with g and/or gk only); h0 [N,H,K,V];
+    cu_seqlens [N+1] for N packed sequences in a batch of one.
+    backend: "triton" (chunked kernels for separable decays and the delta rule, scan kernels for
+    dt/A; on the CPU only under TRITON_INTERPRET=1), "torch" (chunked for separable decays and the
+    delta rule, sequential for dt/A), "reference" (the loop, computed in fp64 and cast back),
+    "auto" (triton on CUDA, else torch). chunk_size applies to the torch backend (the Triton
+    kernels use chunks of 64).
     Returns y [B,T,H,V] in the dtype of s, and ht [N,H,K,V] (fp32, fp64 for fp64 inputs) if
     output_final_state else None.
     """
-    decay = Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A)
+    decay = Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w)
     return recurrence(s, e, i, decay, h0=h0, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                       chunk_size=chunk_size, backend=backend)
 
@@ -114,19 +119,31 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
         if chunk_size not in (None, 64):
             raise ValueError(f"eos_recurrence: the triton backend uses chunks of 64 (got chunk_size={chunk_size})")
         from .triton.autograd import chunk_eos, scan_eos  # imported late: triton is only needed here
+        from .triton.delta_autograd import delta_eos
 
         # the kernels' matrix products need one dtype: under autocast a parameter-only stage or a
-        # power stays fp32 beside bf16 activations, so promote to the widest of s, e, i
+        # power stays fp32 beside bf16 activations, so promote to the widest of s, e, i (and w)
         out_dtype = s.dtype
         common = torch.promote_types(torch.promote_types(s.dtype, e.dtype), i.dtype)
+        if decay.delta:
+            common = torch.promote_types(common, decay.w.dtype)
+            decay = replace(decay, w=decay.w.to(common))
         s, e, i = s.to(common), e.to(common), i.to(common)
-        run = chunk_eos if decay.separable else scan_eos
-        y, ht = run(s, e, i, decay, h0, output_final_state, cu_seqlens)
+        if torch.compiler.is_compiling():  # one opaque op for the compiler (lcsm/kernels/ops.py)
+            y, ht = _compiled_triton(s, e, i, decay, h0, output_final_state, cu_seqlens)
+        else:
+            run = delta_eos if decay.delta else chunk_eos if decay.separable else scan_eos
+            y, ht = run(s, e, i, decay, h0, output_final_state, cu_seqlens)
         return y.to(out_dtype), (ht if output_final_state else None)
     if backend == "reference":
         def run(s, e, i, h0, decay):
             y, ht = eos_reference(s, e, i, h0=h0, **decay.tensors())
             return y.to(s.dtype), ht.to(torch.float32 if s.dtype != torch.float64 else torch.float64)
+    elif decay.delta:
+        default = 16 if decay.gk is not None else 64  # a decay along K materialises [C, C, K]
+
+        def run(s, e, i, h0, decay):
+            return eos_delta(s, e, i, decay, h0=h0, chunk_size=chunk_size or default)
     elif not decay.separable:
         def run(s, e, i, h0, decay):
             return eos_scan(s, e, i, decay, h0=h0, chunk_size=chunk_size or 64)
@@ -150,20 +167,69 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
     return torch.cat(ys, dim=1), (torch.cat(hts, dim=0) if output_final_state else None)
 
 
-def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, backend: str = "auto"):
-    """One token: state <- o ⊙ state + e iᵀ, y = stateᵀ s. Shapes: s, e [B,H,K], i [B,H,V],
-    state [B,H,K,V] fp32, and the decays of one token (lcsm/kernels/decay.py, `step`).
+def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seqlens):
+    """The Triton backend through the custom ops of lcsm/kernels/ops.py (under torch.compile)."""
+    from . import ops
+
+    s, e, i = s.contiguous(), e.contiguous(), i.contiguous()
+    if decay.delta:
+        y, ht = ops.delta(s, e, i, decay.w, decay.g, decay.gk, h0, cu_seqlens, output_final_state)
+    elif decay.separable:
+        d = decay.fold_scalar()
+        y, ht, _, _ = ops.chunk_fwd(s, e, i, d.g, d.gk, d.gv, h0, cu_seqlens, output_final_state)
+    else:
+        y, ht, _ = ops.scan_fwd(s, e, i, decay.g, decay.gk, decay.gv, decay.dt, decay.A, h0, cu_seqlens, output_final_state)
+    return y, ht
+
+
+def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, w=None, backend: str = "auto"):
+    """One token: state <- o ⊙ state + e iᵀ (with a removal key w: state <- (I - w eᵀ)(o ⊙ state)
+    + e iᵀ), y = stateᵀ s. Shapes: s, e, w [B,H,K], i [B,H,V], state [B,H,K,V] fp32, and the
+    decays of one token (lcsm/kernels/decay.py, `step`).
 
     Returns (y [B,H,V], new state [B,H,K,V] fp32). The triton backend updates a contiguous fp32
     `state` in place (and returns it); the others return a new tensor."""
-    return step(s, e, i, state, Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, step=True), backend=backend)
+    return step(s, e, i, state, Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w, step=True), backend=backend)
 
 
 def step(s, e, i, state, decay: Decay, backend: str = "auto"):
     """eos_step with a one-token Decay (what model code calls)."""
     backend = resolve_backend(backend, s)
+    decay.check_delta()
+    if backend == "triton" and torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.step(s, e, i, state, decay.g, decay.gk, decay.gv, decay.dt, decay.A, decay.w)
     if backend == "triton" and state.dtype == torch.float32 and state.is_contiguous():
         from .triton.step import eos_step_triton
 
         return eos_step_triton(s, e, i, state, decay)
     return eos_step_torch(s, e, i, state, decay)
+
+
+def delta_transition(e: torch.Tensor, decay: Decay, *, cu_seqlens: torch.Tensor | None = None,
+                     chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """The product of a slice's K×K transitions, for LASP-2 with the delta rule.
+
+    e [B,T,H,K] the expand and `decay` the slice's Decay with its removal key w (and g and/or gk).
+    Returns P [N,H,K,K] (fp32; fp64 for fp64 inputs; N = B, or the number of packed sequences):
+
+        P = O_T ⋯ O_2 O_1,    O_t = (I - w_t e_tᵀ) D_t    (the latest token leftmost)
+
+    acting on the K axis of a state m [K,V] from the left: a slice that starts from m_start ends at
+
+        m_end = P @ m_start + S,    S its final state from a zero initial state,
+
+    and its outputs are y_t = y⁰_t + (P_{≤t} m_start)ᵀ s_t, which is the recurrence run with i = 0
+    and h0 = m_start. P is the final state of the same recurrence with i = 0 and h0 = I (V = K), so
+    it is computed chunk-wise by the chosen backend and differentiable in e, w and the gates."""
+    if not decay.delta:
+        raise ValueError("delta_transition: the decay has no removal key 'w' (for a separable decay, Decay.total is the slice's map)")
+    B, T, H, K = e.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
+    eye = torch.eye(K, dtype=dtype, device=e.device).expand(N, H, K, K).contiguous()
+    zeros = torch.zeros(B, T, H, K, dtype=e.dtype, device=e.device)
+    _, P = recurrence(zeros, e, zeros, decay, h0=eye, output_final_state=True, cu_seqlens=cu_seqlens,
+                      chunk_size=chunk_size, backend=backend)
+    return P

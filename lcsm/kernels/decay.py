@@ -11,7 +11,11 @@ which tensor is static, which is per token, or how they combine. The tensors (la
     w    [B,T,H,K]                the removal key of a delta-rule transition (I - w eᵀ) D
 
 All log decays are <= 0 and any combination may be given (their sum is the log decay); none means
-o = 1. The second form of g, gk, gv and A is static: the same at every token. A one-token decay
+o = 1. With w the transition of a token is the K×K matrix (I - w_t e_tᵀ) D_t applied to the state
+from the left, D_t the element-wise decay (g and/or gk only: w with gv, dt or A is refused), e_t
+the token's expand; `transition` applies it, and the delta backends read w from here.
+
+The second form of g, gk, gv and A is static: the same at every token. A one-token decay
 (`step=True`, for decoding) holds the same tensors without the time axis: g [B,H], gk [B,H,K],
 gv [B,H,V], dt [B,H,V], A [B,H,K,V], w [B,H,K]; static tensors keep their static shapes.
 
@@ -111,6 +115,17 @@ class Decay:
                 _fail(name, x, allowed)
         if self.dt is not None and (self.A is None or tuple(self.A.shape) != (H, K, V)):
             raise ValueError(f"eos_recurrence: 'dt' needs 'A' of shape [H,K,V] = {[H, K, V]}")
+        self.check_delta()
+
+    def check_delta(self) -> None:
+        """Raise ValueError if w comes with a decay it does not compose with (gv, dt, A)."""
+        if self.w is not None:
+            other = [n for n in ("gv", "dt", "A") if getattr(self, n) is not None]
+            if other:
+                raise ValueError(
+                    f"eos_recurrence: the delta rule ('w') composes with the decays 'g' and 'gk' only (a K×K "
+                    f"transition (I - w eᵀ) D with D along K); got {', '.join(repr(n) for n in other)}"
+                )
 
     # ------------------------------------------------------------------ reshaping
 
@@ -191,6 +206,18 @@ class Decay:
             add(A)
         return out
 
+    def transition(self, m: torch.Tensor, t: int | None, e: torch.Tensor) -> torch.Tensor:
+        """One token's transition applied to the state m [B,H,K,V]: (I - w_t e_tᵀ)(o_t ⊙ m), i.e.
+        o ⊙ m - w (eᵀ (o ⊙ m)) with eᵀ contracting over K (e [B,H,K] the token's expand; t
+        ignored for a one-token decay). Without w it is o_t ⊙ m. In m's dtype; -inf stays exact."""
+        log_o = self.log_step(t, m.dtype)
+        if log_o is not None:
+            m = torch.exp(log_o) * m
+        if self.w is not None:
+            w = (self.w if self.step else self.w[:, t]).to(m.dtype)
+            m = m - w[..., :, None] * torch.einsum("bhk,bhkv->bhv", e.to(m.dtype), m)[..., None, :]
+        return m
+
     def along_k(self, B: int, T: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The per-token log decay along K, [B,T,H,K] (or [B,T,H,1] for a scalar alone), floored."""
         out = None
@@ -255,7 +282,11 @@ class Decay:
 
     def total(self, B: int, T: int, shape: tuple[int, int, int], dtype: torch.dtype, device) -> torch.Tensor:
         """The total log decay of these T tokens as one [B,H,K,V] tensor (LASP-2's λ of a slice);
-        shape = (H, K, V)."""
+        shape = (H, K, V). A delta-rule decay has no such diagonal total: its slice is the affine
+        map m -> P m + S with P from lcsm.kernels.delta_transition, so it is refused here."""
+        if self.delta:
+            raise ValueError("Decay.total: a delta-rule decay (w) has a K×K transition, not a total log decay; "
+                             "use lcsm.kernels.delta_transition for the slice's transition product")
         out = torch.zeros(B, *shape, dtype=dtype, device=device)
         if self.empty or T == 0:
             return out

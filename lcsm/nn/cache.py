@@ -29,7 +29,8 @@ def store(cache: dict, key: str, value: torch.Tensor) -> torch.Tensor:
         cache[key] = value
         return value
     if isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
-        if old.data_ptr() != value.data_ptr():
+        # (under torch.compile the value is always a new tensor, and data pointers are not traceable)
+        if torch.compiler.is_compiling() or old.data_ptr() != value.data_ptr():
             old.copy_(value)
         return old
     cache[key] = value

@@ -12,13 +12,31 @@ from __future__ import annotations
 
 import torch
 
+from lcsm.nn.fused import gpu_compiled
+
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MiB in fp32)
+IGNORE = -100  # targets of rows without a loss (torch's ignore_index)
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(h.device.type):
         return torch.get_autocast_dtype(h.device.type)
     return h.dtype
+
+
+@gpu_compiled
+def _loss_and_grad(logits: torch.Tensor, t: torch.Tensor, acc: torch.dtype, dtype: torch.dtype, with_grad: bool):
+    """Σ cross-entropy of one chunk's logits [c, V] against t [c] (IGNORE rows add nothing) and its
+    gradient d(Σ)/d logits = softmax − onehot in `dtype` (None without with_grad)."""
+    keep = t != IGNORE
+    t = torch.where(keep, t, 0)[:, None]
+    logits = logits.to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = torch.where(keep, lse - logits.gather(1, t)[:, 0], 0.0).sum()
+    if not with_grad:
+        return nll, None
+    grad = torch.exp(logits - lse[:, None]).scatter_add(1, t, torch.full_like(logits[:, :1], -1.0))
+    return nll, (grad * keep[:, None]).to(dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -40,14 +58,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             hc = hc_all[start : start + chunk]
             t = targets[start : start + chunk]
-            logits = (hc @ w.t()).to(acc)  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            nll, grad = _loss_and_grad(hc @ w.t(), t, acc, dtype, need_h or need_w)
+            total = total + nll
             if need_h or need_w:
-                # d(Σ loss)/d logits = softmax - onehot, computed in place of the logits
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad.scatter_add_(1, t[:, None], torch.full_like(grad[:, :1], -1.0))
-                grad = grad.to(dtype)
                 if need_h:
                     dh[start : start + chunk] = grad @ w
                 if need_w:
@@ -68,12 +81,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk: int | None = None) -> torch.Tensor:
     """Cross-entropy of the logits h @ weightᵀ against targets, never holding all the logits.
 
-    h [n,d], weight [V,d], targets [n] (long, every one a class: select the labelled rows first).
-    reduction "sum" or "mean". Computed in the autocast dtype when autocast is on (else h's),
-    accumulated in fp32 (fp64 for fp64). chunk: rows per chunk (default: CHUNK_ELEMENTS / V).
+    h [n,d], weight [V,d], targets [n] (long; IGNORE = -100 for rows without a loss: they add
+    nothing). reduction "sum" or "mean" (over the rows with a target). Computed in the autocast
+    dtype when autocast is on (else h's), accumulated in fp32 (fp64 for fp64). chunk: rows per
+    chunk (default: CHUNK_ELEMENTS / V).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean' (got {reduction!r})")
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
     total = _LinearCrossEntropy.apply(h, weight, targets, chunk, _compute_dtype(h))
-    return total / max(h.shape[0], 1) if reduction == "mean" else total
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE).sum().clamp_min(1).to(total.dtype)

@@ -1,7 +1,8 @@
 """The language model: embedding -> blocks (pre-norm, token mixer, channel mixer, residual) -> norm -> LM head.
 
-`Model.forward(tokens, labels=None, cache=None)` is the one forward of lcsm: training, evaluation,
-prefill and decoding, sequence parallelism and the benchmarks all call it.
+`Model.forward(tokens, labels=None, cache=None, *, cu_seqlens=None)` is the one forward of lcsm:
+training, evaluation, prefill and decoding, packed documents, sequence parallelism and the
+benchmarks all call it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lcsm.nn.generate import generate
 from lcsm.nn.loss import linear_cross_entropy
 from lcsm.nn.mixers import build_mixer
 from lcsm.nn.norm import make_norm
+from lcsm.nn.packing import Packing, using
 from lcsm.nn.routing import balancing_loss
 
 IGNORE = -100  # the label of positions without a loss (torch's ignore_index; lcsm.tasks writes it)
@@ -38,11 +40,22 @@ class Block(nn.Module):
             self.channel_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
             self.channel_mixer = channel
 
-    def forward(self, x, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), cache=cache)
+    def forward(self, x, cache=None, packing: Packing | None = None):
+        # the packing is an argument (not only the context) so that activation checkpointing's
+        # recomputation in the backward sees it too; the token mixer and its stages read current()
+        with using(packing):
+            x = x + self.mixer(_compute_dtype(self.mixer_norm(x)), cache=cache)
         if self.channel_mixer is not None:
-            x = x + self.channel_mixer(self.channel_norm(x))
+            x = x + self.channel_mixer(_compute_dtype(self.channel_norm(x)))
         return x
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.Tensor:
+    """The normalised input of a mixer in the autocast dtype: every projection reading it then
+    shares one copy (autocast would cast it, and keep the cast for the backward, once per matmul)."""
+    if torch.is_autocast_enabled(h.device.type):
+        return h.to(torch.get_autocast_dtype(h.device.type))
+    return h
 
 
 @dataclass
@@ -53,6 +66,7 @@ class LayerSummary:
     state_size: int  # numbers per sequence (EOS) or per token of context (attention)
     state_grows: bool
     flops_per_token: int
+    active_parameters: int = 0  # used by each token: all but the experts (and head groups) it is not routed to
 
 
 class Model(nn.Module):
@@ -94,6 +108,7 @@ class Model(nn.Module):
         labels: torch.Tensor | None = None,
         cache: list[dict] | None = None,
         *,
+        cu_seqlens: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         reduction: str = "mean",
         return_logits: bool = False,
@@ -108,25 +123,46 @@ class Model(nn.Module):
         (at least fp32; evaluation: accuracy), computed directly.
         cache: one dict per layer (lcsm.nn.cache.new_cache) to decode: the layers start from the
         state found there and leave their new state.
+        cu_seqlens [N+1] (int): packed documents. The boundaries of N documents in the tokens
+        flattened row by row (tokens.reshape(-1)), from 0 to B·T; a row boundary is always one
+        too. Every layer restarts at each boundary (lcsm/nn/packing.py): the outputs at a document
+        equal those of the document run alone. Not with a cache or sequence parallelism.
         """
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache: one dict per layer ({len(self.blocks)}), got {len(cache)}")
+        if labels is not None and labels.shape != tokens.shape:
+            raise ValueError(f"labels: shape {tuple(labels.shape)} must be the shape of tokens, {tuple(tokens.shape)}")
+        packing, shape = None, tokens.shape
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens: packed documents are for training and evaluation; decode one sequence per row with a cache")
+            if parallel.current() is not None:
+                raise ValueError("cu_seqlens: packed documents do not run under sequence parallelism; use parallel.sequence: 1")
+            if tokens.dim() != 2:
+                raise ValueError(f"cu_seqlens: tokens must be [B,T] (got shape {tuple(tokens.shape)})")
+            packing = Packing.of(cu_seqlens, *shape, tokens.device)
+            # one packed sequence [1, B·T]: the kernels take cu_seqlens with a batch of one
+            tokens = tokens.reshape(1, -1)
+            labels = None if labels is None else labels.reshape(1, -1)
         x = self.embed(tokens)
         every = self.checkpoint_every if (self.training and cache is None and torch.is_grad_enabled()) else 0
         for idx, (block, layer_cache) in enumerate(zip(self.blocks, cache or [None] * len(self.blocks))):
             if every and idx % every == 0:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, packing, use_reentrant=False)
             else:
-                x = block(x, cache=layer_cache)
+                x = block(x, cache=layer_cache, packing=packing)
         h = self.norm(x)
         if labels is None:
+            h = h.reshape(*shape, h.shape[-1])
             return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep > 0 else h)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)} (got {reduction!r})")
-        if labels.shape != tokens.shape:
-            raise ValueError(f"labels: shape {tuple(labels.shape)} must be the shape of tokens, {tuple(tokens.shape)}")
         mask = labels != IGNORE
-        hl, targets = h[mask], labels[mask]
+        if torch.compiler.is_compiling():
+            # every position, the unlabelled ones ignored: selecting rows has a data-dependent size
+            hl, targets = h.flatten(0, 1), labels.flatten()
+        else:
+            hl, targets = h[mask], labels[mask]
         if return_logits:
             logits = self.lm_head(hl)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -138,6 +174,14 @@ class Model(nn.Module):
             # gradient reductions in the backward: keep all of h in the graph
             loss = loss + 0.0 * h.float().sum()
         return loss
+
+    def compile_blocks(self, **options) -> "Model":
+        """torch.compile every block in place (regional compilation: one compiled graph serves all
+        blocks of the same structure, so compiling costs about one block's worth). The recurrence
+        runs as one custom op inside (lcsm/kernels/ops.py). options: torch.compile's."""
+        for block in self.blocks:
+            block.compile(**{"fullgraph": True, **options})
+        return self
 
     def generate(self, prompt, max_new_tokens: int = 256, **sampling):
         """Sample a continuation of `prompt` (token ids): see lcsm.nn.generate.generate."""
@@ -174,6 +218,12 @@ class Model(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def active_parameters(self) -> int:
+        """Parameters each token uses: all of them (embeddings included) less the routed parts it
+        is not sent to, which a module reports through `inactive_parameters()` (the E - k experts
+        of an MoE channel mixer; the unchosen head groups' read-out under head routing)."""
+        return self.num_parameters() - sum(_inactive(m) for m in self.modules())
+
     def summary(self, context: int = 2048) -> list[LayerSummary]:
         """Per layer: parameters, recurrent state size and FLOPs per token (attention at `context`)."""
         rows = []
@@ -183,14 +233,21 @@ class Model(nn.Module):
             flops = 2 * matmul + mixer.flops_per_token(context)
             if hasattr(block.channel_mixer, "flops_per_token"):  # MoE: only the routed experts run
                 flops += block.channel_mixer.flops_per_token() - 2 * block.channel_mixer.router.weight.numel()
+            parameters = sum(p.numel() for p in block.parameters())
             rows.append(
                 LayerSummary(
                     index=idx,
                     mixer=mixer.label,
-                    parameters=sum(p.numel() for p in block.parameters()),
+                    parameters=parameters,
                     state_size=mixer.state_size(),
                     state_grows=mixer.state_grows,
                     flops_per_token=flops,
+                    active_parameters=parameters - sum(_inactive(m) for m in block.modules()),
                 )
             )
         return rows
+
+
+def _inactive(module: nn.Module) -> int:
+    count = getattr(module, "inactive_parameters", None)
+    return count() if callable(count) and not isinstance(module, Model) else 0

@@ -19,7 +19,7 @@ from lcsm.nn.routing import Routed, RoutingStats
 
 
 class MoE(nn.Module):
-    """x [..., d] -> [..., d]: Σ_{e in top-k} w_e GLU_e(x) (+ a shared GLU expert).
+    """x [..., d] -> [..., d]: scale · Σ_{e in top-k} w_e GLU_e(x) (+ a shared GLU expert, unscaled).
 
     Router: softmax over E experts in (at least) fp32, top-k, weights renormalised to sum to one (Mixtral;
     with top_k = 1 the raw probability, as in Switch).
@@ -28,6 +28,8 @@ class MoE(nn.Module):
     router probability (top_k at perfect balance), one per layer; its statistics are left in
     self.routing_stats for Model.aux_loss();
     self.aux_stats holds the largest expert load (its share of routed slots · E, 1 = balanced).
+    scale = spec.output_scale (LLaMA-MoE's scale_factor; an upcycled layer uses E, so that with
+    top_k = E and a uniform router it is exactly the dense GLU it was split from).
     """
 
     graph_safe = False  # buffers sized from the routing on the host: not capturable in a CUDA graph
@@ -37,6 +39,7 @@ class MoE(nn.Module):
         E = spec.experts
         self.E, self.k, self.act = E, spec.top_k, activation
         self.aux_weight, self.capacity_factor = spec.aux_loss_weight, spec.capacity_factor
+        self.scale = spec.output_scale
         self.router = nn.Linear(d_model, E, bias=False)
         self.w_gate = nn.Parameter(torch.randn(E, d_model, hidden) * 0.02)
         self.w_up = nn.Parameter(torch.randn(E, d_model, hidden) * 0.02)
@@ -49,6 +52,11 @@ class MoE(nn.Module):
         """Matmul FLOPs of the k active experts and the router (the shared expert is an nn.Linear GLU)."""
         d, hidden = self.w_gate.shape[1:]
         return 2 * (self.k * 3 * d * hidden + d * self.E)
+
+    def inactive_parameters(self) -> int:
+        """Parameters a token does not use: the E - k experts it is not routed to."""
+        d, hidden = self.w_gate.shape[1:]
+        return (self.E - self.k) * 3 * d * hidden
 
     def route(self, x: torch.Tensor):
         """x [N,d] -> (weights [N,k], experts [N,k] long, probs [N,E] fp32)."""
@@ -85,6 +93,8 @@ class MoE(nn.Module):
         h = self.act(torch.bmm(buf, self.w_gate.to(x.dtype))) * torch.bmm(buf, self.w_up.to(x.dtype))
         out = torch.bmm(h, self.w_down.to(x.dtype))  # [E, C, d]
         slot_w = w.reshape(-1)[order].to(x.dtype)
+        if self.scale != 1.0:  # folded into the slot weights: no extra pass over the output
+            slot_w = slot_w * self.scale
         y = x.new_zeros(N, x.shape[-1]).index_add_(0, token, out[expert, pos] * slot_w[:, None])
         if self.shared is not None:
             y = y + self.shared(x)

@@ -10,7 +10,7 @@ angles). Class attributes describe the kind to the mixer: `decays` (whether o �
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from lcsm.kernels.decay import Decay
 from lcsm.nn.cache import store
 from lcsm.nn.context import LayerContext
 from lcsm.nn.gates import Gate, fixed_log_decay, param_for_log_decay
+from lcsm.nn.packing import current as packing
 from lcsm.nn.stages.common import gate_dtype, on_device
 from lcsm.parallel.context import all_gather
 
@@ -32,6 +33,15 @@ class OscillationOut:
     expand_scale: torch.Tensor | None = None  # multiplies e: [B,T,H,1] or [B,T,H,K]
     angles: torch.Tensor | None = None  # rotation: [T,K/2]
     log_k: torch.Tensor | None = None  # the log decay along K, broadcastable to [B,T,H,K] (for e = 1 - o)
+    beta: torch.Tensor | None = None  # the delta rule's β: [B,T,H] or [H]; the removal key is the expand key
+
+    def with_expand(self, e: torch.Tensor) -> tuple[torch.Tensor, Decay]:
+        """(e, the decay) once the expand key e [B,T,H,K] is known: a delta oscillation takes it as
+        the removal key w (normalised by the expand stage) and writes with e = β·w."""
+        if self.beta is None:
+            return e, self.decay
+        beta = self.beta.to(e.dtype)
+        return e * beta[..., None], replace(self.decay, w=e)
 
 
 class Oscillation(nn.Module):
@@ -39,6 +49,7 @@ class Oscillation(nn.Module):
     (its sub-dict while decoding, or None)) -> OscillationOut."""
 
     decays = True  # o ≠ 1: the recurrent form multiplies the state every token
+    transition_flops = 0  # per state element and token beyond the decay (a delta rule: its read and rank-1 update)
 
 
 class Ones(Oscillation):
@@ -175,6 +186,11 @@ class CumSoftmax(Oscillation):
 
     def forward(self, x, positions, cache=None):
         z = self.proj(x).to(gate_dtype(x)).unflatten(-1, self.dims).clamp(-10.0, 10.0)
+        pk = packing()
+        if pk is not None and cache is None:
+            # packed documents: the normaliser restarts at each one (its first token's decay is 0 too)
+            log_o, scale = (torch.cat(parts, dim=1) for parts in zip(*(self.normalise(part) for part in pk.split(z))))
+            return self.out(log_o, scale)
         lse = torch.logcumsumexp(z, dim=1)
         prev = None if cache is None else cache.get("lse")  # the running normaliser LSE_{t-1} [B,*dims]
         sp = parallel.current()
@@ -192,10 +208,48 @@ class CumSoftmax(Oscillation):
             log_o = torch.cat([prev[:, None], lse[:, :-1]], dim=1) - lse
         if cache is not None:
             store(cache, "lse", lse[:, -1])
-        scale = torch.exp(z - lse)
+        return self.out(log_o, torch.exp(z - lse))
+
+    @staticmethod
+    def normalise(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence from its start: z [B,T,*dims] -> (log o, the scale of e), both like z."""
+        lse = torch.logcumsumexp(z, dim=1)
+        log_o = torch.cat([torch.zeros_like(lse[:, :1]), lse[:, :-1] - lse[:, 1:]], dim=1)
+        return log_o, torch.exp(z - lse)
+
+    def out(self, log_o: torch.Tensor, scale: torch.Tensor) -> OscillationOut:
         if len(self.dims) == 1:
             return OscillationOut(Decay(g=log_o), expand_scale=scale[..., None], log_k=log_o[..., None])
         return OscillationOut(Decay(gk=log_o), expand_scale=scale, log_k=log_o)
+
+
+class Delta(Oscillation):
+    """The delta rule: (I − w eᵀ) D with w the expand key k̂ (L2-normalised by the expand stage),
+    e = β k̂, and D the element-wise decay of `spec.decay` (built by this registry). β per head:
+    σ(W_β x) (or 2σ), a learned per-head value, or fixed."""
+
+    def __init__(self, spec, ctx: LayerContext, H: int, K: int, V: int):
+        super().__init__()
+        self.inner = build_oscillation(spec.decay, ctx, H, K, V)
+        self.decays = self.inner.decays
+        self.transition_flops = 4  # eᵀ(D⊙m) and the rank-one update w ⊗ (·): 2 FLOPs each per element
+        self.H = H
+        b = spec.beta
+        self.map, self.source, self.value = b.map, b.source, b.value
+        if b.source == "data":
+            self.beta_proj = nn.Linear(ctx.d_model, H, bias=False)  # fla's b_proj: no bias
+        elif b.source == "param":
+            self.beta_z = nn.Parameter(torch.zeros(H))
+
+    def forward(self, x, positions, cache=None):
+        out = self.inner(x, positions, cache)
+        dtype = gate_dtype(x)
+        if self.source == "fixed":
+            beta = torch.full((self.H,), self.value, dtype=dtype, device=x.device)
+        else:
+            z = self.beta_proj(x).to(dtype) if self.source == "data" else self.beta_z.to(dtype)
+            beta = torch.sigmoid(z) * (2.0 if self.map == "sigmoid2" else 1.0)
+        return replace(out, beta=beta)
 
 
 OSCILLATIONS: dict[str, type[Oscillation]] = {
@@ -207,6 +261,7 @@ OSCILLATIONS: dict[str, type[Oscillation]] = {
     "full": Full,
     "rotation": Rotation,
     "cumsoftmax": CumSoftmax,
+    "delta": Delta,
 }
 
 

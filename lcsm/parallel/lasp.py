@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lcsm import kernels
 from lcsm.kernels.decay import Decay
 
 from .context import SequenceParallel, all_gather
@@ -60,6 +61,30 @@ def lasp2(y: torch.Tensor, ht: torch.Tensor, s: torch.Tensor, decay: Decay, ctx:
     if along_v is not None:
         extra = extra * torch.exp(along_v)
     return y + extra.to(y.dtype)
+
+
+def lasp2_delta(s: torch.Tensor, e: torch.Tensor, i: torch.Tensor, decay: Decay, ctx: SequenceParallel,
+                backend: str = "auto") -> torch.Tensor:
+    """LASP-2 for a decay with a delta-rule transition: rank r's slice is the affine map
+    m ↦ P_r m + S_r (P_r [B,H,K,K] the product of its transitions (I − w eᵀ)D in time order, S_r its
+    final state from m = 0). One all-gather of (P_r, S_r) — size independent of T — gives every rank
+    its exact entering state M_r = P_{r-1} M_{r-1} + S_{r-1} (M_0 = 0), from which it runs its slice.
+
+    s, e [B,T,H,K], i [B,T,H,V]; returns y [B,T,H,V]. Differentiable: the all-gather's backward is a
+    reduce-scatter and the slice's recurrence takes M_r as h0."""
+    B, T, H, K = s.shape
+    V = i.shape[-1]
+    _, S = kernels.recurrence(s, e, i, decay, output_final_state=True, backend=backend)
+    P = kernels.delta_transition(e, decay, backend=backend)  # [B,H,K,K]: m_end = P m_start + S
+    f = S.dtype
+    # one all-gather of both, packed along the last axis: [R, B, H, K, K + V]
+    gathered = all_gather(torch.cat([P.to(f), S], dim=-1), ctx)
+    Ps, Ss = gathered[..., :K], gathered[..., K:]
+    state = torch.zeros(B, H, K, V, dtype=f, device=s.device) + 0.0 * gathered.sum()  # every rank joins the backward
+    for j in range(ctx.rank):
+        state = Ps[j] @ state + Ss[j]
+    y, _ = kernels.recurrence(s, e, i, decay, h0=state, backend=backend)
+    return y
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SequenceParallel) -> torch.Tensor:

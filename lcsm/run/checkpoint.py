@@ -4,17 +4,27 @@
                                trainer.pt          optimizer, scheduler, RNG states, step, data position
                                                    (plain tensors and containers, loaded with weights_only=True)
                                manifest.json       {"format": 1, "step", "files": {name: {"bytes", "sha256"}}}
+    RUN/checkpoint/init/model.safetensors          an *init checkpoint*: weights to start a run from with a
+                        manifest.json              fresh optimizer (metadata and manifest: "init", what made
+                                                   it, e.g. "upcycle"; step 0; no trainer.pt)
     RUN/checkpoint/model.safetensors, trainer.pt   the flat layout of runs written before step folders
-                                                   (read and resumed from; never written)
+                                                   (read and resumed from; never written); a flat
+                                                   model.safetensors with "init" in its metadata and no
+                                                   trainer.pt is an init checkpoint of that layout
 
-Writing: the files go into step-N.partial/, each written and fsynced, then manifest.json with
-their sizes and SHA-256; the folder is renamed to step-N and verified (every file read back
-against the manifest) before any older checkpoint is removed; the newest `keep` are kept. A
-crash at any moment leaves the previous checkpoints as they were.
+Writing: the files go into step-N.partial/ (init.partial/), each written and fsynced, then
+manifest.json with their sizes and SHA-256; the folder is renamed to step-N (init) and verified
+(every file read back against the manifest) before any older checkpoint is removed; the newest
+`keep` step folders are kept (the init checkpoint is not one of them: it stays). A crash at any
+moment leaves the previous checkpoints as they were.
 
 Reading: the newest checkpoint that verifies and loads; a newer one that does not is reported
 and kept aside (step-N.unreadable), never deleted. When none can be read, the error names the
-file and what is wrong with it, and nothing is touched.
+file and what is wrong with it, and nothing is touched. An init checkpoint is not resumed from
+(it has no trainer state): `lcsm train --init-from` and `--resume auto` on a run directory that
+has no step checkpoint start from it (init_weights, load_weights); `lcsm eval`, `generate`,
+`export`, `upcycle` and `--init-from` take a run's weights through find_weights, which falls
+back to the init checkpoint when the run has no step checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from lcsm.run import files
 
 FORMAT = 1
 WEIGHTS, TRAINER, MANIFEST = "model.safetensors", "trainer.pt", "manifest.json"
+INIT = "init"  # RUN/checkpoint/init/: the init checkpoint
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -96,9 +107,10 @@ def sha256(path: Path) -> str:
 class Checkpoint:
     """One checkpoint of a run: a step folder (with a manifest), or the legacy flat files."""
 
-    folder: Path  # step-N/, or RUN/checkpoint/ itself for the legacy layout
+    folder: Path  # step-N/ (init/), or RUN/checkpoint/ itself for the legacy layout
     step: int | None  # from the folder name; legacy: from the weights' metadata (None if unreadable)
     legacy: bool = False
+    init: str | None = None  # an init checkpoint: what made it ("upcycle"); it has no trainer state
 
     @property
     def weights(self) -> Path:
@@ -110,7 +122,9 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return f"{self.folder.parent.name}/{self.folder.name}" if not self.legacy else f"{self.folder.name}/ (flat files)"
+        if self.legacy:
+            return f"{self.folder.name}/ (flat {'init weights' if self.init else 'files'})"
+        return f"{self.folder.parent.name}/{self.folder.name}"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -118,7 +132,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Every checkpoint of a run, newest first (by step); the legacy flat one is ordered by its step."""
+    """Every checkpoint of a run that a resume can continue (step folders, the legacy flat one),
+    newest first (by step; the legacy one by its weights' step). The init checkpoint is not one
+    of them: init_checkpoint."""
     folder = checkpoint_dir(run_dir)
     out = []
     if folder.is_dir():
@@ -126,9 +142,34 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
             m = _STEP.match(sub.name)
             if m and sub.is_dir():
                 out.append(Checkpoint(sub, int(m.group(1))))
-        if (folder / WEIGHTS).exists() or (folder / TRAINER).exists():
+        if ((folder / WEIGHTS).exists() or (folder / TRAINER).exists()) and _flat_init(folder) is None:
             out.append(Checkpoint(folder, _weights_step(folder / WEIGHTS), legacy=True))
     return sorted(out, key=lambda c: -1 if c.step is None else c.step, reverse=True)
+
+
+def init_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The init checkpoint of a run (checkpoint/init/, or the flat init weights of the layout
+    before step folders), or None; nothing is verified here (verify)."""
+    folder = checkpoint_dir(run_dir)
+    if (folder / INIT).is_dir():
+        try:
+            made_by = str(json.loads((folder / INIT / MANIFEST).read_text()).get("init") or INIT)
+        except (OSError, ValueError, AttributeError):
+            made_by = INIT  # (verify says what is wrong with it)
+        return Checkpoint(folder / INIT, 0, init=made_by)
+    made_by = _flat_init(folder)
+    return Checkpoint(folder, 0, legacy=True, init=made_by) if made_by is not None else None
+
+
+def _flat_init(folder: Path) -> str | None:
+    """What made the flat init weights in folder (a model.safetensors with "init" in its metadata
+    and no trainer.pt beside it: `lcsm upcycle` before step folders), or None."""
+    if (folder / TRAINER).exists() or not (folder / WEIGHTS).is_file():
+        return None
+    try:
+        return weights_metadata(folder / WEIGHTS).get("init")
+    except Exception:
+        return None
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -149,9 +190,11 @@ def _weights_step(path: Path) -> int | None:
 
 def verify(ckpt: Checkpoint) -> str | None:
     """What is wrong with a checkpoint's files (missing, wrong size, wrong checksum), or None.
-    A legacy checkpoint has no manifest: only that its files exist is checked here."""
+    A legacy checkpoint has no manifest: only that its files exist is checked here. An init
+    checkpoint has weights and no trainer state."""
+    needed = (WEIGHTS,) if ckpt.init else (WEIGHTS, TRAINER)
     if ckpt.legacy:
-        missing = [p.name for p in (ckpt.weights, ckpt.trainer) if not p.exists()]
+        missing = [name for name in needed if not (ckpt.folder / name).exists()]
         return f"{ckpt.folder / missing[0]}: missing" if missing else None
     try:
         manifest = json.loads((ckpt.folder / MANIFEST).read_text())
@@ -162,7 +205,7 @@ def verify(ckpt: Checkpoint) -> str | None:
         return f"{ckpt.folder / MANIFEST}: missing (the checkpoint was not finished)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{ckpt.folder / MANIFEST}: unreadable ({type(e).__name__})"
-    for name in (WEIGHTS, TRAINER):
+    for name in needed:
         if name not in listed:
             return f"{ckpt.folder / MANIFEST}: does not list {name}"
     for name, entry in listed.items():
@@ -181,36 +224,27 @@ def verify(ckpt: Checkpoint) -> str | None:
 # --------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
-    """Write the checkpoint of state["step"] (weights, optimizer, scheduler, RNG states, state),
-    verify it, then drop the checkpoints older than the newest `keep`. Returns its folder.
-    Raises CheckpointError when it cannot be written (the previous ones are then untouched)."""
-    from safetensors.torch import save_model
-
-    run_dir = Path(run_dir)
-    step = int(state["step"])
-    parent = checkpoint_dir(run_dir)
-    final = parent / f"step-{step:06d}"
+def _write_folder(run_dir: Path, final: Path, writes: list, manifest: dict) -> None:
+    """Write a checkpoint folder: each (name, write(path)) into final.partial/, fsynced, then the
+    manifest (manifest's fields and the files' sizes and SHA-256); renamed to final (a folder
+    already there is kept aside as final.replaced). Claims both names in the lcsm-files manifest
+    first. Raises CheckpointError when it cannot be written (nothing else is then touched)."""
+    parent = final.parent
     partial = parent / f"{final.name}.partial"
     files.claim(run_dir, "checkpoint", f"checkpoint/{final.name}", f"checkpoint/{partial.name}")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, **state}
     try:
-        parent.mkdir(exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)  # a save cut short earlier: lcsm's own temporary folder
         partial.mkdir()
         listed = {}
-        for name, write in ((WEIGHTS, lambda p: save_model(model, p, metadata={"step": str(step)})),
-                            (TRAINER, lambda p: torch.save(trainer, p))):
+        for name, write in writes:
             path = partial / name
             write(str(path))
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
             listed[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-        write_text(partial / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": listed}, indent=1) + "\n")
+        write_text(partial / MANIFEST, json.dumps({"format": FORMAT, **manifest, "files": listed}, indent=1) + "\n")
         if final.exists():  # the same step saved again (after a fallback): keep the earlier one aside
             os.replace(final, _aside(final, "replaced"))
         os.replace(partial, final)
@@ -220,11 +254,50 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
         raise CheckpointError(
             f"{final}: cannot write the checkpoint ({e.strerror or e}); the earlier checkpoints are kept as they were"
         ) from None
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    """Write the checkpoint of state["step"] (weights, optimizer, scheduler, RNG states, state),
+    verify it, then drop the step checkpoints older than the newest `keep`. Returns its folder.
+    Raises CheckpointError when it cannot be written (the previous ones are then untouched)."""
+    from safetensors.torch import save_model
+
+    run_dir = Path(run_dir)
+    step = int(state["step"])
+    final = checkpoint_dir(run_dir) / f"step-{step:06d}"
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, **state}
+    _write_folder(run_dir, final, [(WEIGHTS, lambda p: save_model(model, p, metadata={"step": str(step)})),
+                                   (TRAINER, lambda p: torch.save(trainer, p))], {"step": step})
     problem = verify(Checkpoint(final, step))
     if problem:
         raise CheckpointError(f"{problem}: the checkpoint just written does not verify; the earlier ones are kept")
     _prune(run_dir, keep)
     return final
+
+
+def save_init_weights(run_dir: Path, model, made_by: str, extra: dict | None = None) -> Path:
+    """Write RUN/checkpoint/init/ as an init checkpoint: model.safetensors (metadata: step 0,
+    init = made_by, and extra) and its manifest, verified; no trainer state. Returns the weights."""
+    from safetensors.torch import save_model
+
+    run_dir = Path(run_dir)
+    final = checkpoint_dir(run_dir) / INIT
+    metadata = {"step": "0", "init": made_by, **{k: str(v) for k, v in (extra or {}).items()}}
+    _write_folder(run_dir, final, [(WEIGHTS, lambda p: save_model(model, p, metadata=metadata))], {"step": 0, "init": made_by})
+    problem = verify(Checkpoint(final, 0, init=made_by))
+    if problem:
+        raise CheckpointError(f"{problem}: the init checkpoint just written does not verify")
+    return final / WEIGHTS
+
+
+def save_weights(model, path: Path, step: int) -> None:
+    """Write a model's weights as one safetensors file (metadata: step), atomically (lcsm export --out)."""
+    from safetensors.torch import save_model
+
+    atomic_write(Path(path), lambda tmp: save_model(model, tmp, metadata={"step": str(step)}))
 
 
 def remove_checkpoint_folder(folder: Path) -> None:
@@ -246,9 +319,10 @@ def remove_checkpoint_folder(folder: Path) -> None:
 
 
 def remove_checkpoint_files(target: Path) -> bool:
-    """For --overwrite: remove a checkpoint folder lcsm wrote (step-N, step-N.partial, ...) as
-    remove_checkpoint_folder does. Returns False when target is not one (nothing done)."""
-    if target.parent.name != "checkpoint" or not target.name.startswith("step-") or not target.is_dir():
+    """For --overwrite: remove a checkpoint folder lcsm wrote (step-N, step-N.partial, init,
+    init.partial) as remove_checkpoint_folder does. Returns False when target is not one (nothing done)."""
+    is_init = target.name in (INIT, f"{INIT}.partial")
+    if target.parent.name != "checkpoint" or not (target.name.startswith("step-") or is_init) or not target.is_dir():
         return False
     remove_checkpoint_folder(target)
     return True
@@ -350,28 +424,38 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler, device: torch.de
     )
 
 
-def find_weights(path: Path, log: Callable[[str], None] | None = None) -> tuple[Path, int]:
-    """(weights file, step) for `lcsm eval` / `lcsm generate`: a run directory or its checkpoint/
-    folder (the newest checkpoint that verifies), a step folder, or a model.safetensors file.
-    Raises CheckpointError naming what is wrong."""
+def find_weights(path: str | Path, log: Callable[[str], None] | None = None) -> tuple[Path, int]:
+    """(weights file, step): the one way to a run's weights, for `lcsm eval`, `generate`,
+    `export` (and the Hugging Face export), `upcycle` and `lcsm train --init-from`. path is a run
+    directory or its checkpoint/ folder (the newest step checkpoint that verifies; without one
+    the init checkpoint, step 0), one step-N/ or init/ folder, or a model.safetensors file. A
+    newer checkpoint that does not verify is reported through log and passed over. Raises
+    CheckpointError naming what is wrong."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
     if path.is_file():
         step = _weights_step(path)
         if step is None:
             raise CheckpointError(f"{path}: not a readable safetensors file")
         return path, step
+    single = None
     if _STEP.match(path.name) and (path / WEIGHTS).exists():
-        ckpt = Checkpoint(path, int(_STEP.match(path.name).group(1)))
-        problem = verify(ckpt)
+        single = Checkpoint(path, int(_STEP.match(path.name).group(1)))
+    elif path.name == INIT and path.parent.name == "checkpoint" and path.is_dir():
+        single = init_checkpoint(path.parent.parent)
+    if single is not None:
+        problem = verify(single)
         if problem:
             raise CheckpointError(problem)
-        return ckpt.weights, ckpt.step
+        return single.weights, single.step
     run_dir = path.parent if path.name == "checkpoint" and not (path / "checkpoint").exists() else path
     found = list_checkpoints(run_dir)
-    if not found and (path / WEIGHTS).exists():  # a folder holding a bare model.safetensors
+    init = init_checkpoint(run_dir)
+    if not found and init is None and (path / WEIGHTS).exists():  # a folder holding a bare model.safetensors
         return find_weights(path / WEIGHTS)
     problems = []
-    for ckpt in found:
+    for ckpt in [*found, *([init] if init is not None else [])]:
         # the flat layout has no manifest, and evaluation needs only the weights
         problem = verify(ckpt) if not ckpt.legacy else (None if ckpt.weights.exists() else f"{ckpt.weights}: missing")
         step = _weights_step(ckpt.weights) if problem is None else None
@@ -380,9 +464,51 @@ def find_weights(path: Path, log: Callable[[str], None] | None = None) -> tuple[
         if problem is None:
             for _, why in problems:
                 if log is not None:
-                    log(f"{why}; using the previous checkpoint, step {step}")
+                    log(f"{why}; using the previous checkpoint, step {step}" + (" (the init weights)" if ckpt.init else ""))
             return ckpt.weights, step
         problems.append((ckpt, problem))
     if problems:
         raise CheckpointError("; ".join(why for _, why in problems) + ": no readable checkpoint")
-    raise CheckpointError(f"{path}: no checkpoint here (looked for checkpoint/step-*/{WEIGHTS} and checkpoint/{WEIGHTS})")
+    raise CheckpointError(f"{path}: no checkpoint here (looked for checkpoint/step-*/{WEIGHTS}, checkpoint/{INIT}/{WEIGHTS} "
+                          f"and checkpoint/{WEIGHTS})")
+
+
+def weights_run_dir(weights: Path) -> Path | None:
+    """The run directory a model.safetensors belongs to: the folder with config.yaml beside it or
+    up to two folders above (RUN/checkpoint/step-N/model.safetensors)."""
+    weights = Path(weights)
+    return next((p for p in (weights.parent, weights.parent.parent, weights.parent.parent.parent)
+                 if (p / "config.yaml").exists()), None)
+
+
+def weights_metadata(weights: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def init_weights(run_dir: Path) -> Path | None:
+    """The weights of RUN's init checkpoint (see the module docstring), verified against its
+    manifest; None when it has none. Raises CheckpointError when it does not verify."""
+    ckpt = init_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    problem = verify(ckpt)
+    if problem:
+        raise CheckpointError(f"{problem}: the run's init checkpoint cannot be read; nothing was changed")
+    return ckpt.weights
+
+
+def load_weights(model, weights: Path, device: torch.device, flag: str = "--init-from") -> int:
+    """Load a model.safetensors into `model` (every tensor, shapes equal); returns its step (-1 if
+    unknown). Raises RecipeError naming `flag` when the weights do not fit the model."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(weights), device=str(device))
+        step = int(weights_metadata(weights).get("step", -1))
+    except Exception as e:
+        first = str(e).strip().splitlines()
+        raise RecipeError(f"{flag} {weights}: the weights do not fit the recipe's model ({' '.join(first[:3])[:400]})") from None
+    return step

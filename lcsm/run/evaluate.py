@@ -19,7 +19,8 @@ from safetensors.torch import load_model
 from lcsm.config.base import RecipeError
 from lcsm.config.recipe import load_recipe
 from lcsm.nn.model import Model
-from lcsm.run.checkpoint import find_weights, write_text
+from lcsm.nn.packing import cu_seqlens_of
+from lcsm.run.checkpoint import find_weights, weights_run_dir, write_text
 from lcsm.run.device import autocast
 from lcsm.tasks import IGNORE, Segment, TaskData
 
@@ -34,8 +35,11 @@ def evaluate_segment(model, seg: Segment, batch_size: int, device: torch.device,
         y = seg.labels[start : start + batch_size].to(device)
         mask = y != IGNORE
         targets = y[mask]
+        packed = {}
+        if seg.starts is not None:  # packed documents: the model restarts at each (as in training)
+            packed["cu_seqlens"] = cu_seqlens_of(seg.starts[start : start + batch_size].to(device))
         with autocast(device, precision):
-            loss, logits = model(x, y, reduction="sum", return_logits=True)
+            loss, logits = model(x, y, reduction="sum", return_logits=True, **packed)
         nats += float(loss)
         hit = logits.argmax(-1) == targets
         tokens += targets.numel()
@@ -151,15 +155,12 @@ def read_eval(path: Path) -> EvalRecord | None:
 
 
 def load_run(path: str | Path, device: torch.device | None = None, log: Callable[[str], None] | None = None):
-    """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder, one step-N/
-    folder of it or a model.safetensors file. A run's newest checkpoint that verifies is used (a
-    newer unreadable one is reported through log)."""
-    path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"{path}: no such run directory or checkpoint")
+    """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder, one step-N/ (or
+    init/) folder of it or a model.safetensors file (lcsm/run/checkpoint.py's find_weights: a run's
+    newest checkpoint that verifies, else its init checkpoint; a newer unreadable one is reported
+    through log)."""
     weights, step = find_weights(path, log)
-    run_dir = next((p for p in (weights.parent, weights.parent.parent, weights.parent.parent.parent)
-                    if (p / "config.yaml").exists()), None)
+    run_dir = weights_run_dir(weights)
     if run_dir is None:
         raise RecipeError(f"{weights}: no config.yaml beside it or in the folders above; is this an lcsm run?")
     recipe = load_recipe(run_dir / "config.yaml")

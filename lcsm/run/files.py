@@ -23,8 +23,13 @@ MANIFEST = ".lcsm-files.jsonl"
 LOCK = ".lcsm.lock"
 # lcsm's own bookkeeping: never the user's, never reported as a leftover
 BOOKKEEPING = (MANIFEST, LOCK, LOCK + ".break")
-# every top-level name lcsm writes into a run directory (eval/ holds `lcsm eval` reports)
-NAMES = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "eval", "tokenizer.json", "curves.png", "point.json")
+# every top-level name lcsm writes into a run directory (eval/ holds `lcsm eval` reports; corpus.json
+# corpus runs; tensorboard/ and wandb/ the metric sinks; upcycle.json lcsm upcycle's record)
+NAMES = ("config.yaml", "metrics.jsonl", "checkpoint", "eval.json", "eval", "tokenizer.json", "corpus.json", "curves.png",
+         "point.json", "tensorboard", "wandb", "upcycle.json")
+# folders a metric sink (TensorBoard, wandb) fills on lcsm's behalf, with file names lcsm does not
+# choose: claimed whole when the sink creates them, and removed whole by --overwrite
+TREES = ("tensorboard", "wandb")
 # what the code before the manifest wrote: the flat checkpoint and `lcsm eval`'s eval-TASK.json
 LEGACY_CHECKPOINT = ("checkpoint/model.safetensors", "checkpoint/trainer.pt")
 

@@ -4,9 +4,14 @@
     RUN/metrics.jsonl               one JSON object a line: {"split": "train" | "eval", "step", ...}
     RUN/checkpoint/step-NNNNNN/     the newest checkpoints (lcsm/run/checkpoint.py): model.safetensors,
                                     trainer.pt, manifest.json (sizes and SHA-256 of both)
+    RUN/checkpoint/init/            an init checkpoint (lcsm upcycle): model.safetensors and its manifest,
+                                    no trainer state; a run starts from it with a fresh optimizer
     RUN/eval.json                   the final evaluation of the training run (lcsm/run/evaluate.py's schema)
-    RUN/eval/<task>.json            `lcsm eval` reports, beside it
-    RUN/tokenizer.json              text tasks with a BPE tokenizer
+    RUN/eval/<task>.json            `lcsm eval` reports, beside it (eval/lm_eval.json: `lcsm eval --lm-eval`)
+    RUN/tokenizer.json              text tasks with a BPE tokenizer; corpus runs with a bpe or hf tokenizer
+    RUN/corpus.json                 corpus runs: the corpus's manifest (its tokenizer, EOS, counts)
+    RUN/tensorboard/, RUN/wandb/    the recipe's `log` sinks (lcsm/run/sinks.py)
+    RUN/upcycle.json                lcsm upcycle's record (what was done, each layer's neuron partition)
     RUN/.lcsm-files.jsonl           the paths lcsm wrote here (lcsm/run/files.py)
     RUN/.lcsm.lock                  while a process uses the run (lcsm/run/lock.py)
 
@@ -18,6 +23,7 @@ started in without overwrite, and a file lcsm did not write is never written ove
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -26,17 +32,19 @@ import yaml
 from lcsm.config.base import RecipeError, SpecError, read_utf8
 from lcsm.config.recipe import Recipe
 from lcsm.run import files, lock
-from lcsm.run.checkpoint import list_checkpoints, remove_checkpoint_files, write_text
+from lcsm.run.checkpoint import init_checkpoint, init_weights, list_checkpoints, remove_checkpoint_files, write_text
 
 ARTIFACTS = files.NAMES
 # recipe fields that may change between an interrupted run and its resumption: they change
 # nothing the run computes (dotted keys name one field of a section)
-RESUMABLE_CHANGES = ("device", "backend", "log_every", "eval_batch_size", "out_dir", "threads", "parallel", "keep_checkpoints")
+RESUMABLE_CHANGES = ("device", "backend", "log_every", "log", "eval_batch_size", "out_dir", "threads", "parallel", "compile",
+                     "checkpointing", "keep_checkpoints")
 # what `lcsm train --resume auto` may change too: the knobs that rescue a run whose loss became
 # non-finite (the message then says to resume with a lower optimizer.lr)
 RETUNABLE = ("optimizer.lr", "optimizer.grad_clip", "schedule.warmup_steps")
 # what a fresh run claims before it writes anything (tokenizer.json: BPE runs only)
-FRESH = ("config.yaml", "metrics.jsonl", "eval.json", "tokenizer.json", "checkpoint")
+# (tensorboard/ and wandb/ are claimed by lcsm/run/sinks.py when a sink creates them)
+FRESH = ("config.yaml", "metrics.jsonl", "eval.json", "tokenizer.json", "corpus.json", "checkpoint")
 
 
 def diff(a, b, prefix: str = "") -> list[str]:
@@ -67,7 +75,7 @@ def read_config(run_dir: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def open_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bool = False,
+def open_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bool = False, init: bool = False,
                  log: Callable[[str], None] | None = None) -> tuple[Path, bool, lock.Lock]:
     """Create the run directory if needed, lock it (lcsm/run/lock.py) and prepare it
     (prepare_run_dir). Returns (run_dir, resuming, the lock: release it when done)."""
@@ -80,14 +88,14 @@ def open_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bool 
         raise RecipeError(f"out_dir: cannot create {run_dir} ({e.strerror})") from None
     held = lock.acquire(run_dir, "run directory", log)
     try:
-        resuming = prepare_run_dir(recipe, resume, overwrite, retune=retune, log=log)[1]
+        resuming = prepare_run_dir(recipe, resume, overwrite, retune=retune, init=init, log=log)[1]
     except BaseException:
         held.release()
         raise
     return run_dir, resuming, held
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bool = False,
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bool = False, init: bool = False,
                     log: Callable[[str], None] | None = None) -> tuple[Path, bool]:
     """Check an existing run directory (the caller holds its lock) and say how to go on.
     Returns (run_dir, resuming: a checkpoint is there to resume from).
@@ -97,6 +105,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bo
     - overwrite: lcsm's files are removed (only those), and the run starts afresh.
     - A run (checkpoints, metrics, an evaluation): continued with resume if the recipe matches
       config.yaml but for RESUMABLE_CHANGES (and RETUNABLE with retune); else refused.
+    - An init checkpoint (checkpoint/init/, lcsm upcycle's) and no run yet: started in, its files
+      kept, with resume or init (--init-from; the trainer loads the weights); refused without either,
+      so that the weights are not silently replaced by a fresh initialisation.
     - Files lcsm did not write (and no run): refused without overwrite.
     """
     say = log or (lambda msg: None)
@@ -113,6 +124,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bo
             f"{files.MANIFEST}); lcsm neither removes nor overwrites files it did not write: move {it} away, or choose another out_dir"
         )
     found = list_checkpoints(run_dir) if "checkpoint" in mine else []
+    has_init = "checkpoint" in mine and init_checkpoint(run_dir) is not None
     results = [n for n in ("metrics.jsonl", "eval.json", "eval") if n in mine and (run_dir / n).exists()]
     if overwrite:
         kept = remove_owned(run_dir)
@@ -143,8 +155,21 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, *, retune: bo
             raise RecipeError(f"{run_dir} holds an evaluation ({', '.join(r for r in results if r != 'metrics.jsonl')}) but no "
                               "checkpoint to resume from; pass --overwrite to start over")
         # metrics of a start that stopped before its first checkpoint: it starts again from step 0
-        say(f"{run_dir}: no checkpoint yet, so the run starts again from step 0 (its metrics.jsonl is rewritten)")
+        # (from the init checkpoint when there is one: the trainer loads it; verified here first,
+        # so that an unreadable one stops the resume before metrics.jsonl is touched)
+        if has_init and not init:
+            init_weights(run_dir)
+        say(f"{run_dir}: no checkpoint yet, so the run starts again from step 0"
+            + (" from its init checkpoint" if has_init else "") + " (its metrics.jsonl is rewritten)")
         truncate_metrics(run_dir / "metrics.jsonl", 0, log)
+        return run_dir, False
+    if has_init:
+        if not (resume or init):
+            raise RecipeError(
+                f"{run_dir} holds init weights that were never trained (checkpoint/init/, e.g. from lcsm upcycle); pass "
+                f"--init-from {run_dir} (or --resume auto) to start from them, or --overwrite to start from scratch"
+            )
+        files.claim(run_dir, *sorted(files.owned(run_dir)), *FRESH)  # (an upcycle of the layout before the manifest: adopted)
         return run_dir, False
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
@@ -170,6 +195,9 @@ def remove_owned(run_dir: Path) -> list[str]:
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.is_dir():
+            if rel in files.TREES:  # a metric sink's folder: every file in it was written for lcsm
+                shutil.rmtree(target, ignore_errors=True)
+                continue
             remove_checkpoint_files(target)
             if target.exists():
                 try:

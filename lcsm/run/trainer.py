@@ -6,8 +6,8 @@
                                   .fit(data)               the loop: steps, logs, evaluations, checkpoints
     train(recipe, resume=..., overwrite=...)             prepare the run directory, build, fit
 
-Batches are a pure function of (seed, step) (lcsm.tasks.epoch_batches), so resuming from a
-checkpoint replays exactly the run that was interrupted. Under a process grid (data and sequence
+Batches are a pure function of (seed, step) (lcsm.tasks.Batches: epoch_batches, or a corpus's
+streaming sampler), so resuming from a checkpoint replays exactly the run that was interrupted. Under a process grid (data and sequence
 parallel, docs/parallel.md) every rank runs the same step on its shard of the batch; the loss is
 normalised by the global number of labelled tokens, so the gradients summed over the ranks are
 those of one process.
@@ -15,7 +15,6 @@ those of one process.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -36,15 +35,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from lcsm.config.base import RecipeError
 from lcsm.config.recipe import Optimizer, Recipe, Schedule
 from lcsm.nn.model import Model
+from lcsm.nn.packing import cu_seqlens_of
 from lcsm.parallel import sequence_parallel
 from lcsm.parallel.data import sync_gradients, wrap
 from lcsm.parallel.grid import Grid, ParallelError, init_grid
-from lcsm.run.checkpoint import load_checkpoint, save_checkpoint, write_text
+from lcsm.run.checkpoint import (find_weights, init_weights, load_checkpoint, load_weights, save_checkpoint, weights_run_dir,
+                                 write_text)
 from lcsm.run.device import autocast, resolve_device, resolve_precision
 from lcsm.run.evaluate import evaluate, write_eval
 from lcsm.run.rundir import RESUMABLE_CHANGES, diff, open_run_dir, record_retune, truncate_metrics
+from lcsm.run.sinks import Sinks
 from lcsm.run.size import check_recipe_size
-from lcsm.tasks import TaskData, TaskError, build_task, derive_seed, epoch_batches, steps_per_epoch
+from lcsm.tasks import Batches, TaskData, TaskError, build_task, derive_seed
 
 __all__ = ["RESUMABLE_CHANGES", "RunResult", "Trainer", "TrainingError", "diff", "train"]
 
@@ -165,10 +167,12 @@ class Trainer:
     def is_main(self) -> bool:
         return self.grid is None or self.grid.is_main
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, step_number: int | None = None) -> StepResult:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, step_number: int | None = None,
+             starts: torch.Tensor | None = None) -> StepResult:
         """One optimizer step on the global batch tokens, labels [B,T] (every rank passes the same
-        batch; each takes its shard). Raises TrainingError when the loss or the gradient norm is
-        not finite (step_number names the step in the message)."""
+        batch; each takes its shard). starts [B,T] bool: where packed documents start (the model
+        restarts there). Raises TrainingError when the loss or the gradient norm is not finite
+        (step_number names the step in the message)."""
         grid, model = self.grid, self.model
         tokens, labels = tokens.to(self.device), labels.to(self.device)
         n_tokens = tokens.numel()
@@ -177,11 +181,13 @@ class Trainer:
         if grid is not None:
             try:
                 tokens, labels = grid.shard(tokens), grid.shard(labels)
+                starts = None if starts is None else grid.shard(starts)
                 ctx = grid.context(tokens.shape[1])
             except ValueError as e:
                 raise RecipeError(str(e)) from None
+        cu_seqlens = None if starts is None else cu_seqlens_of(starts.to(self.device))
         with sequence_parallel(ctx), autocast(self.device, self.precision):
-            total = model(tokens, labels, reduction="sum")
+            total = model(tokens, labels, reduction="sum", **({} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}))
             aux = model.aux_loss()
         # the global number of labelled tokens normalises every rank's sum: the ranks' gradients
         # then add up to the gradient of the one-process mean
@@ -263,7 +269,8 @@ class Trainer:
             (note or (lambda t: say(escape(t))))(text)
 
         grid = self.grid
-        spe = steps_per_epoch(data.train, recipe.batch_size)
+        batches = Batches(data, recipe.batch_size, recipe.seed)
+        spe = batches.steps_per_epoch
         total = self.total_steps
         eval_every = recipe.eval_every or max(1, total // 10)
         ckpt_every = recipe.checkpoint_every or eval_every
@@ -292,12 +299,10 @@ class Trainer:
             }, keep=recipe.keep_checkpoints)
             last_ckpt = self.steps_done
 
-        metrics_file = open(run_dir / "metrics.jsonl", "a") if self.is_main else None
-
-        def log(record: dict):
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+        # metrics.jsonl, and TensorBoard / wandb when the recipe's `log` names them (lcsm/run/sinks.py)
+        sinks = Sinks(run_dir, recipe.log, run_name=recipe.name or run_dir.name, config=recipe.resolved(),
+                      resume_step=self.steps_done if resuming else None, enabled=self.is_main, say=tell)
+        log = sinks.write
 
         def run_eval() -> dict:
             nonlocal last_eval
@@ -311,7 +316,7 @@ class Trainer:
             f"({self.model.num_parameters() / 1e6:.2f}M parameters) on {recipe.task.kind}, {total} steps of "
             f"{recipe.batch_size}, {self.device.type} {self.precision} -> {escape(str(run_dir))}"
         )
-        status, batches, batches_epoch = "done", None, -1
+        status = "done"
         stop = StopFlag()
         progress = _progress(console, quiet)
         try:
@@ -323,13 +328,12 @@ class Trainer:
                         status = "interrupted"
                         break
                     t0 = time.perf_counter()
-                    epoch, index = divmod(self.steps_done, spe)
-                    if epoch != batches_epoch:
-                        batches, batches_epoch = epoch_batches(data.train, recipe.batch_size, recipe.seed, epoch), epoch
-                    seg_index, rows = batches[index]
-                    seg = data.train[seg_index]
                     try:
-                        result = self.step(seg.inputs[rows], seg.labels[rows])
+                        batch = batches.at(self.steps_done)
+                    except TaskError as e:  # a shard that went bad under the run: stop, the checkpoint stays
+                        raise RecipeError(f"task: {e}; {_kept(run_dir, last_ckpt)}") from None
+                    try:
+                        result = self.step(batch.tokens, batch.labels, starts=batch.starts)
                     except TrainingError as e:
                         lower = {"optimizer.lr": float(f"{recipe.optimizer.lr / 3:.2g}")}
                         raise TrainingError(_nonfinite(str(e), run_dir, last_ckpt, lower), resume_with=lower) from None
@@ -370,8 +374,7 @@ class Trainer:
             if status == "interrupted" and last_ckpt != self.steps_done:
                 checkpoint()
         finally:
-            if metrics_file is not None:
-                metrics_file.close()
+            sinks.close()
         if status != "interrupted":
             if last_eval is None or last_eval["step"] != self.steps_done:
                 run_eval()
@@ -395,14 +398,19 @@ def train(
     console: Console | None = None,
     quiet: bool = False,
     on_step: Callable[[dict], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> RunResult:
     """Run a recipe; returns when the run is done, stopped early or interrupted (Ctrl-C, saved).
 
     The run directory is locked while it runs (a second process gets a RecipeError naming this
     one). retune: a resume may change optimizer.lr, optimizer.grad_clip and schedule.warmup_steps
     (`lcsm train --resume auto` allows it; ablation points do not). on_step(record) is called after
-    every optimizer step with the step's metrics (tests use it). Raises RecipeError for bad input
-    and TrainingError when the loss stops being finite.
+    every optimizer step with the step's metrics (tests use it). init_from: a run directory,
+    checkpoint folder or model.safetensors whose weights a new run starts from (a fresh optimizer
+    and schedule at step 0; its tokenizer.json comes along); a run being resumed ignores it. A run
+    directory holding an init checkpoint (checkpoint/init/, lcsm upcycle's) and no step checkpoint
+    starts from it with resume=True as well. Raises RecipeError for bad input and TrainingError
+    when the loss stops being finite.
     """
     console = console or Console(highlight=False)
     grid = _grid(recipe)
@@ -427,7 +435,23 @@ def train(
             notes.append(text)
             say(escape(text))
 
-        run_dir, resuming, held = _on_main(grid, lambda: open_run_dir(recipe, resume, overwrite, retune=retune, log=note))
+        init = _init_source(recipe, init_from, overwrite)
+
+        def prepare():
+            run_dir, resuming, held = open_run_dir(recipe, resume, overwrite, retune=retune, init=init is not None, log=note)
+            try:
+                if resuming and init is not None:
+                    note(f"{run_dir} has a checkpoint: resuming it (--init-from is for a run's start)")
+                # a start from weights: --init-from's, or with --resume auto the run's own init checkpoint
+                start = None if resuming else (init or (init_weights(run_dir) if resume else None))
+                if start is not None:
+                    _copy_tokenizer(start, run_dir)
+            except BaseException:
+                held.release()
+                raise
+            return run_dir, resuming, held, start
+
+        run_dir, resuming, held, init = _on_main(grid, prepare)
 
         def task():
             try:
@@ -448,8 +472,18 @@ def train(
 
         torch.manual_seed(derive_seed(recipe.seed, "init"))
         model = Model(recipe.model).set_backend(recipe.backend).to(device)
+        if init is not None:
+            step = load_weights(model, init, device)
+            say(f"starting from the weights of {escape(str(init))}" + (f" (step {step})" if step >= 0 else "") + " with a fresh optimizer")
         model.train()
-        spe = steps_per_epoch(data.train, recipe.batch_size)
+        if recipe.checkpointing is not None:
+            model.checkpoint_every = recipe.checkpointing.every
+        if recipe.compile:
+            model.compile_blocks()
+        try:
+            spe = Batches(data, recipe.batch_size, recipe.seed).steps_per_epoch
+        except TaskError as e:
+            raise RecipeError(f"task: {e}") from None
         total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
         warmup = recipe.schedule.warmup_steps
         if warmup is not None and warmup > total:  # (recipes in steps are checked when they load)
@@ -465,6 +499,25 @@ def train(
         if held is not None:
             held.release()  # (a no-op on the ranks that got a copy of rank 0's lock)
         torch.set_num_threads(threads)
+
+
+def _init_source(recipe: Recipe, init_from, overwrite: bool) -> Path | None:
+    """The weights file --init-from names (checked before the run directory is touched)."""
+    if init_from is None:
+        return None
+    weights, _ = find_weights(init_from)
+    if overwrite and weights.resolve().is_relative_to(recipe.run_dir.resolve()):
+        raise RecipeError(f"--init-from {init_from}: these weights are in the run directory that --overwrite would clear; "
+                          "leave out --overwrite (an upcycled directory starts from its weights as it is)")
+    return weights
+
+
+def _copy_tokenizer(weights: Path, run_dir: Path) -> None:
+    """A BPE run's token ids belong to its tokenizer: the new run takes the source run's tokenizer.json."""
+    source = weights_run_dir(weights)
+    if source is None or not (source / "tokenizer.json").exists() or source.resolve() == run_dir.resolve():
+        return
+    write_text(run_dir / "tokenizer.json", (source / "tokenizer.json").read_text())  # (claimed: rundir.FRESH)
 
 
 def _grid(recipe: Recipe) -> Grid | None:
@@ -535,12 +588,16 @@ def _eval_line(step: int, metrics: dict) -> str:
     return "  ".join(parts)
 
 
-def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None, lower: dict) -> str:
-    kept = (
+def _kept(run_dir: Path, last_ckpt: int | None) -> str:
+    return (
         f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir / 'checkpoint' / f'step-{last_ckpt:06d}'}"
         if last_ckpt is not None
         else "no checkpoint had been written yet"
     )
+
+
+def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None, lower: dict) -> str:
+    kept = _kept(run_dir, last_ckpt)
     sets = " ".join(f"--set {k}={v}" for k, v in lower.items())
     return (
         f"{what}; training stopped and {kept}. "

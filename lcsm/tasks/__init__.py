@@ -12,8 +12,9 @@ from typing import Annotated, Callable, Union
 
 from pydantic import Field
 
-from lcsm.tasks import copying, induction, mqar, text
-from lcsm.tasks.base import IGNORE, Segment, TaskData, TaskError, derive_seed, epoch_batches, sample_without_replacement, steps_per_epoch
+from lcsm.tasks import copying, corpus, induction, mqar, text
+from lcsm.tasks.base import (IGNORE, Batch, Batches, Segment, TaskData, TaskError, derive_seed, epoch_batches,
+                             sample_without_replacement, steps_per_epoch)
 
 # kind -> (its recipe section, its builder)
 TASKS = {
@@ -21,6 +22,7 @@ TASKS = {
     "selective_copying": (copying.CopyingTask, copying.build),
     "induction": (induction.InductionTask, induction.build),
     "text": (text.TextTask, text.build),
+    "corpus": (corpus.CorpusTask, corpus.build),
 }
 
 Task = Annotated[Union[tuple(cls for cls, _ in TASKS.values())], Field(discriminator="kind")]
@@ -33,5 +35,5 @@ def build_task(task, seed: int, run_dir: Path | None = None, log: Callable[[str]
     return TASKS[task.kind][1](task, seed, run_dir=run_dir, log=log, train=train)
 
 
-__all__ = ["IGNORE", "Segment", "TaskData", "TaskError", "Task", "TASKS", "build_task", "derive_seed", "epoch_batches",
+__all__ = ["IGNORE", "Batch", "Batches", "Segment", "TaskData", "TaskError", "Task", "TASKS", "build_task", "derive_seed", "epoch_batches",
            "sample_without_replacement", "steps_per_epoch"]

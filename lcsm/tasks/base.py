@@ -34,12 +34,14 @@ class Segment:
 
     inputs, labels: [N, T] int64; labels[n, t] is the target of the output at position t
     (already shifted), or IGNORE. `slice` names the setting, e.g. {"seq_len": 64, "num_kv_pairs": 4};
-    evaluation reports one row per slice.
+    evaluation reports one row per slice. starts: [N, T] bool or None, True where a packed
+    document starts (the model restarts there: Model.forward's cu_seqlens).
     """
 
     inputs: torch.Tensor
     labels: torch.Tensor
     slice: dict = field(default_factory=dict)
+    starts: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -55,7 +57,8 @@ class TaskData:
 
     vocab_size: the model's vocabulary. bytes_per_token: [vocab_size] float, the number of text
     bytes each token stands for (text tasks only; used for bits per byte). tokenizer: an object
-    with encode/decode for text tasks, else None.
+    with encode/decode for text tasks, else None. sampler: a task whose training data does not fit
+    in memory (a corpus) streams it instead of listing `train` segments (see Batches).
     """
 
     kind: str
@@ -64,6 +67,28 @@ class TaskData:
     test: list[Segment]
     bytes_per_token: torch.Tensor | None = None
     tokenizer: object | None = None
+    sampler: "Sampler | None" = None
+
+
+@dataclass
+class Batch:
+    """One training batch: tokens, labels [B, T] int64; starts [B, T] bool where packed documents
+    start (None: every row is one sequence)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    starts: torch.Tensor | None = None
+
+
+class Sampler:
+    """Training batches streamed from data too large to hold (lcsm/tasks/corpus.py): batch(...)
+    must be a pure function of (batch_size, seed, step), so that a resumed run is exact."""
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        raise NotImplementedError
+
+    def batch(self, batch_size: int, seed: int, step: int) -> Batch:
+        raise NotImplementedError
 
 
 class TaskSpec(Base):
@@ -168,3 +193,25 @@ def epoch_batches(segments: list[Segment], batch_size: int, seed: int, epoch: in
 
 def steps_per_epoch(segments: list[Segment], batch_size: int) -> int:
     return sum(-(-len(seg) // batch_size) for seg in segments)
+
+
+class Batches:
+    """The training batches of a task as a pure function of (seed, step): the shuffled segments of
+    each epoch (epoch_batches), or the task's sampler (streamed data). What the trainer draws from."""
+
+    def __init__(self, data: TaskData, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        sampler = data.sampler
+        self.steps_per_epoch = sampler.steps_per_epoch(batch_size) if sampler is not None else steps_per_epoch(data.train, batch_size)
+        self._epoch, self._order = -1, None
+
+    def at(self, step: int) -> Batch:
+        """The batch of optimizer step `step` (0-based: the batch the step-th update trains on)."""
+        if self.data.sampler is not None:
+            return self.data.sampler.batch(self.batch_size, self.seed, step)
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # one epoch's order at a time
+            self._epoch, self._order = epoch, epoch_batches(self.data.train, self.batch_size, self.seed, epoch)
+        seg_index, rows = self._order[index]
+        seg = self.data.train[seg_index]
+        return Batch(seg.inputs[rows], seg.labels[rows], None if seg.starts is None else seg.starts[rows])

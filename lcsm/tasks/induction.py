@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lcsm.config.base import Base, FieldError
+from lcsm.config.base import FieldError
 
 from lcsm.tasks.base import TaskSpec, IGNORE, LengthSetting, Segment, TaskData, cached, derive_seed
 

@@ -3,21 +3,21 @@ message and exit code 2 (no traceback), before anything is measured."""
 
 import pytest
 import torch
-
 from helpers import cli_error  # tests/ is on sys.path (tests/conftest.py's folder)
 
 
 @pytest.mark.parametrize("args, words", [
     (["bench", "train", "--steps", "0"], "--steps must be at least 1 (got 0)"),
     (["bench", "train", "--warmup", "-1"], "--warmup must be at least 0 (got -1)"),
-    (["bench", "train", "--heads", "5"], "n_heads = 5 must divide d_model = 768"),
+    (["bench", "train", "--heads", "5"], "n_heads = 5 must divide d_model = 1024"),
+    (["bench", "train", "--shapes", "8x2048,2by8192"], "--shapes: '2by8192' is not BxT"),
     (["bench", "mom", "--small", "--top-k", "0"], "--top-k must be at least 1 (got 0)"),
     (["bench", "decode", "--small", "--contexts", "64", "0"], "--contexts: every value must be at least 1 (got 64 0)"),
     (["bench", "decode", "--step-iters", "0"], "--step-iters must be at least 1 (got 0)"),
     (["bench", "decode", "--small", "--device", "tpu"], "--device: unknown device 'tpu'"),
     (["bench", "kernels", "--shapes", "8,4096,16"], "--shapes: expected B,T,H,D with four positive integers"),
     (["bench", "parallel", "--steps", "0"], "--steps must be at least 1 (got 0)"),
-    (["bench", "parallel", "--nproc", "0"], "--nproc must be at least 1 (got 0)"),
+    (["bench", "parallel", "--nproc", "1"], "--nproc must be at least 2 (got 1)"),
 ])
 def test_bad_flags_name_the_flag(args, words, capsys):
     assert words in cli_error(args, capsys)
@@ -53,3 +53,8 @@ def test_refused_cleanly_without_cuda(no_cuda, args, words, capsys):
 def test_bench_parallel_outside_torchrun(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert "run under torchrun, or pass --nproc N" in cli_error(["bench", "parallel", "--small"], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "needs at least 2 processes" in cli_error(["bench", "parallel", "--small"], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = cli_error(["bench", "parallel", "--longest-start", "99"], capsys)
+    assert "--longest-start 99 must be a multiple of the number of processes (2)" in err

@@ -103,3 +103,15 @@ def test_the_standalone_entry_prints_errors_with_exit_code_2(capsys):
 
     assert train.main(["--steps", "0"]) == 2
     assert "error: --steps must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_bench_train_shapes_and_the_fla_counterparts():
+    from lcsm.bench.train import fla_config, parse_shapes, table
+
+    assert parse_shapes("8x2048, 2X8192,1x32768") == [(8, 2048), (2, 8192), (1, 32768)]
+    assert fla_config("cumsoftmax", 64, 2, 4, 100) is None  # fla has no counterpart
+    rows = [{"model": "gla", "impl": "lcsm", "B": 2, "T": 8, "params_M": 1.0, "tokens_per_s": 100.0, "peak_GiB": 2.0},
+            {"model": "gla", "impl": "fla", "B": 2, "T": 8, "params_M": 1.2, "tokens_per_s": 50.0, "peak_GiB": 4.0},
+            {"model": "transformer", "impl": "lcsm", "B": 2, "T": 8, "params_M": 1.0, "tokens_per_s": 80.0, "peak_GiB": 1.0}]
+    text = table(rows)
+    assert "| 2×8 | gla | 1.0 | 100 | 2.0 | 50 | 4.0 | 2.00 | 0.50 | 1.25 |" in text

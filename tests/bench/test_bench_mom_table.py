@@ -4,8 +4,8 @@ trained here (routed memories, so the table's memories column and the aux loss a
 import json
 
 import pytest
-
 from helpers import cli_error  # tests/ is on sys.path (tests/conftest.py's folder)
+
 from lcsm.cli.main import main
 
 

@@ -4,7 +4,7 @@ are validated exactly like the file; errors name the field."""
 import pytest
 import yaml
 
-from lcsm.config.recipe import RecipeError, Recipe, Task, load_recipe, shipped_recipes
+from lcsm.config.recipe import Recipe, Task, load_recipe, shipped_recipes
 from lcsm.config.spec import SpecError, load_yaml
 
 TINY_MODEL = {"d_model": 16, "n_layers": 1, "mixer": {"kind": "eos", "oscillation": {"kind": "ones"}}}

@@ -285,6 +285,93 @@ def mom_scalar(m, p, x):
     return mom(m, p, x, a[..., None].expand(*a.shape, m.K))
 
 
+def l2norm(x):
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)  # fla's l2norm
+
+
+def conv_silu(x, p, name):
+    """fla's ShortConvolution with SiLU: depthwise causal conv (size 4) of the projection."""
+    return F.silu(causal_conv(lin(x, p, name + ".proj"), p[name + ".conv.conv.weight"]))
+
+
+def delta_rule(q, k, v, beta, log_alpha):
+    """The gated delta rule as fla's naive recurrence computes it (state S [K,V] per head):
+    S ← α S (α per head [B,T,H] or per key channel [B,T,H,K]); u = β (v − Sᵀk); S ← S + k uᵀ;
+    o = Sᵀ q. q, k [B,T,H,K] (already normalised and scaled), v [B,T,H,V], β [B,T,H]."""
+    Bn, T, H, K = q.shape
+    S = torch.zeros(Bn, H, K, v.shape[-1], dtype=q.dtype)
+    outs = []
+    for t in range(T):
+        if log_alpha is not None:
+            a = torch.exp(log_alpha[:, t])
+            S = S * (a[..., None, None] if a.dim() == 2 else a[..., None])
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))
+        S = S + k[:, t, :, :, None] * u[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(outs, 1)
+
+
+def delta_qkv(m, p, x):
+    H, K = m.H, m.K
+    q = l2norm(heads(conv_silu(x, p, "shrink.proj"), H)) * K**-0.5
+    k = l2norm(heads(conv_silu(x, p, "expand.proj"), H))
+    v = heads(conv_silu(x, p, "input.proj"), H)
+    beta = torch.sigmoid(lin(x, p, "oscillation.beta_proj", bias=False))
+    return q, k, v, beta
+
+
+def deltanet(m, p, x):
+    q, k, v, beta = delta_qkv(m, p, x)
+    o = rms(delta_rule(q, k, v, beta, None), p["out_norm.weight"], m.out_norm.eps)
+    return lin(o.flatten(-2), p, "o_proj")
+
+
+def gated_deltanet(m, p, x):
+    """fla's GatedDeltaNet: g = −exp(A_log)·softplus(a_proj(x) + dt_bias) per head (a_proj's bias
+    is dt_bias here), output RMSNorm(o)·SiLU(g_proj(x)) per head."""
+    q, k, v, beta = delta_qkv(m, p, x)
+    g = -torch.exp(p["oscillation.inner.gate.A_log"]) * F.softplus(lin(x, p, "oscillation.inner.gate.proj"))
+    o = rms(delta_rule(q, k, v, beta, g), p["out_norm.weight"], m.out_norm.eps)
+    o = o * heads(F.silu(lin(x, p, "gate_proj")), m.H)
+    return lin(o.flatten(-2), p, "o_proj")
+
+
+def kda(m, p, x):
+    """Kimi Delta Attention: a decay per key channel from a low-rank projection, the output gated by
+    a low-rank sigmoid gate."""
+    q, k, v, beta = delta_qkv(m, p, x)
+    f = lin(lin(x, p, "oscillation.inner.gate.proj.0"), p, "oscillation.inner.gate.proj.1")
+    g = -torch.exp(p["oscillation.inner.gate.A_log"]) * F.softplus(heads(f, m.H))
+    o = rms(delta_rule(q, k, v, beta, g), p["out_norm.weight"], m.out_norm.eps)
+    gate = torch.sigmoid(lin(lin(x, p, "gate_proj.0"), p, "gate_proj.1"))
+    return lin((o * heads(gate, m.H)).flatten(-2), p, "o_proj")
+
+
+def mom_gated_deltanet(m, p, x):
+    """MoM over Gated DeltaNet memories, one memory at a time: memory j has its own key, value, β
+    and decay projections and is updated only at the tokens routed to it (plus the shared memory,
+    updated everywhere); a token reads its chosen memories, weighted, and the shared one."""
+    H, K, M = m.H, m.K, m.M
+    Bn, T = x.shape[:2]
+    probs = torch.softmax(lin(x, p, "router.proj"), dim=-1)
+    top, idx = probs.topk(m.top_k, dim=-1)
+    w = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+    chosen = torch.zeros_like(probs).scatter(-1, idx, 1.0)
+    w = torch.cat([w, torch.ones_like(w[..., :1])], -1)
+    chosen = torch.cat([chosen, torch.ones_like(chosen[..., :1])], -1)
+    q = l2norm(heads(conv_silu(x, p, "shrink.proj"), H)) * K**-0.5
+    k = l2norm(conv_silu(x, p, "expand.proj").view(Bn, T, M, H, K))
+    v = conv_silu(x, p, "input.proj").view(Bn, T, M, H, -1)
+    beta = torch.sigmoid(lin(x, p, "oscillation.beta_proj", bias=False)).view(Bn, T, M, H)
+    g = (-torch.exp(p["oscillation.inner.gate.A_log"]) * F.softplus(lin(x, p, "oscillation.inner.gate.proj"))).view(Bn, T, M, H)
+    y = 0
+    for mem in range(M):
+        c = chosen[..., mem, None]  # [B,T,1]: an unchosen token leaves the memory as it was
+        y = y + w[..., mem, None, None] * delta_rule(q, k[:, :, mem], v[:, :, mem], beta[:, :, mem] * c, g[:, :, mem] * c)
+    o = rms(y, p["out_norm.weight"], m.out_norm.eps)
+    return lin((o * heads(F.silu(lin(x, p, "gate_proj")), H)).flatten(-2), p, "o_proj")
+
+
 PUBLISHED = {
     "linear_attention": linear_attention,
     "tnl": tnl,
@@ -301,6 +388,11 @@ PUBLISHED = {
     "mom_gla": mom_gla,
     "mom_scalar": mom_scalar,
     "hybrid_gla": gla,  # layer LAYER is a GLA layer; the attention layer is checked below
+    "deltanet": deltanet,
+    "gated_deltanet": gated_deltanet,
+    "kda": kda,
+    "mom_gated_deltanet": mom_gated_deltanet,
+    "hybrid_gated_deltanet": gated_deltanet,  # layer LAYER is a Gated DeltaNet layer; attention is layer 3
 }
 
 

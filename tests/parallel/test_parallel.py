@@ -42,6 +42,10 @@ def sp_specs() -> dict:
     specs["vector_k_param"] = static
     moe = tiny("mamba2") | {"channel_mixer": {"kind": "moe", "experts": 4, "top_k": 2, "shared_expert": True}}
     specs["mamba2_moe"] = moe  # token-local: must not notice the split
+    routed = tiny("hybrid_gla")  # attention experts on EOS and attention layers: token-local too
+    for mixer in (routed["mixer"], *routed["mixers"].values()):
+        mixer["head_routing"] = {"groups": 2, "top_k": 1}
+    specs["hybrid_head_routing"] = routed
     return specs
 
 

@@ -1,4 +1,5 @@
-"""One token of the recurrence, for decoding: m = o ⊙ m + e iᵀ, y = mᵀ s.
+"""One token of the recurrence, for decoding: m = o ⊙ m + e iᵀ, y = mᵀ s; with a removal key w
+(the delta rule) m = (I - w eᵀ)(o ⊙ m) + e iᵀ.
 
 Shapes are those of the canonical tensors without the time axis: s, e [B,H,K], i [B,H,V], state
 [B,H,K,V] (fp32) and a one-token Decay (lcsm/kernels/decay.py).
@@ -13,8 +14,7 @@ from ..decay import Decay
 
 def eos_step_torch(s, e, i, state, decay: Decay):
     """Returns (y [B,H,V] in the dtype of s, new state [B,H,K,V] fp32)."""
-    log_o = decay.log_step(None, torch.float32)
-    m = state.float() if log_o is None else torch.exp(log_o) * state.float()
+    m = decay.transition(state.float(), None, e)
     m = m + e.float()[..., :, None] * i.float()[..., None, :]
     y = torch.einsum("bhk,bhkv->bhv", s.float(), m)
     return y.to(s.dtype), m

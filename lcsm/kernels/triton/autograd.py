@@ -210,9 +210,11 @@ def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout)
         if gates.use["g"]:  # one partial sum per K tile; the largest tile count is K / 32
             nkt = triton.cdiv(K, 32)
             tiles = gate_grad_parts((nkt, B, T, H), (nkt, lay.n_chunks, H), q.device, zero=True)
+        # the autotuner zeroes these between its trials: real (unused) buffers without a scalar decay
+        parts_or_unused = tiles or tuple(torch.zeros(1, device=q.device) for _ in range(3))
         grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt, nbh)
         tk.chunk_dqdk_kernel[grid](
-            q, k, v, do, h, dh, c["g"], c["gv"], s["g"], s["gv"], dA, dq, dk, *(tiles or (None,) * 3), lay.cu,
+            q, k, v, do, h, dh, c["g"], c["gv"], s["g"], s["gv"], dA, dq, dk, *parts_or_unused, lay.cu,
             lay.chunk_idx, T, B * T, lay.n_chunks, H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GV=kw["USE_GV"],
             GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
         )
@@ -242,37 +244,52 @@ def gate_grad(a, b, c, lay: Layout) -> torch.Tensor:
     return out
 
 
+def chunk_fwd(q, k, v, g, gk, gv, h0, output_final_state: bool, cu_seqlens):
+    """The chunked forward: (o [B,T,H,V] in q.dtype, ht [N,H,K,V] fp32 or None, and what the
+    backward reads: the scores A or None, o without its s = t terms (fp32, decays along V) or None).
+    q, k, v contiguous; g is never given with gk (Decay.fold_scalar)."""
+    h0 = None if h0 is None else h0.float().contiguous()
+    lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
+    gates = Gates(Decay(g=g, gk=gk, gv=gv), lay)
+    o, ht, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state)
+    return o, ht, A, o_strict
+
+
+def chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht):
+    """The chunked backward: (dq, dk, dv in their inputs' dtypes, dg, dgk, dgv in the gates'
+    dtypes (static gates summed over tokens) or None, dh0 fp32 or None)."""
+    lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
+    decay = Decay(g=g, gk=gk, gv=gv)
+    gates = Gates(decay, lay)
+    h0 = None if h0 is None else h0.float().contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, gates, h0, A, lay)
+    grads = []
+    for name, x in (("g", g), ("gk", gk), ("gv", gv)):
+        d = dG[name]
+        if x is None:
+            grads.append(None)
+        elif decay.is_static(name):  # the same gate at every token
+            grads.append(d.sum((0, 1)).to(x.dtype))
+        else:
+            grads.append(d.to(x.dtype))
+    return (dq, dk, dv, *grads, dh0)
+
+
 class ChunkEOS(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ctx.h0_dtype = None if h0 is None else h0.dtype
-        h0 = None if h0 is None else h0.float().contiguous()
-        lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
-        gates = Gates(Decay(g=g, gk=gk, gv=gv), lay)
-        o, ht, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state)
+        o, ht, A, o_strict = chunk_fwd(q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens)
         ctx.save_for_backward(q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens = ctx.saved_tensors
-        lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
-        decay = Decay(g=g, gk=gk, gv=gv)
-        gates = Gates(decay, lay)
-        dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, gates, h0, A, lay)
-        grads = []
-        for name, x in (("g", g), ("gk", gk), ("gv", gv)):
-            d = dG[name]
-            if x is None:
-                grads.append(None)
-            elif decay.is_static(name):  # the same gate at every token
-                grads.append(d.sum((0, 1)).to(x.dtype))
-            else:
-                grads.append(d.to(x.dtype))
-        return (dq, dk, dv, *grads,
-                None if dh0 is None else dh0.to(ctx.h0_dtype), None, None)
+        *grads, dh0 = chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht)
+        return (*grads, None if dh0 is None else dh0.to(ctx.h0_dtype), None, None)
 
 
 def chunk_eos(q, k, v, decay: Decay, h0=None, output_final_state=False, cu_seqlens=None):
@@ -293,79 +310,95 @@ def _scan_tiles(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
+def scan_fwd(q, k, v, g, gk, gv, dt, A, h0, output_final_state: bool, cu_seqlens, store_states: bool):
+    """The scan forward: (y [B,T,H,V] in q.dtype, ht [N,H,K,V] fp32 or None, the block-start states
+    [n_blocks,H,K,V] fp32 that the backward reads — one unused block when store_states is False)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dt = None if dt is None else dt.contiguous()
+    A = None if A is None else A.contiguous()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    lay = Layout(B, T, cu_seqlens, q.device, block=BS)
+    BK, BV = _scan_tiles(K, V)
+    NK = triton.cdiv(K, BK)
+    decay = Decay(g=g, gk=gk, gv=gv, dt=dt, A=A)
+    flags = decay_flags(decay)
+    per_tok, static = _scan_gates(decay)
+    h0c = None if h0 is None else h0.float().contiguous()
+    # one K tile writes y in its final dtype; several write fp32 partial sums
+    y = torch.empty(NK, B, T, H, V, dtype=q.dtype if NK == 1 else torch.float32, device=q.device)
+    # the block-start states are only for the backward: inference skips writing them
+    states = torch.empty(lay.n_chunks if store_states else 1, H, K, V, dtype=torch.float32, device=q.device)
+    ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), NK, lay.N * H)  # noqa: E731
+    ts.scan_fwd_kernel[grid](
+        q, k, v, *per_tok, *static, dt, A, h0c, y, states, ht, lay.cu, lay.chunk_off, T, B * T,
+        H=H, K=K, V=V, BS=BS, BK=BK, HAS_H0=h0 is not None, STORE_HT=output_final_state,
+        IS_VARLEN=lay.varlen, STORE_STATES=store_states, **flags,
+    )
+    y = y[0] if NK == 1 else y.sum(0)
+    return y.to(q.dtype), ht, states
+
+
+def scan_bwd(q, k, v, g, gk, gv, dt, A, states, cu_seqlens, dy, dht, with_dh0: bool):
+    """The scan backward: (dq, dk, dv, dg, dgk, dgv, ddt, dA in their inputs' dtypes or None, dh0
+    fp32 or None)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dt = None if dt is None else dt.contiguous()
+    A = None if A is None else A.contiguous()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    lay = Layout(B, T, cu_seqlens, q.device, block=BS)
+    BK, BV = _scan_tiles(K, V)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    decay = Decay(g=g, gk=gk, gv=gv, dt=dt, A=A)
+    flags = decay_flags(decay)
+    per_tok, static = _scan_gates(decay)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.empty(NV, B, T, H, K, **f32)
+    dk = torch.empty(NV, B, T, H, K, **f32)
+    dv = torch.empty(NK, B, T, H, V, **f32)
+    dg = torch.empty(NK * NV, B, T, H, **f32) if g is not None else None
+    dgk = torch.empty(NV, B, T, H, K, **f32) if gk is not None else None
+    dgv = torch.empty(NK, B, T, H, V, **f32) if gv is not None else None
+    ddt = torch.empty(NK, B, T, H, V, **f32) if dt is not None else None
+    dA = None
+    if A is not None:
+        dA = torch.zeros(lay.N, H, K, V, **f32) if decay.is_static("A") else torch.empty(A.shape, **f32)
+    dh0 = torch.empty(lay.N, H, K, V, **f32) if with_dh0 else None
+    ts.scan_bwd_kernel[(NV, NK, lay.N * H)](
+        q, k, v, *per_tok, *static, dt, A, states, dy.contiguous(), None if dht is None else dht.float().contiguous(),
+        dh0, dq, dk, dv, dg, dgk, dgv, ddt, dA, lay.cu, lay.chunk_off, T, B * T,
+        H=H, K=K, V=V, BS=BS, BK=BK, BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        IS_VARLEN=lay.varlen, **flags,
+    )
+    grads = [dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)]
+    for name, d in (("g", dg), ("gk", dgk), ("gv", dgv)):
+        x = getattr(decay, name)
+        if x is None:
+            grads.append(None)
+        else:
+            d = d.sum(0)
+            grads.append((d.sum((0, 1)) if decay.is_static(name) else d).to(x.dtype))
+    grads.append(None if dt is None else ddt.sum(0).to(dt.dtype))
+    grads.append(None if A is None else (dA.sum(0) if decay.is_static("A") else dA).to(A.dtype))
+    return (*grads, dh0)
+
+
 class ScanEOS(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, gk, gv, dt, A, h0, output_final_state, cu_seqlens):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dt = None if dt is None else dt.contiguous()
-        A = None if A is None else A.contiguous()
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        lay = Layout(B, T, cu_seqlens, q.device, block=BS)
-        BK, BV = _scan_tiles(K, V)
-        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
-        decay = Decay(g=g, gk=gk, gv=gv, dt=dt, A=A)
-        flags = decay_flags(decay)
-        per_tok, static = _scan_gates(decay)
-        h0c = None if h0 is None else h0.float().contiguous()
-        # one K tile writes y in its final dtype; several write fp32 partial sums
-        y = torch.empty(NK, B, T, H, V, dtype=q.dtype if NK == 1 else torch.float32, device=q.device)
-        # the block-start states are only for the backward: inference skips writing them
-        store_states = any(ctx.needs_input_grad[:9])
-        states = torch.empty(lay.n_chunks if store_states else 1, H, K, V, dtype=torch.float32, device=q.device)
-        ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-        grid = lambda meta: (triton.cdiv(V, meta["BV"]), NK, lay.N * H)  # noqa: E731
-        ts.scan_fwd_kernel[grid](
-            q, k, v, *per_tok, *static, dt, A, h0c, y, states, ht, lay.cu, lay.chunk_off, T, B * T,
-            H=H, K=K, V=V, BS=BS, BK=BK, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-            IS_VARLEN=lay.varlen, STORE_STATES=store_states, **flags,
-        )
+        y, ht, states = scan_fwd(q, k, v, g, gk, gv, dt, A, h0, output_final_state, cu_seqlens,
+                                 store_states=any(ctx.needs_input_grad[:9]))
         ctx.save_for_backward(q, k, v, g, gk, gv, dt, A, states, cu_seqlens)
         ctx.h0_dtype = None if h0 is None else h0.dtype
-        y = y[0] if NK == 1 else y.sum(0)
-        return y.to(q.dtype), ht
+        return y, ht
 
     @staticmethod
     def backward(ctx, dy, dht):
         q, k, v, g, gk, gv, dt, A, states, cu_seqlens = ctx.saved_tensors
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        lay = Layout(B, T, cu_seqlens, q.device, block=BS)
-        BK, BV = _scan_tiles(K, V)
-        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
-        decay = Decay(g=g, gk=gk, gv=gv, dt=dt, A=A)
-        flags = decay_flags(decay)
-        per_tok, static = _scan_gates(decay)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        dq = torch.empty(NV, B, T, H, K, **f32)
-        dk = torch.empty(NV, B, T, H, K, **f32)
-        dv = torch.empty(NK, B, T, H, V, **f32)
-        dg = torch.empty(NK * NV, B, T, H, **f32) if g is not None else None
-        dgk = torch.empty(NV, B, T, H, K, **f32) if gk is not None else None
-        dgv = torch.empty(NK, B, T, H, V, **f32) if gv is not None else None
-        ddt = torch.empty(NK, B, T, H, V, **f32) if dt is not None else None
-        dA = None
-        if A is not None:
-            dA = torch.zeros(lay.N, H, K, V, **f32) if decay.is_static("A") else torch.empty(A.shape, **f32)
-        dh0 = torch.empty(lay.N, H, K, V, **f32) if ctx.h0_dtype is not None else None
-        ts.scan_bwd_kernel[(NV, NK, lay.N * H)](
-            q, k, v, *per_tok, *static, dt, A, states, dy.contiguous(), None if dht is None else dht.float().contiguous(),
-            dh0, dq, dk, dv, dg, dgk, dgv, ddt, dA, lay.cu, lay.chunk_off, T, B * T,
-            H=H, K=K, V=V, BS=BS, BK=BK, BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-            IS_VARLEN=lay.varlen, **flags,
-        )
-        grads = [dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)]
-        for name, d in (("g", dg), ("gk", dgk), ("gv", dgv)):
-            x = getattr(decay, name)
-            if x is None:
-                grads.append(None)
-            else:
-                d = d.sum(0)
-                grads.append((d.sum((0, 1)) if decay.is_static(name) else d).to(x.dtype))
-        grads.append(None if dt is None else ddt.sum(0).to(dt.dtype))
-        grads.append(None if A is None else (dA.sum(0) if decay.is_static("A") else dA).to(A.dtype))
-        grads.append(None if dh0 is None else dh0.to(ctx.h0_dtype))
-        return (*grads, None, None)
+        *grads, dh0 = scan_bwd(q, k, v, g, gk, gv, dt, A, states, cu_seqlens, dy, dht, ctx.h0_dtype is not None)
+        return (*grads, None if dh0 is None else dh0.to(ctx.h0_dtype), None, None)
 
 
 def decay_flags(decay: Decay) -> dict:

@@ -33,8 +33,10 @@ BT, BC = 64, 16  # chunk and sub-chunk lengths
 LOG_ZERO = tl.constexpr(-1000.0)  # lcsm.kernels.decay.LOG_ZERO: exp of it is exactly 0
 
 
-def autotune(configs, key):
-    return triton.autotune(configs=configs if TUNE else configs[:1], key=key)
+def autotune(configs, key, reset_to_zero=None):
+    # reset_to_zero: buffers the kernel accumulates into, zeroed before every trial while tuning
+    # (a config with more K tiles would otherwise leave partial sums that the chosen one never overwrites)
+    return triton.autotune(configs=configs if TUNE else configs[:1], key=key, reset_to_zero=reset_to_zero)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -644,6 +646,7 @@ def chunk_dv_gv_kernel(
      triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
      triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3)],
     key=["H", "K", "V", "USE_G", "USE_GV"],
+    reset_to_zero=["dga", "dgb", "dgc"],
 )
 @triton.jit(do_not_specialize=["T"])
 def chunk_dqdk_kernel(

@@ -10,18 +10,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lcsm import parallel
 from lcsm.config.spec import AttentionMixer as AttentionSpec
 from lcsm.nn.context import LayerContext
+from lcsm.nn.head_routing import HeadRouting
+from lcsm.nn.packing import current as packing
 from lcsm.parallel import lasp
 
 
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def rope(x: torch.Tensor, base: float, start: int = 0) -> torch.Tensor:
-    """Rotary position embedding on [B,T,H,D] (rotate-half convention), positions start..start+T-1."""
+def rope(x: torch.Tensor, base: float, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary position embedding on [B,T,H,D] (rotate-half convention), positions start..start+T-1,
+    or the given positions [B,T] (packed documents: each restarts at 0)."""
     T, D = x.shape[1], x.shape[-1]
     inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
-    ang = torch.arange(start, start + T, device=x.device, dtype=torch.float64)[:, None] * inv
-    cos, sin = torch.cos(ang).to(x.dtype)[:, None, :], torch.sin(ang).to(x.dtype)[:, None, :]
+    if positions is None:
+        positions = torch.arange(start, start + T, device=x.device)
+    ang = positions.to(torch.float64)[..., None] * inv  # [T, D/2] or [B, T, D/2]
+    cos, sin = torch.cos(ang).to(x.dtype)[..., None, :], torch.sin(ang).to(x.dtype)[..., None, :]
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -43,10 +48,15 @@ class AttentionMixer(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=spec.bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=spec.bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.bias)
+        # attention experts: unchosen head groups' outputs are zeroed (their K, V are still cached)
+        self.head_routing = HeadRouting(spec.head_routing, d_model, self.H) if spec.head_routing is not None else None
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [B,T,d] -> [B,T,d]. cache (decoding): the KV cache "k", "v" [B,H,capacity,Dh] and the
         context length "len"; "max_len", when the caller sets it, sizes the buffers once."""
+        pk = packing()
+        if pk is not None:
+            return self.packed(x, pk)
         start = 0 if cache is None else cache.get("len", 0)
         q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
         sp = parallel.current()
@@ -63,12 +73,34 @@ class AttentionMixer(nn.Module):
                 # planning anew for each key length) cost 84 ms/token on an H200, these 11 ms
                 with sdpa_kernel(DECODE_BACKENDS):
                     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-                return self.o_proj(y.transpose(1, 2).flatten(-2))
+                return self.readout(y, x)
         if sp is not None:  # LASP-2H: all-gather K and V along the sequence
             y = lasp.attention(q, k, v, sp)
         else:  # no context before these tokens: plain causal attention (FlashAttention for a long prefill)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).flatten(-2))
+        return self.readout(y, x)
+
+    def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [B,H,T,Dh] -> (head routing) -> output projection -> [B,T,d]."""
+        y = y.transpose(1, 2)
+        if self.head_routing is not None:
+            y = self.head_routing(y, x)
+        return self.o_proj(y.flatten(-2))
+
+    def packed(self, x: torch.Tensor, pk) -> torch.Tensor:
+        """Packed documents, x [1,B·T,d]: attention per row again (the rows are separate), a query
+        seeing the keys of its own document only (a block-diagonal causal mask), positions restarting."""
+        B, T = pk.rows
+        x = x.view(B, T, -1)
+        q, k, v = (p(x).unflatten(-1, (self.H, self.Dh)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.spec.position == "rope":
+            positions = pk.positions.view(B, T)
+            q, k = rope(q, self.spec.rope_base, positions=positions), rope(k, self.spec.rope_base, positions=positions)
+        doc = pk.doc.view(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        mask = (doc[:, :, None] == doc[:, None, :]) & causal  # [B,T,T]; the diagonal: never a row without keys
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
+        return self.o_proj(y.transpose(1, 2).flatten(-2)).reshape(1, B * T, -1)
 
     @staticmethod
     def append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +126,10 @@ class AttentionMixer(nn.Module):
     def state_size(self) -> int:
         """Per token of context: a key and a value per head (the KV cache grows with the context)."""
         return 2 * self.H * self.Dh
+
+    def inactive_parameters(self) -> int:
+        """With head routing: the unchosen groups' query rows and output-projection columns."""
+        return 0 if self.head_routing is None else self.head_routing.inactive_of([self.q_proj, self.o_proj])
 
     def flops_per_token(self, context: int = 2048) -> int:
         # QKᵀ and AV, 2·Dh FLOPs per (query, key) pair and head, half the context on average

@@ -11,8 +11,11 @@ from lcsm.config.spec import EOSMixer as EOSSpec
 from lcsm.kernels.decay import Decay
 from lcsm.nn.cache import store, sub
 from lcsm.nn.context import LayerContext
-from lcsm.nn.norm import make_norm
+from lcsm.nn.head_routing import HeadRouting
+from lcsm.nn.fused import gated_rms_norm
+from lcsm.nn.norm import RMSNorm, make_norm
 from lcsm.nn.oscillations import build_oscillation
+from lcsm.nn.packing import current as packing
 from lcsm.nn.stages.expand import Expand
 from lcsm.nn.stages.input import Input
 from lcsm.nn.stages.shrink import Shrink
@@ -53,6 +56,8 @@ class EOSMixer(nn.Module):
             )
         self.D = nn.Parameter(torch.ones(H, V)) if out.skip else None
         self.o_proj = nn.Linear(H * V, d_model, bias=spec.bias)
+        # attention experts: the read-out of unchosen head groups is zeroed (every memory still updates)
+        self.head_routing = HeadRouting(spec.head_routing, d_model, H) if spec.head_routing is not None else None
 
     @property
     def label(self) -> str:
@@ -60,10 +65,13 @@ class EOSMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [B,T,d] -> [B,T,d]. cache (decoding, see lcsm/nn/cache.py): "state" [B,H,K,V] fp32, the
-        absolute position "offset" (a 0-d tensor, for rotations) and the stages' own sub-dicts."""
+        absolute position "offset" (a 0-d tensor, for rotations) and the stages' own sub-dicts.
+        Packed documents (lcsm/nn/packing.py, x [1,B·T,d]): positions restart and the recurrence
+        runs on the varlen kernel, one zero state per document."""
         B, T, _ = x.shape
         sp = parallel.current()  # sequence parallel: x is this rank's slice of the sequence
-        positions = torch.arange(T, device=x.device) + (sp.offset if sp else 0)
+        pk = packing()
+        positions = pk.positions if pk is not None else torch.arange(T, device=x.device) + (sp.offset if sp else 0)
         if cache is not None:
             if "offset" not in cache:
                 cache["offset"] = torch.zeros((), dtype=torch.long, device=x.device)
@@ -71,15 +79,18 @@ class EOSMixer(nn.Module):
             positions = positions + offset
         osc = self.oscillation(x, positions, sub(cache, "oscillation"))
         i, i_raw = self.input(x, osc, sub(cache, "input"))
-        e = self.expand(x, osc, sub(cache, "expand"))
+        e, decay = osc.with_expand(self.expand(x, osc, sub(cache, "expand")))
         s = self.shrink(x, osc, sub(cache, "shrink"))
         if cache is not None:
-            y = self.recur(s, e, i, osc.decay, cache)
+            y = self.recur(s, e, i, decay, cache)
             offset.add_(T)  # in place: a captured decoding step advances it on replay
+        elif sp is not None and decay.delta:  # LASP-2 with K×K transitions: the exact prefix state, then the slice
+            y = lasp.lasp2_delta(s, e, i, decay, sp, backend=self.backend)
         else:
-            y, ht = kernels.recurrence(s, e, i, osc.decay, output_final_state=sp is not None, backend=self.backend)
+            y, ht = kernels.recurrence(s, e, i, decay, output_final_state=sp is not None,
+                                       cu_seqlens=None if pk is None else pk.cu_seqlens, backend=self.backend)
             if sp is not None:  # LASP-2: add the decayed state of the earlier slices
-                y = lasp.lasp2(y, ht, s, osc.decay, sp)
+                y = lasp.lasp2(y, ht, s, decay, sp)
         if self.D is not None:
             y = y + self.D.to(y.dtype) * i_raw
         return self.readout(y, x)
@@ -102,15 +113,27 @@ class EOSMixer(nn.Module):
     def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y [B,T,H,V] -> norm, output gate, projection -> [B,T,d]."""
         out = self.spec.output
-        gate = None
-        if self.gate_proj is not None:
-            gate = (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
-        if gate is not None and out.gate_first:
-            y = y * gate
-        if self.out_norm is not None:
-            y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
-        if gate is not None and not out.gate_first:
-            y = y * gate
+        if self.gate_proj is not None and isinstance(self.out_norm, RMSNorm):
+            # the norm and the gate in one function that keeps only its inputs for the backward
+            pre = self.gate_proj(x)
+            if out.norm_scope == "head":
+                y = gated_rms_norm(y, self.out_norm.weight, pre.unflatten(-1, (self.H, self.V)), self.out_norm.eps,
+                                   out.gate, out.gate_first)
+            else:
+                y = gated_rms_norm(y.flatten(-2), self.out_norm.weight, pre, self.out_norm.eps, out.gate,
+                                   out.gate_first).unflatten(-1, (self.H, self.V))
+        else:
+            gate = None
+            if self.gate_proj is not None:
+                gate = (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
+            if gate is not None and out.gate_first:
+                y = y * gate
+            if self.out_norm is not None:
+                y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
+            if gate is not None and not out.gate_first:
+                y = y * gate
+        if self.head_routing is not None:  # after the norm, which would undo the weights
+            y = self.head_routing(y, x)
         return self.o_proj(y.flatten(-2))
 
     def state_size(self) -> int:
@@ -122,6 +145,22 @@ class EOSMixer(nn.Module):
                 size += (conv.size - 1) * stage.H * stage.D
         return size
 
+    def inactive_parameters(self) -> int:
+        """With head routing: the parameters of the unchosen groups' read-out (the output
+        projection's columns, the query and output-gate rows); 0 without."""
+        if self.head_routing is None:
+            return 0
+        per_head = [self.o_proj]
+        query = getattr(self.shrink.proj, "proj", None)  # a data-dependent query: Linear d -> H·K
+        if isinstance(query, nn.Linear):
+            per_head.append(query)
+        gate = self.gate_proj[-1] if isinstance(self.gate_proj, nn.Sequential) else self.gate_proj
+        if gate is not None:
+            per_head.append(gate)
+        return self.head_routing.inactive_of(per_head)
+
     def flops_per_token(self, context: int = 2048) -> int:
-        """Recurrent-form FLOPs per token beyond the matmuls: decay, write (e iᵀ) and read (mᵀs)."""
-        return (2 + 2 + int(self.oscillation.decays)) * self.H * self.K * self.V
+        """Recurrent-form FLOPs per token beyond the matmuls: decay, write (e iᵀ), read (mᵀs) and a
+        delta rule's transition."""
+        osc = self.oscillation
+        return (2 + 2 + int(osc.decays) + osc.transition_flops) * self.H * self.K * self.V

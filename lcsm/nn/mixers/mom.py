@@ -35,6 +35,7 @@ from lcsm.nn.cache import store
 from lcsm.nn.context import LayerContext
 from lcsm.nn.mixers.eos import EOSMixer
 from lcsm.nn.oscillations import build_oscillation
+from lcsm.nn.packing import current as packing
 from lcsm.nn.routing import Routed, Router, RoutingStats
 from lcsm.nn.stages.common import ShortConv
 from lcsm.nn.stages.expand import Expand
@@ -115,10 +116,12 @@ class MoMMixer(EOSMixer):
             self.shrink = Shrink(spec.shrink, d_model, MH, K, spec.bias, False)
         self.router = Router(d_model, self.E, self.top_k)
         self.conv_tail = max((m.size - 1 for m in self.modules() if isinstance(m, ShortConv)), default=0)
-        # per-memory projections without a convolution: the sparse path projects only the copies
+        # per-memory projections without a convolution: the sparse path projects only the copies (not
+        # a delta rule's expand: its key is also the removal key of the decay, computed with the stages)
         self.deferred = tuple(
             n for n in ("input", "expand", "shrink")
             if n in self.per_memory and getattr(self, n).proj.source == "data" and getattr(self, n).proj.conv is None
+            and not (n == "expand" and spec.oscillation.transition)
         )
         self.aux_scope = r.aux_loss_scope
         self.routing_stats = None
@@ -155,6 +158,8 @@ class MoMMixer(EOSMixer):
         return self.readout(y, x)
 
     def choose_path(self, x: torch.Tensor) -> str:
+        if torch.compiler.is_compiling() and self.path != "reference":
+            return "dense"  # the sparse path sizes its segments on the host: no static graph
         if self.path != "auto":
             return self.path
         B, T, _ = x.shape
@@ -167,15 +172,19 @@ class MoMMixer(EOSMixer):
         """Run the stages on x [B,T',d]; drop the first `skip` tokens (the cached conv context).
         Stages named in `deferred` are left out (the sparse path projects the copies itself).
         Returns the s, e, i streams and the decay (its tensors in the layout of `oscillation`)."""
-        positions = torch.arange(x.shape[1], device=x.device)
+        pk = packing()
+        positions = pk.positions if pk is not None else torch.arange(x.shape[1], device=x.device)
         osc = self.oscillation(x, positions)
+        decay = osc.decay
         out = {}
         for name, short in (("shrink", "s"), ("expand", "e"), ("input", "i")):
             if name not in deferred:
                 t = getattr(self, name)(x, osc)
                 t = t[0] if name == "input" else t
+                if name == "expand":  # a delta rule's removal key is the expand key (one layout: the spec checks it)
+                    t, decay = osc.with_expand(t)
                 out[short] = Stream(t[:, skip:], name in self.per_memory, False)
-        return out, osc.decay.slice(skip, None)
+        return out, decay.slice(skip, None)
 
     def decay_layout(self, decay: Decay, layout) -> Decay:
         """The decay's tensors through a Stream layout: layout(stream) -> tensor."""
@@ -215,16 +224,22 @@ class MoMMixer(EOSMixer):
         decay = self.decay_layout(decay, lambda stream: heads(stream.dense(B, T, M, H))).masked(keep)
         if h0 is not None:
             h0 = h0.reshape(B, M * H, K, V)
-        y, ht = kernels.recurrence(s, e, i, decay, h0=h0, output_final_state=want_state, backend=self.backend)
+        pk = packing()  # packed documents: every memory starts from zero per document (varlen kernel)
+        y, ht = kernels.recurrence(s, e, i, decay, h0=h0, output_final_state=want_state,
+                                   cu_seqlens=None if pk is None else pk.cu_seqlens, backend=self.backend)
         y = torch.einsum("btmhv,btm->bthv", y.view(B, T, M, H, V), w.to(y.dtype))
         return y, (None if ht is None else ht.view(B, M, H, K, V))
 
     # ------------------------------------------------------------------ sparse
 
     def run_sparse(self, st: dict[str, Stream], decay: Decay, routed: Routed, B: int, T: int, h0, want_state: bool, x: torch.Tensor):
-        """Copies sorted by (memory, batch row, time) into one packed sequence per (memory, row)."""
+        """Copies sorted by (memory, batch row, time) into one packed sequence per (memory, row);
+        with packed documents (B = 1) the rows are the documents."""
         M, H, K, V = self.M, self.H, self.K, self.V
         dev = routed.index.device
+        pk = packing()
+        # R sequences of the batch: the rows, or the packed documents (each token's index in row_of)
+        R, row_of = (B, None) if pk is None else (pk.n, pk.doc)
         mem = routed.index
         w = routed.weights
         if self.shared:
@@ -236,17 +251,17 @@ class MoMMixer(EOSMixer):
         # keys are distinct, so the sort groups (memory, row) and keeps time order inside a group
         order = torch.argsort(mem * (B * T) + tok)
         tok_s, mem_s = tok[order], mem[order]
-        seg = mem * B + tok // T
-        counts = torch.bincount(seg, minlength=M * B).tolist()  # the one host sync: segment sizes
+        seg = mem * R + (tok // T if row_of is None else row_of[tok])
+        counts = torch.bincount(seg, minlength=M * R).tolist()  # the one host sync: segment sizes
         segs = [n for n, c in enumerate(counts) if c > 0]
         bounds = [0]
         for n in segs:
             bounds.append(bounds[-1] + counts[n])
         cu = torch.tensor(bounds, device=dev, dtype=torch.int32)
         seg_t = torch.tensor(segs, device=dev, dtype=torch.long)
-        seg_m, seg_b = seg_t // B, seg_t % B
+        seg_m, seg_b = seg_t // R, seg_t % R
         if self.deferred:
-            per_memory = [sum(counts[m * B : (m + 1) * B]) for m in range(M)]
+            per_memory = [sum(counts[m * R : (m + 1) * R]) for m in range(M)]
             xc = x.reshape(B * T, -1)[tok_s]  # [N,d], grouped by memory
             st = dict(st)
             for name in self.deferred:
@@ -279,8 +294,7 @@ class MoMMixer(EOSMixer):
             if n:
                 parts.append(F.linear(xc[start : start + n], W[m], None if b is None else b[m]))
             start += n
-        h = proj.feature_map(torch.cat(parts)).view(1, -1, H, proj.D)
-        return h * proj.scale if proj.scale != 1.0 else h
+        return proj.finish(proj.feature_map(torch.cat(parts)).view(1, -1, H, proj.D))
 
     # ------------------------------------------------------------------ reference
 
@@ -288,21 +302,29 @@ class MoMMixer(EOSMixer):
         """A plain loop over tokens and memories in fp64 (the oracle)."""
         M, H, K, V = self.M, self.H, self.K, self.V
         f64 = torch.float64
-        w, mask = self.memory_weights(routed)
-        w = w.to(f64)
+        weight, mask = self.memory_weights(routed)
+        weight = weight.to(f64)
         s, e, i = (st[n].dense(B, T, M, H).to(f64) for n in ("s", "e", "i"))
         decay = self.decay_layout(decay, lambda stream: stream.dense(B, T, M, H).flatten(2, 3).to(f64))
+        removal = None if decay.w is None else decay.w.unflatten(2, (M, H))  # [B,T,M,H,K]: a delta rule's keys
         zero = torch.zeros(B, H, K, V, dtype=f64, device=s.device)
         states = [zero if h0 is None else h0[:, m].to(f64) for m in range(M)]
+        pk = packing()
         ys = []
         for t in range(T):
+            if pk is not None and int(pk.positions[t]) == 0:  # a packed document starts: empty memories
+                states = [zero] * M
             y_t = torch.zeros(B, H, V, dtype=f64, device=s.device)
             log_o = decay.log_step(t, f64)  # [B, M·H, K|1, V|1], or None for o = 1
             o = None if log_o is None else torch.exp(log_o).unflatten(1, (M, H))
             for m in range(M):
-                new = (states[m] if o is None else o[:, m] * states[m]) + e[:, t, m, :, :, None] * i[:, t, m, :, None, :]
+                new = states[m] if o is None else o[:, m] * states[m]
+                if removal is not None:  # (I − w eᵀ) on the decayed state
+                    read = torch.einsum("bhk,bhkv->bhv", e[:, t, m], new)
+                    new = new - removal[:, t, m, :, :, None] * read[:, :, None, :]
+                new = new + e[:, t, m, :, :, None] * i[:, t, m, :, None, :]
                 states[m] = torch.where(mask[:, t, m, None, None, None], new, states[m])
-                y_t = y_t + w[:, t, m, None, None] * torch.einsum("bhkv,bhk->bhv", states[m], s[:, t, m])
+                y_t = y_t + weight[:, t, m, None, None] * torch.einsum("bhkv,bhk->bhv", states[m], s[:, t, m])
             ys.append(y_t)
         y = torch.stack(ys, dim=1).to(st["s"].x.dtype)
         state_dtype = f64 if st["s"].x.dtype == f64 else torch.float32

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lcsm import parallel
 from lcsm.nn.cache import store
+from lcsm.nn.packing import current as packing
 from lcsm.parallel.context import previous_tail
 
 FEATURE_MAPS = {
@@ -48,6 +49,9 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         T, n = x.shape[1], self.size - 1
         sp = parallel.current()
+        pk = packing()
+        if pk is not None and cache is None:
+            return self.packed(x, pk.positions)
         if cache is None and sp is None:
             return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
         if cache is None:
@@ -62,6 +66,19 @@ class ShortConv(nn.Module):
         store(cache, "conv", xx[:, xx.shape[1] - n :])
         return F.conv1d(xx.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.groups).transpose(1, 2)
 
+    def packed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Packed documents: x [1,N,C], positions [N] within each document. The tap of lag l reads
+        x_{t-l} only where l <= position_t, so no document sees the end of the one before it (the
+        zero padding of a document run alone). A sum over the size taps, as conv1d computes it."""
+        N, n = x.shape[1], self.size - 1
+        w = self.conv.weight[:, 0, :].to(x.dtype)  # [C, size]: out_t = sum_lag w[:, n-lag] x_{t-lag}
+        xp = F.pad(x, (0, 0, n, 0))
+        y = x * w[:, n]
+        for lag in range(1, n + 1):
+            reach = (positions >= lag).to(x.dtype)[None, :, None]
+            y = y + xp[:, n - lag : n - lag + N] * w[:, n - lag] * reach
+        return y if self.conv.bias is None else y + self.conv.bias.to(x.dtype)
+
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """[x cos θ_t, x sin θ_t]: [B,T,H,K/2] with angles [T,K/2] -> [B,T,H,K]."""
@@ -74,17 +91,25 @@ def key_scale(spec, K: int) -> float:
     return {"none": 1.0, "rsqrt_k": K**-0.5}.get(spec.scale, spec.scale)
 
 
+def l2_normalize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """h / sqrt(Σ h² + eps) over the last axis (fla's l2norm), computed in fp32 for half types."""
+    x = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
+    return (x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)).to(h.dtype)
+
+
 class Projection(nn.Module):
-    """x [B,T,d] -> [B,T,H,D]: a linear map, an optional short convolution, a feature map, a scale.
+    """x [B,T,d] -> [B,T,H,D]: a linear map, an optional short convolution, a feature map, an
+    optional L2 normalisation per head, a scale.
 
     source data projects x; param is a learned [H,D] vector for every token; fixed is all ones.
     The result is multiplied by `scale` (e.g. K^-1/2).
     """
 
     def __init__(self, source: str, d_model: int, H: int, D: int, feature_map: str, conv: int | None, bias: bool,
-                 scale: float = 1.0):
+                 scale: float = 1.0, norm: str = "none"):
         super().__init__()
         self.source, self.H, self.D, self.scale = source, H, D, scale
+        self.l2 = norm == "l2"
         self.feature_map = FEATURE_MAPS[feature_map]
         if source == "data":
             self.proj = nn.Linear(d_model, H * D, bias=bias)
@@ -104,4 +129,10 @@ class Projection(nn.Module):
             if self.conv is not None:
                 h = self.conv(h, cache)
             h = self.feature_map(h).unflatten(-1, (self.H, self.D))
+        return self.finish(h)
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        """The normalisation and the scale, on [..., H, D] after the feature map."""
+        if self.l2:
+            h = l2_normalize(h)
         return h * self.scale if self.scale != 1.0 else h

@@ -22,7 +22,8 @@ class Expand(nn.Module):
         self.H, self.K = H, K
         if self.tie == "none":
             width = K // 2 if rotated else K
-            self.proj = Projection(spec.resolved_source, d_model, H, width, spec.feature_map, spec.conv, bias, key_scale(spec, K))
+            self.proj = Projection(spec.resolved_source, d_model, H, width, spec.feature_map, spec.conv, bias, key_scale(spec, K),
+                                   spec.norm)
 
     def forward(self, x: torch.Tensor, osc: OscillationOut, cache: dict | None = None) -> torch.Tensor:
         if self.tie == "one_minus_oscillation":

@@ -15,7 +15,8 @@ class Shrink(nn.Module):
     def __init__(self, spec, d_model: int, H: int, K: int, bias: bool, rotated: bool):
         super().__init__()
         width = K // 2 if rotated else K
-        self.proj = Projection(spec.resolved_source, d_model, H, width, spec.feature_map, spec.conv, bias, key_scale(spec, K))
+        self.proj = Projection(spec.resolved_source, d_model, H, width, spec.feature_map, spec.conv, bias, key_scale(spec, K),
+                                   spec.norm)
 
     def forward(self, x: torch.Tensor, osc: OscillationOut, cache: dict | None = None) -> torch.Tensor:
         s = self.proj(x, cache)

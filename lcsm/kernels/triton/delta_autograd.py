@@ -1,0 +1,205 @@
+"""Host side of the delta-rule Triton kernels (delta.py): buffers, grids, and the autograd Function.
+
+Shares the separable forms' bookkeeping (autograd.py): Layout (chunk coordinates, varlen),
+Gates (chunk cumsum of the log decays, static gates), chunk_scores (the decayed score matrices)
+and gate_grad (the gate gradient assembled within each chunk). The forward keeps only T = (I + A)⁻¹
+(fp32) for the backward, which recomputes W̃, U, the chunk states and R.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..decay import Decay
+from . import delta as td
+from .autograd import Gates, Layout, chunk_scores, gate_grad, gate_grad_parts, state_buffer_dtype
+
+BT, BC = 64, 16  # the chunk (the solve is written for 64 = four 16-row blocks) and its sub-chunks
+
+
+def _scores(a, b, gates: Gates, lay: Layout) -> torch.Tensor:
+    """M^{ab}[t, j] = Σ_k a_tk b_jk exp(G_tk - G_jk) for j <= t, [B,T,H,BT] fp32."""
+    if gates.use["gk"]:
+        return chunk_scores(a, b, gates.cum["gk"], gates.stat["gk"], None, None, lay)
+    return chunk_scores(a, b, None, None, gates.cum["g"], gates.stat["g"], lay)
+
+
+def _kw(gates: Gates) -> dict:
+    return dict(USE_G=gates.use["g"], G_STATIC=gates.static["g"], USE_GK=gates.use["gk"], GK_STATIC=gates.static["gk"])
+
+
+def _full_k(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))
+
+
+def solve(A: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """T = (I + strict_lower(A))⁻¹ per chunk, [B,T,H,BT] fp32."""
+    B, T, H = A.shape[:3]
+    Tm = torch.empty_like(A)
+    nt, nbh = lay.chunk_grid(H)
+    td.delta_solve_kernel[(nt, nbh)](A, Tm, lay.cu, lay.chunk_idx, T, H=H, BT=BT, IS_VARLEN=lay.varlen)
+    return Tm
+
+
+def wu(k, v, Tm, Bm, gates: Gates, lay: Layout):
+    """W̃ = T (k ⊙ Γ) [B,T,H,K], U = T B v [B,T,H,V], in the state buffers' dtype."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dt = state_buffer_dtype(k)
+    Wt = torch.empty(B, T, H, K, dtype=dt, device=k.device)
+    U = torch.empty(B, T, H, V, dtype=dt, device=k.device)
+    nt, nbh = lay.chunk_grid(H)
+    c, s = gates.cum, gates.stat
+    td.delta_wu_kernel[(nt, nbh)](
+        k, v, c["g"], c["gk"], s["g"], s["gk"], Tm, Bm, Wt, U, lay.cu, lay.chunk_idx, T,
+        H=H, K=K, V=V, BT=BT, IS_VARLEN=lay.varlen, **_kw(gates),
+    )
+    return Wt, U
+
+
+def states(k, v, w, Wt, U, gates: Gates, h0, lay: Layout, store_ht: bool):
+    """h [n_chunks,H,K,V] (the state before every chunk), R [B,T,H,V], ht [N,H,K,V] fp32 or None."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    h = torch.empty(lay.n_chunks, H, K, V, dtype=state_buffer_dtype(k), device=k.device)
+    R = torch.empty(B, T, H, V, dtype=state_buffer_dtype(k), device=k.device)
+    ht = torch.zeros(lay.N, H, K, V, dtype=torch.float32, device=k.device) if store_ht else None
+    c, s = gates.cum, gates.stat
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), lay.N * H)  # noqa: E731
+    td.delta_state_fwd_kernel[grid](
+        k, v, w, c["g"], c["gk"], s["g"], s["gk"], Wt, U, h, R, h0, ht, lay.cu, lay.chunk_off, T,
+        H=H, K=K, V=V, BT=BT, BK=_full_k(K), HAS_H0=h0 is not None, STORE_HT=store_ht, IS_VARLEN=lay.varlen,
+        **_kw(gates),
+    )
+    return h, R, ht
+
+
+class Prepared:
+    """What both passes need: the scores B (and P, Q with a decay along K), W̃, U."""
+
+    def __init__(self, q, k, w, v, Tm, gates: Gates, lay: Layout):
+        self.Bm = _scores(k, k, gates, lay)
+        self.Wt, self.U = wu(k, v, Tm, self.Bm, gates, lay)
+        self.P = self.Q = None
+        if gates.use["gk"]:  # without one the readers form P and Q themselves
+            self.P, self.Q = _scores(q, k, gates, lay), _scores(q, w, gates, lay)
+
+
+def delta_forward(q, k, v, w, gates: Gates, h0, lay: Layout, store_ht: bool):
+    """Returns (o [B,T,H,V] in q.dtype, ht or None, T [B,T,H,BT] fp32)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    Tm = solve(_scores(k, w, gates, lay), lay)
+    prep = Prepared(q, k, w, v, Tm, gates, lay)
+    h, R, ht = states(k, v, w, prep.Wt, prep.U, gates, h0, lay, store_ht)
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    nt, nbh = lay.chunk_grid(H)
+    c, s = gates.cum, gates.stat
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), nt, nbh)  # noqa: E731
+    td.delta_output_kernel[grid](
+        q, k, w, v, h, R, c["g"], c["gk"], s["g"], s["gk"], prep.P, prep.Q, o, lay.cu, lay.chunk_idx, T,
+        H=H, K=K, V=V, BT=BT, IS_VARLEN=lay.varlen, **_kw(gates),
+    )
+    return o, ht, Tm
+
+
+def delta_backward(q, k, v, w, do, dht, gates: Gates, h0, Tm, lay: Layout):
+    """Gradients (dq, dk, dv, dw in the input dtype, dh0 fp32 or None, dg or dgk per token fp32 or None)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    do = do.contiguous()
+    c, s, kw = gates.cum, gates.stat, _kw(gates)
+    prep = Prepared(q, k, w, v, Tm, gates, lay)
+    h, R, _ = states(k, v, w, prep.Wt, prep.U, gates, h0, lay, False)
+    nt, nbh = lay.chunk_grid(H)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    # dX_loc = -Tᵀ Qᵀ dO and W̄ = Tᵀ (w ⊙ Γ_out); the reverse sweep turns dX_loc into dX in place
+    dX = torch.empty(B, T, H, V, **f32)
+    Wb = torch.empty(B, T, H, K, dtype=state_buffer_dtype(k), device=q.device)
+    td.delta_bwd_local_kernel[(nt, nbh)](
+        q, w, do, c["g"], c["gk"], s["g"], s["gk"], Tm, prep.Q, dX, Wb, lay.cu, lay.chunk_idx, T,
+        H=H, K=K, V=V, BT=BT, IS_VARLEN=lay.varlen, **kw,
+    )
+    dh = torch.empty_like(h)
+    dh0 = torch.empty(lay.N, H, K, V, **f32) if h0 is not None else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), lay.N * H)  # noqa: E731
+    td.delta_state_bwd_kernel[grid](
+        q, k, do, c["g"], c["gk"], s["g"], s["gk"], Wb, dX, dh, dht, dh0, lay.cu, lay.chunk_off, T,
+        H=H, K=K, V=V, BT=BT, BK=_full_k(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        IS_VARLEN=lay.varlen, **kw,
+    )
+    dv = torch.empty_like(v)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), nt, nbh)  # noqa: E731
+    td.delta_dv_kernel[grid](
+        q, k, do, dX, dh, c["g"], c["gk"], s["g"], s["gk"], prep.P, prep.Bm, dv, lay.cu, lay.chunk_idx, T,
+        H=H, K=K, V=V, BT=BT, IS_VARLEN=lay.varlen, **kw,
+    )
+    dM = [torch.empty(B, T, H, BT, **f32) for _ in range(4)]  # dA, dB, dP, dQ
+    scalar = gates.use["g"]
+    td.delta_dM_kernel[(nt, nbh)](
+        v, do, R, dX, c["g"], s["g"], *dM, lay.cu, lay.chunk_idx, T, H=H, V=V, BT=BT,
+        USE_G=scalar, G_STATIC=gates.static["g"], IS_VARLEN=lay.varlen,
+    )
+    dq, dk, dw = torch.empty_like(q), torch.empty_like(k), torch.empty_like(w)
+    dG = None
+    if gates.use["gk"]:
+        parts = gate_grad_parts((B, T, H, K), (lay.n_chunks, H, K), q.device)
+        grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)  # noqa: E731
+        td.delta_dqkw_gk_kernel[grid](
+            q, k, w, v, do, h, dh, R, dX, c["gk"], s["gk"], *dM, dq, dk, dw, *parts, lay.cu, lay.chunk_idx, T,
+            H=H, K=K, V=V, BT=BT, BC=BC, GK_STATIC=gates.static["gk"], IS_VARLEN=lay.varlen,
+        )
+        dG = gate_grad(*parts, lay)
+    else:
+        # one partial sum per K tile (the largest tile count is K / 32), zeroed: the kernel may use
+        # fewer tiles than allocated; without a gate, placeholders (the tuner zeroes them too)
+        nkt = triton.cdiv(K, 32)
+        tiles = gate_grad_parts((nkt, B, T, H) if scalar else (1,), (nkt, lay.n_chunks, H) if scalar else (1,),
+                                q.device, zero=True)
+        grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt, nbh)  # noqa: E731
+        td.delta_dqkw_kernel[grid](
+            q, k, w, v, do, h, dh, R, dX, c["g"], s["g"], *dM, dq, dk, dw, *tiles, lay.cu,
+            lay.chunk_idx, T, B * T, lay.n_chunks, H=H, K=K, V=V, BT=BT, USE_G=scalar, G_STATIC=gates.static["g"],
+            IS_VARLEN=lay.varlen,
+        )
+        if scalar:
+            dG = gate_grad(*(x.sum(0) for x in tiles), lay)
+    return dq, dk, dv, dw, dh0, dG
+
+
+class DeltaEOS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, w, g, gk, h0, output_final_state, cu_seqlens):
+        q, k, v, w = q.contiguous(), k.contiguous(), v.contiguous(), w.contiguous()
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        h0 = None if h0 is None else h0.float().contiguous()
+        lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device, block=BT)
+        gates = Gates(Decay(g=g, gk=gk), lay)
+        o, ht, Tm = delta_forward(q, k, v, w, gates, h0, lay, store_ht=output_final_state)
+        ctx.save_for_backward(q, k, v, w, g, gk, h0, Tm, cu_seqlens)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, w, g, gk, h0, Tm, cu_seqlens = ctx.saved_tensors
+        lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device, block=BT)
+        decay = Decay(g=g, gk=gk)
+        gates = Gates(decay, lay)
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv, dw, dh0, dG = delta_backward(q, k, v, w, do, dht, gates, h0, Tm, lay)
+        grads = []
+        for name, x in (("g", g), ("gk", gk)):
+            if x is None:
+                grads.append(None)
+            elif decay.is_static(name):  # the same gate at every token
+                grads.append(dG.sum((0, 1)).to(x.dtype))
+            else:
+                grads.append(dG.to(x.dtype))
+        return (dq, dk, dv, dw, *grads, None if dh0 is None else dh0.to(ctx.h0_dtype), None, None)
+
+
+def delta_eos(q, k, v, decay: Decay, h0=None, output_final_state=False, cu_seqlens=None):
+    """The chunked Triton recurrence for the delta rule (w with g and/or gk; see lcsm/kernels/api.py)."""
+    decay = decay.fold_scalar()
+    return DeltaEOS.apply(q, k, v, decay.w, decay.g, decay.gk, h0, output_final_state, cu_seqlens)

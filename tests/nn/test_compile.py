@@ -1,0 +1,77 @@
+"""torch.compile(model, fullgraph=True) captures lcsm models whole — training (loss and every
+gradient) and inference (logits, and one decoding step from the cache) — on the torch backend
+(traced) and the Triton backend (the custom ops of lcsm/kernels/ops.py; on the CPU the Triton
+interpreter runs them), and the compiled model equals the eager one.
+
+The compiler backend is aot_eager: it runs dynamo's capture with fullgraph (any graph break is an
+error) and AOTAutograd's joint forward-backward, which is what these tests are about; inductor's
+code generation is torch's own business (`compile: true` in a recipe uses it)."""
+
+import os
+
+import pytest
+import torch
+
+from lcsm.config.spec import load_model_spec
+from lcsm.nn.cache import new_cache
+from lcsm.nn.model import Model
+
+TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+CASES = [("gla", "torch"), ("mamba2", "torch"), ("mom_gla", "torch"), ("hybrid_gla", "torch"), ("gated_deltanet", "torch")]
+if TRITON:
+    CASES += [("gla", "triton")]
+
+
+def tiny(name: str, backend: str) -> Model:
+    data = load_model_spec(name).model_dump(exclude_unset=True)
+    data.update(vocab_size=48, d_model=32, n_layers=2)
+    if data.get("pattern"):
+        data["pattern"] = "mixer attn"  # one EOS layer, one attention layer
+    torch.manual_seed(0)
+    return Model.from_spec(data).set_backend(backend)
+
+
+@pytest.mark.parametrize("name,backend", CASES)
+def test_the_compiled_model_trains_like_the_eager_one(name, backend):
+    torch._dynamo.reset()
+    model = tiny(name, backend)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 48, (2, 12), generator=gen)
+    labels = torch.randint(0, 48, (2, 12), generator=gen)
+    labels[:, :3] = -100
+    loss = model(tokens, labels)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(tokens, labels)
+    got.backward()
+    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TRITON else []))
+def test_a_compiled_decoding_step_equals_the_eager_one(backend):
+    torch._dynamo.reset()
+    model = tiny("gla", backend).eval()
+    tokens = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(2))
+    step = torch.compile(lambda t, cache: model(t, cache=cache), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager, compiled = new_cache(model), new_cache(model)
+        model(tokens[:, :-1], cache=eager)
+        model(tokens[:, :-1], cache=compiled)
+        torch.testing.assert_close(step(tokens[:, -1:], compiled), model(tokens[:, -1:], cache=eager), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_blocks_compiles_every_block_in_place():
+    torch._dynamo.reset()
+    model = tiny("gla", "torch")
+    model.compile_blocks(backend="aot_eager")
+    tokens = torch.randint(0, 48, (2, 11), generator=torch.Generator().manual_seed(3))
+    loss = model(tokens, tokens)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
