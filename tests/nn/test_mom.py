@@ -189,7 +189,7 @@ def test_bad_routing_fails_clearly(routing, where, words):
 
 
 @pytest.mark.parametrize("osc,extra,where,words", [
-    ({"kind": "full"}, {}, "mixer.routing", "routing needs a separable oscillation (ones, scalar, vector_k, vector_v, outer); oscillation.kind is 'full'"),
+    ({"kind": "full"}, {}, "mixer.routing", "routing needs a separable oscillation (ones, scalar, vector_k, vector_v, outer, delta); oscillation.kind is 'full'"),
     ({"kind": "rotation"}, {}, "mixer.routing", "oscillation.kind is 'rotation'"),
     ({"kind": "cumsoftmax"}, {}, "mixer.routing", "oscillation.kind is 'cumsoftmax'"),
     ({"kind": "vector_k"}, {"expand": {"tie": "one_minus_oscillation"}}, "mixer.expand.tie", "not supported with routing"),
