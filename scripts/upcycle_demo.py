@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from lcsm.cli.main import main as lcsm
-from lcsm.run.evaluate import load_run
+from lcsm.run.evaluate import load_run, read_eval
 
 RECIPE = "text_gla_dense"
 SMALL = [  # the CPU version: a tiny GLA on 128-byte windows, one thread (a shared machine)
@@ -60,7 +60,7 @@ def eval_at(run_dir: Path, step: int) -> dict | None:
 
 
 def final(run_dir: Path) -> dict:
-    return json.loads((run_dir / "eval.json").read_text())
+    return read_eval(run_dir / "eval.json").metrics  # (the eval schema: lcsm/run/evaluate.py)
 
 
 def sizes(run_dir: Path) -> tuple[int, int, str]:
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     N = args.post_steps or (20 if args.small else 200)
     warm = args.post_warmup if args.post_warmup is not None else max(1, N // 10)
     E, K = args.experts, args.top_k
-    base = (SMALL if args.small else []) + args.set + [f"device={args.device}"]
+    # the recipe's warmup (100 of 1000 steps) scaled to a shorter dense run (a warmup beyond the run is refused)
+    base = (SMALL if args.small else []) + [f"schedule.warmup_steps={min(100, max(1, S // 10))}"] + args.set + [f"device={args.device}"]
     post = [f"steps={N}", f"optimizer.lr={args.post_lr}", f"schedule.warmup_steps={warm}", f"eval_every={max(1, N // 4)}",
             f"device={args.device}"]
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (moe / "eval.json").exists():
             again = ["--resume", "auto"] if (moe / "metrics.jsonl").exists() else ["--init-from", str(moe)]
             run("train", str(moe / "config.yaml"), *sets(post), *again)
-        arms.append((f"upcycled, {split}", moe, json.loads((moe / "eval-init.json").read_text())["metrics"]))
+        arms.append((f"upcycled, {split}", moe, read_eval(moe / "eval-init.json").metrics))
     cont = out / "dense_cont"
     if not (cont / "eval.json").exists():
         again = ["--resume", "auto"] if (cont / "metrics.jsonl").exists() else ["--init-from", str(dense)]

@@ -74,9 +74,12 @@ def run_row(run: str) -> dict:
 
     import yaml
 
+    from lcsm.run.evaluate import read_eval
+
     d = Path(run)
     try:
-        ev = json.loads((d / "eval.json").read_text())
+        record = read_eval(d / "eval.json")  # the one reader of eval files: every layout lcsm has written
+        ev = {**record.metrics, "step": record.step} if record is not None else json.loads((d / "eval.json").read_text())
         lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         cfg = yaml.safe_load((d / "config.yaml").read_text())
     except (OSError, ValueError) as err:

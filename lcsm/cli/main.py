@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lcsm.config.base import SpecError
+from lcsm.config.base import SpecError, path_component_problem
 from lcsm.config.spec import EOSMixer, ModelSpec, load_model_spec
 
 out = Console(highlight=False)
@@ -71,9 +71,23 @@ def _meta_device():
 
 def build_meta(spec: ModelSpec):
     from lcsm.nn.model import Model
+    from lcsm.run.size import count_parameters
 
+    count_parameters(spec)  # an absurd size is a SpecError here, before a module is built
     with _meta_device():
         return Model(spec)
+
+
+def _output_file(path: str, option: str, suffixes: tuple[str, ...]) -> Path:
+    """A file an option writes, checked before any work: its extension, and that its folder exists."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} {path}: the file must end in {' or '.join(suffixes)}")
+    if p.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if not p.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {p.parent} does not exist")
+    return p
 
 
 # --------------------------------------------------------------------------- commands
@@ -102,13 +116,59 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def _kind_of(path: str) -> str:
+    """'spec', 'recipe' or 'ablation': what a file (by its top-level keys) or a shipped name is."""
+    from lcsm.config.base import load_yaml
+    from lcsm.config.paths import _looks_like_path, shipped
+
+    if not _looks_like_path(Path(path)):
+        for kind, folder in (("spec", "models"), ("recipe", "train"), ("ablation", "ablations")):
+            if path in shipped(folder):
+                return kind
+        return "spec"  # (load_model_spec names the zoo in its error)
+    data, _ = load_yaml(path)
+    if isinstance(data, dict) and "grid" in data and "base" in data:
+        return "ablation"
+    if isinstance(data, dict) and ("task" in data or "model" in data) and "d_model" not in data:
+        return "recipe"
+    return "spec"
+
+
+def _validate(path: str) -> str:
+    """Validate a spec, a training recipe or an ablation recipe (every point) without training;
+    returns what it is, for the ok line. Raises SpecError."""
+    from lcsm.run.size import count_parameters
+
+    kind = _kind_of(path)
+    if kind == "recipe":
+        from lcsm.config.recipe import load_recipe
+
+        recipe = load_recipe(path)
+        length = f"{recipe.steps} steps" if recipe.steps else f"{recipe.epochs:g} epochs"
+        return (f"training recipe: {recipe.model.name or 'model'}, {count_parameters(recipe.model)} parameters, "
+                f"task {recipe.task.kind}, {length} -> {recipe.run_dir}")
+    if kind == "ablation":
+        from lcsm.config.recipe import load_recipe
+        from lcsm.run import ablate
+
+        ab = ablate.prepare(path)
+        models = {json.dumps(p.recipe["model"], sort_keys=True): p for p in ab.points}
+        for p in models.values():
+            try:
+                count_parameters(load_recipe(p.recipe).model)
+            except SpecError as e:
+                raise SpecError(f"{ab.grid.name}: point {p.id}: {e}") from None
+        return f"ablation recipe: {len(ab.points)} points, every one a valid training recipe -> {ab.out_dir}"
+    spec = load_model_spec(path)
+    return f"{spec.name or 'unnamed'}, {count_parameters(spec)} parameters"
+
+
 def cmd_validate(args) -> int:
     failed = 0
     for path in args.specs:
         try:
-            spec = load_model_spec(path)
-            params = build_meta(spec).num_parameters()
-            out.print(f"[green]ok[/green]      {escape(path)}  ({escape(spec.name or 'unnamed')}, {_si(params)} parameters)")
+            what = _validate(path)
+            out.print(f"[green]ok[/green]      {escape(path)}  ({escape(what)})", soft_wrap=True)
         except SpecError as e:
             failed += 1
             err.print(f"[red]invalid[/red] {escape(path)}\n{escape(str(e))}")
@@ -211,9 +271,14 @@ def cmd_schema(args) -> int:
 
     text = json.dumps(spec_json_schema(), indent=2)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-        out.print(f"wrote {args.output}")
+        from lcsm.run.checkpoint import write_text
+
+        path = _output_file(args.output, "-o", (".json",))
+        try:
+            write_text(path, text + "\n")
+        except OSError as e:
+            raise UsageError(f"-o {args.output}: cannot write ({e.strerror})") from None
+        out.print(f"wrote {escape(str(path))}")
     else:
         print(text)
     return 0
@@ -249,18 +314,24 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         return _launch(args, recipe)
     try:
-        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, console=out, init_from=args.init_from)
+        # retune: a resume may lower the learning rate (what the non-finite-loss message suggests)
+        result = train(recipe, resume=args.resume == "auto", overwrite=args.overwrite, retune=True, console=out,
+                       init_from=args.init_from)
     except TrainingError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}")
+        message = str(e)
+        if e.resume_with:
+            again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else [])
+                               + [a for x in [*(args.set or []), *(f"{k}={v}" for k, v in e.resume_with.items())] for a in ("--set", x)]
+                               + ["--resume", "auto"] + _nproc_again())
+            message += f". Continue with a lower learning rate: {again}"
+        err.print(f"[red]error:[/red] {escape(message)}")
         return 1
     if _distributed_rank() > 0:
         return 0  # rank 0 reports
     run = escape(str(result.run_dir))
     if result.status == "interrupted":
-        again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)])
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:  # started by torchrun (e.g. through --nproc): continue the same way
-            again += f" --nproc {world}"
+        again = shlex.join(["lcsm", "train"] + ([args.recipe] if args.recipe else []) + [a for s in args.set or [] for a in ("--set", s)]
+                           + _nproc_again())
         err.print(
             f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved in {run}/checkpoint. "
             f"Continue with: {escape(again)} --resume auto"
@@ -268,7 +339,7 @@ def cmd_train(args) -> int:
         return 130
     how = "stopped early: eval accuracy reached the early_stop target" if result.status == "early_stop" else "done"
     m = result.eval
-    out.print(_result_table(m, f"{recipe.name or 'run'}: test results at step {result.step} ({how}, {result.elapsed_s:.0f}s training)"))
+    out.print(_result_table(m, f"{escape(recipe.name or 'run')}: test results at step {result.step} ({how}, {result.elapsed_s:.0f}s training)"))
     headline = (
         f"bits per byte {m['bits_per_byte']:.3f}, perplexity {m['perplexity']:.2f}"
         if "bits_per_byte" in m
@@ -276,6 +347,12 @@ def cmd_train(args) -> int:
     )
     out.print(f"[bold]{headline}[/bold]. Run: {run}  (lcsm eval {run} · lcsm plot {run})")
     return 0
+
+
+def _nproc_again() -> list[str]:
+    """--nproc N when torchrun started this process (e.g. through --nproc): continue the same way."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return ["--nproc", str(world)] if world > 1 else []
 
 
 def _distributed_rank() -> int:
@@ -330,7 +407,7 @@ def _launch(args, recipe) -> int:
 
 def cmd_eval(args) -> int:
     from lcsm.run.device import resolve_device, resolve_precision
-    from lcsm.run.evaluate import evaluate, load_run
+    from lcsm.run.evaluate import evaluate, load_run, write_eval
     from lcsm.config.recipe import DEVICE, RecipeError, load_recipe, resolve_task
     from lcsm.tasks import TaskError, build_task
 
@@ -338,12 +415,13 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if not DEVICE.match(args.device):
         raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    output = _output_file(args.output, "-o", (".json",)) if args.output else None
     device = resolve_device(args.device)
     if args.lm_eval is None and (args.limit is not None or args.lm_eval_include):
         raise UsageError("--limit and --lm-eval-include go with --lm-eval TASKS")
-    recipe, model, run_dir, step = load_run(args.run, device)
+    recipe, model, run_dir, step = load_run(args.run, device, log=lambda text: err.print(escape(text)))
     if args.lm_eval is not None:
-        return _lm_eval(args, recipe, model, run_dir, step, device, resolve_precision(args.precision, device))
+        return _lm_eval(args, recipe, model, run_dir, step, device, resolve_precision(args.precision, device), output)
     vocab = recipe.model.vocab_size
     if args.task or args.set:
         data = recipe.resolved()
@@ -360,11 +438,15 @@ def cmd_eval(args) -> int:
     except TaskError as e:
         raise RecipeError(f"task: {e}") from None
     precision = resolve_precision(args.precision, device)
+    path = output or _eval_path(run_dir, args.task)  # (checked before the evaluation runs)
     metrics = evaluate(model, task, args.batch_size or recipe.eval_batch_size or recipe.batch_size, device, precision)
-    report = {"run": str(run_dir), "step": step, "task": recipe.resolved()["task"], "metrics": metrics}
-    path = Path(args.output) if args.output else run_dir / (f"eval-{Path(args.task).stem}.json" if args.task else "eval.json")
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        if output is None:
+            from lcsm.run import files
+
+            files.claim(run_dir, "eval", f"eval/{path.name}")
+            path.parent.mkdir(exist_ok=True)
+        write_eval(path, step, metrics, recipe.resolved()["task"], "lcsm eval", run=str(run_dir))
     except OSError as e:
         raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
     out.print(_result_table(metrics, f"{escape(str(run_dir))} at step {step}: {recipe.task.kind}"))
@@ -372,8 +454,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _lm_eval(args, recipe, model, run_dir: Path, step: int, device, precision: str) -> int:
-    """lcsm eval RUN --lm-eval TASKS: lm-evaluation-harness on the run, into RUN/eval.json ("lm_eval")."""
+def _eval_path(run_dir: Path, task: str | None) -> Path:
+    """Where `lcsm eval` writes by default: RUN/eval/<task>.json (test.json: the run's own test
+    split), beside the training's RUN/eval.json, never over it or over a file lcsm did not write."""
+    from lcsm.run import files
+
+    name = Path(task).stem if task else "test"
+    if path_component_problem(name):
+        raise UsageError(f"--task {task}: cannot name a report after it; give -o FILE.json")
+    path = run_dir / "eval" / f"{name}.json"
+    mine = files.owned(run_dir)
+    for target, rel in ((run_dir / "eval", "eval"), (path, f"eval/{name}.json")):
+        if target.exists() and rel not in mine:
+            raise UsageError(f"{target} was not written by lcsm; lcsm eval does not write over it: give -o FILE.json")
+    return path
+
+
+def _lm_eval(args, recipe, model, run_dir: Path, step: int, device, precision: str, output: Path | None) -> int:
+    """lcsm eval RUN --lm-eval TASKS: lm-evaluation-harness on the run, into RUN/eval/lm_eval.json (or -o
+    FILE) in the eval schema (lcsm/run/evaluate.py), beside the training's eval.json as every lcsm eval report."""
+    from lcsm.run.evaluate import write_eval
+
     if args.task or args.set:
         raise UsageError("--lm-eval runs lm-eval's tasks; --task and --set are for lcsm's own")
     if args.limit is not None and args.limit < 1:
@@ -391,15 +492,20 @@ def _lm_eval(args, recipe, model, run_dir: Path, step: int, device, precision: s
     tok = _run_tokenizer(recipe, run_dir)
     if tok is None:
         raise UsageError(f"{run_dir} is a {recipe.task.kind} run: lm-eval needs a run with text (a text or corpus task)")
+    path = output or _eval_path(run_dir, "lm_eval")  # (checked before the evaluation runs)
     try:
         report = harness.run_lm_eval(model, tok, tasks, limit=args.limit, include=args.lm_eval_include, device=device,
                                      batch_size=args.batch_size or 16, precision=precision)
     except harness.HarnessError as e:
         raise UsageError(str(e)) from None
-    report = {"run": str(run_dir), "step": step, **report}
-    path = Path(args.output) if args.output else run_dir / "eval.json"
+    section, results = harness.as_eval(report, args.lm_eval_include)
     try:
-        path.write_text(json.dumps(harness.merge_into_eval_json(path, report), indent=2) + "\n")
+        if output is None:
+            from lcsm.run import files
+
+            files.claim(run_dir, "eval", f"eval/{path.name}")
+            path.parent.mkdir(exist_ok=True)
+        write_eval(path, step, results, section, "lcsm eval --lm-eval", run=str(run_dir))
     except OSError as e:
         raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
     table = Table(title=f"{escape(str(run_dir))} at step {step}: lm-eval" + (f" (limit {args.limit})" if args.limit else ""),
@@ -411,7 +517,7 @@ def _lm_eval(args, recipe, model, run_dir: Path, step: int, device, precision: s
             if "stderr" not in name:
                 table.add_row(escape(task), escape(name.replace(",none", "")), f"{value:.4f}")
     out.print(table)
-    out.print(f"wrote {escape(str(path))} (\"lm_eval\")")
+    out.print(f"wrote {escape(str(path))}")
     return 0
 
 
@@ -454,7 +560,7 @@ def cmd_generate(args) -> int:
     if not DEVICE.match(args.device):
         raise UsageError(f"--device: unknown device '{args.device}'; allowed: auto, cpu, cuda, cuda:N, mps")
     device = resolve_device(args.device)
-    recipe, model, run_dir, step = load_run(args.run, device)
+    recipe, model, run_dir, step = load_run(args.run, device, log=lambda text: err.print(escape(text)))
     tok = _run_tokenizer(recipe, run_dir)
     if args.tokens is not None:
         ids = _parse_ids(args.tokens)
@@ -549,21 +655,18 @@ def cmd_export(args) -> int:
     if args.hf is None and args.out is None:
         raise UsageError("give what to write: --hf DIR (a transformers model folder) and/or --out FILE.safetensors (the weights)")
     if args.out is not None:
-        from safetensors.torch import save_model
-
+        from lcsm.run.checkpoint import save_weights
         from lcsm.run.evaluate import load_run
 
-        from lcsm.run.checkpoint import atomic_write
-
-        target = Path(args.out)
-        if target.suffix != ".safetensors":
-            raise UsageError(f"--out {target}: a .safetensors file")
+        target = _output_file(args.out, "--out", (".safetensors",))
         if target.exists() and not args.overwrite:
             raise UsageError(f"--out {target}: exists; pass --overwrite to replace it")
-        if not target.parent.is_dir():
-            raise UsageError(f"--out {target}: the folder {target.parent} does not exist")
-        _, model, _, step = load_run(args.run)  # a sharded run's checkpoint is read whole (lcsm/run/dcp.py)
-        atomic_write(target, lambda tmp: save_model(model, tmp, metadata={"step": str(step)}))
+        # (a sharded run's checkpoint is read whole: lcsm/run/dcp.py)
+        _, model, _, step = load_run(args.run, log=lambda text: err.print(escape(text)))
+        try:
+            save_weights(model, target, step)
+        except OSError as e:
+            raise UsageError(f"--out {target}: cannot write ({e.strerror})") from None
         out.print(f"wrote {escape(str(target))} (step {step})")
     if args.hf is not None:
         try:
@@ -583,6 +686,8 @@ def cmd_export(args) -> int:
 def cmd_plot(args) -> int:
     from lcsm.run.plot import plot_runs
 
+    if args.output:
+        _output_file(args.output, "-o", (".png", ".pdf", ".svg"))
     path = plot_runs(args.runs, args.output)
     out.print(f"wrote {escape(str(path))}")
     return 0
@@ -601,11 +706,13 @@ def _seeds(text: str) -> list[int]:
 def _summary_table(grid, summary) -> Table:
     key = grid.best_of.key if grid.best_of else None
     axes = [a for a in grid.grid if a != key]
-    table = Table(title=f"{grid.name}: {grid.report_metric}" + (f" at the best {key}" if key else ""), title_justify="left")
+    table = Table(title=escape(f"{grid.name}: {grid.report_metric}" + (f" at the best {key}" if key else "")), title_justify="left")
     for a in axes + ([f"best {key.split('.')[-1]}"] if key else []) + [grid.report_metric, "seeds"]:
         table.add_column(a, justify="right" if a in (grid.report_metric, "seeds") else "left")
+    from lcsm.run.report import mean_std
+
     for s in summary:
-        value = "-" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
+        value = mean_std(s)  # (one seed: the value alone, no ± 0.0000)
         table.add_row(*[escape(s["labels"][a]) for a in axes], *([escape(str(s["best"] or "-"))] if key else []), value, str(s["n"]))
     return table
 
@@ -614,7 +721,7 @@ def _wrote(rep: dict) -> None:
     if rep["png"]:
         plot = f", {escape(str(rep['png']))}"
     elif rep["png_missing"]:
-        plot = f" (no plot: {rep['png_missing']})"
+        plot = f" (no plot: {escape(rep['png_missing'])})"  # the hint says lcsm[plots]: not markup
     else:
         plot = ""
     out.print(f"wrote {escape(str(rep['csv']))}, {escape(str(rep['md']))}{plot}")
@@ -644,7 +751,7 @@ def cmd_ablate(args) -> int:
     if args.dry_run:
         for ab in abls:
             axes = list(ab.grid.grid)
-            table = Table(title=f"{ab.grid.name}: {len(ab.points)} points -> {escape(str(ab.out_dir))}", title_justify="left")
+            table = Table(title=f"{escape(ab.grid.name)}: {len(ab.points)} points -> {escape(str(ab.out_dir))}", title_justify="left")
             for col in ["#", *axes, "seed", "steps", "status"]:
                 table.add_column(col, justify="right" if col in ("#", "seed", "steps") else "left")
             for n, p in enumerate(ab.points):
@@ -692,8 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="list the shipped model specs")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("validate", help="check spec files; exit 2 if any is invalid")
-    p.add_argument("specs", nargs="+", metavar="SPEC", help="YAML file or zoo name")
+    p = sub.add_parser("validate", help="check specs, training recipes and ablation recipes without training; exit 2 if any is invalid")
+    p.add_argument("specs", nargs="+", metavar="FILE", help="a spec, training recipe or ablation recipe (YAML), or a shipped name")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("show", help="per-layer stages, parameters (active per token), state size and FLOPs of a spec")
@@ -714,8 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N", help="run under torchrun with N processes (GPUs) on this machine; "
                    "the recipe's parallel: {sequence: S, data: D, strategy: ddp|fsdp|hsdp} splits them "
                    "(default: data = N, ddp); several machines: torchrun itself (docs/parallel.md)")
-    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="start a new run from these weights (a run directory, "
-                   "its checkpoint/ or a model.safetensors) with a fresh optimizer, e.g. an lcsm upcycle output")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="start a new run from these weights (a run directory: "
+                   "its newest verified checkpoint, or its init checkpoint; a checkpoint/step-N/ or checkpoint/init/ folder; or a "
+                   "model.safetensors) with a fresh optimizer, e.g. an lcsm upcycle output")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -723,10 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn a dense run into a mixture-of-experts run (LLaMA-MoE-v2): its GLU neurons split into experts",
         description="Split every layer's dense GLU into E experts (and an optional shared expert) with a top-k router, "
         "optionally group the heads of every mixer into attention experts, and write an ordinary run directory "
-        "(config.yaml, an init checkpoint, upcycle.json) to post-train with lcsm train OUT/config.yaml --init-from OUT. "
+        "(config.yaml, an init checkpoint in checkpoint/init/, upcycle.json) to post-train with lcsm train OUT/config.yaml --init-from OUT. "
         "See docs/upcycling.md.",
     )
-    p.add_argument("run", metavar="RUN", help="the dense run directory (or its checkpoint)")
+    p.add_argument("run", metavar="RUN", help="the dense run directory (its newest verified checkpoint), or one checkpoint/step-N/ folder")
     p.add_argument("--experts", type=int, required=True, metavar="E", help="routed experts per layer; must divide the GLU's neurons (less --shared)")
     p.add_argument("--top-k", type=int, required=True, metavar="K", help="experts per token, 1..E")
     p.add_argument("--out", required=True, metavar="NEW_RUN", help="the new run directory")
@@ -749,21 +857,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: accuracy per slice, or loss, perplexity and bits per byte")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder, one checkpoint/step-N/ folder or a model.safetensors")
     p.add_argument("--task", metavar="TASK", help="another task: a task YAML or a shipped task name (recipes/tasks)")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a task field, e.g. --set test.0.num_examples=500")
     p.add_argument("--batch-size", type=int, help="default: the recipe's eval batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("-o", "--output", help="JSON file (default RUN/eval.json, or RUN/eval-TASK.json with --task)")
+    p.add_argument("-o", "--output", help="JSON file (default RUN/eval/test.json, RUN/eval/TASK.json with --task, "
+                   "RUN/eval/lm_eval.json with --lm-eval)")
     p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks instead, comma-separated (e.g. "
-                   "lambada_openai,piqa,hellaswag,arc_easy); results go into eval.json under lm_eval")
+                   "lambada_openai,piqa,hellaswag,arc_easy); results go to RUN/eval/lm_eval.json, beside eval.json")
     p.add_argument("--limit", type=int, metavar="N", help="with --lm-eval: at most N examples per task")
     p.add_argument("--lm-eval-include", action="append", metavar="DIR", help="with --lm-eval: a folder of task YAMLs (local tasks)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a trained run: prefill the prompt, then constant-cost steps (streams text)")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder, one checkpoint/step-N/ folder or a model.safetensors")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text, encoded with the run's tokenizer (text runs)")
     prompt.add_argument("--tokens", metavar="ID,ID,...", help="the prompt as token ids (any run, e.g. MQAR)")
@@ -801,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data_info)
 
     p = sub.add_parser("export", help="write a run for other tools: a Hugging Face transformers folder (--hf) or the weights (--out)")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder or a model.safetensors")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, its checkpoint/ folder, one checkpoint/step-N/ folder or a model.safetensors")
     p.add_argument("--hf", metavar="DIR", help="config.json, model.safetensors and the tokenizer, for AutoModelForCausalLM.from_pretrained(DIR)")
     p.add_argument("--out", metavar="FILE.safetensors", help="the model's weights as one safetensors file (a sharded run's too)")
     p.add_argument("--overwrite", action="store_true", help="replace what is there")
@@ -809,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="PNG of the loss and accuracy curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid)")
-    p.add_argument("-o", "--output", help="PNG file (default RUN/curves.png for one run, curves.png for several)")
+    p.add_argument("-o", "--output", help="a .png (or .pdf, .svg) file (default RUN/curves.png for one run, curves.png for several)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser(

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lcsm.config.base import Base, FieldError, RecipeError, SpecError, format_errors, load_yaml
+from lcsm.config.base import Base, FieldError, RecipeError, SpecError, format_errors, load_yaml, path_component_problem
 from lcsm.config.paths import find_file, resolve_shipped_path, shipped_recipes
 from lcsm.config.recipe import apply_override, load_recipe, parse_override, resolve_model, resolve_task
 
@@ -44,6 +44,14 @@ class Variant(Base):
 
     label: str = Field(min_length=1)
     set: dict[str, Any] = Field(description="dotted recipe key -> value, applied in order")
+
+    @field_validator("label")
+    @classmethod
+    def _one_name(cls, v):
+        problem = path_component_problem(v)
+        if problem:  # a label spells part of its point's folder name in OUT/<name>/runs/
+            raise ValueError(f"{problem}; a label names a run folder: no '..', path separators or absolute paths")
+        return v
 
 
 class BestOf(Base):
@@ -86,6 +94,14 @@ class GridRecipe(Base):
     plot: PlotSpec = Field(default_factory=PlotSpec)
     reduced: Reduced | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v):
+        problem = path_component_problem(v) if v is not None else None
+        if problem:  # the ablation's directory is --out/<name>: it must stay there
+            raise ValueError(f"{problem}; an ablation's name is its folder in --out (letters, digits, '-', '_', '.')")
+        return v
+
     @field_validator("grid")
     @classmethod
     def _axes(cls, grid):
@@ -102,7 +118,8 @@ class GridRecipe(Base):
                     try:
                         Variant.model_validate(v)
                     except ValidationError as e:
-                        raise FieldError((axis, n), "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+                        raise FieldError((axis, n), "; ".join(f"{'.'.join(map(str, x['loc']))}: {(x.get('ctx') or {}).get('error') or x['msg']}"
+                                                             for x in e.errors())) from None
             elif not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", axis):
                 raise FieldError(axis, "a plain axis is a dotted recipe key (e.g. optimizer.lr)")
             labels = [_label(v) for v in values]

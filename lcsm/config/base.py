@@ -26,8 +26,27 @@ class FieldError(ValueError):
         super().__init__(message)
 
 
+INT64_MAX = 2**63 - 1  # the largest integer torch, safetensors and the data generators take
+
+
+def _oversized_int(value: Any, path: tuple = ()) -> tuple[tuple, int] | None:
+    """(path, value) of the first integer in value (a scalar, list or mapping) outside int64."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return (path, value) if not -INT64_MAX - 1 <= value <= INT64_MAX else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _oversized_int(item, path + (key,))
+        if found is not None:
+            return found
+    return None
+
+
 class Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=False)
+    # allow_inf_nan=False: no size, rate or ratio of a spec or recipe may be inf or nan (lr: .inf
+    # or --set optimizer.lr=inf would otherwise pass `gt=0` and train on nan weights)
+    model_config = ConfigDict(extra="forbid", validate_default=False, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -41,6 +60,13 @@ class Base(BaseModel):
                     close = difflib.get_close_matches(str(key), allowed, n=1)
                     hint = f"did you mean '{close[0]}'? " if close else ""
                     raise FieldError(str(key), f"unknown key; {hint}allowed here: {', '.join(allowed)}")
+            # Python integers are unbounded, torch's are int64: a huge value must be refused here,
+            # by name, not overflow inside torch with a traceback
+            found = _oversized_int(data)
+            if found is not None:
+                path, value = found
+                shown = str(value) if len(str(value)) <= 30 else f"{str(value)[:12]}...({len(str(value))} digits)"
+                raise FieldError(path, f"{shown} is too large; integers must fit in 64 bits (at most {INT64_MAX})")
         return data
 
 
@@ -52,6 +78,24 @@ def set_only_with(info: ValidationInfo, field: str, allowed: tuple, what: str) -
 
 
 
+def path_component_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder name inside another (runs/<name>, --out/<name>), or None.
+
+    A name becomes a path: '..', an absolute path or a separator would put the run outside the
+    folder meant for it (and past the check for an existing run there)."""
+    if not name or not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return f"'{name}' is not a folder name"
+    if "/" in name or "\\" in name:
+        return f"'{name}' holds a path separator"
+    if Path(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return f"'{name}' is an absolute path"
+    if any(ord(c) < 32 for c in name):
+        return f"{name!r} holds a control character"
+    return None
+
+
 class SpecError(Exception):
     """A spec could not be read or is invalid; str() is the message for the user."""
 
@@ -60,13 +104,29 @@ class RecipeError(SpecError):
     """A recipe (or an argument that stands for part of one) is invalid; str() is the user message."""
 
 
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file. Raises SpecError naming the file and the byte offset of the first
+    byte that is not UTF-8 (a Latin-1 file, random bytes); OSError as open() raises it."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SpecError(
+            f"{path}: not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}) cannot be decoded; "
+            "save the file as UTF-8"
+        ) from None
+
+
 def load_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
     """Read a YAML file; returns the data and its node tree (for line numbers in errors)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_utf8(path)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a YAML file") from None
     except OSError as err:
         raise SpecError(f"{path}: cannot read ({err.strerror})") from None
     try:

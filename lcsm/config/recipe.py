@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lcsm.config.base import Base, FieldError, RecipeError, format_errors, load_yaml
+from lcsm.config.base import Base, FieldError, RecipeError, format_errors, load_yaml, path_component_problem
 from lcsm.config.paths import find_file, resolve_recipe_path, resolve_spec_path, shipped_recipes
 from lcsm.config.spec import ModelSpec
 from lcsm.tasks import Task
@@ -99,6 +99,8 @@ class Recipe(Base):
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations; default: 10 per run")
     eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: eval_every")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept, the newest; an older one is removed only "
+                                  "once a newer one is written and verified")
     log_every: int = Field(10, ge=1, description="steps between lines of metrics.jsonl")
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["jsonl"], description="metric sinks besides metrics.jsonl (always written): tensorboard, wandb")
@@ -128,6 +130,16 @@ class Recipe(Base):
     def _length_and_vocab(self):
         if (self.steps is None) == (self.epochs is None):
             raise FieldError("steps", "give exactly one of steps or epochs")
+        if self.out_dir is None and self.name is not None:
+            problem = path_component_problem(self.name)
+            if problem:  # the name becomes runs/<name>: it must stay there
+                raise FieldError("name", f"{problem}; a run's name is its folder in runs/ (letters, digits, "
+                                 "'-', '_', '.'), or give out_dir for another place")
+        warmup = self.schedule.warmup_steps
+        if warmup is not None and self.steps is not None and warmup > self.steps:
+            raise FieldError(("schedule", "warmup_steps"), f"{warmup} warmup steps exceed the run's {self.steps} steps "
+                             f"(the learning rate would never reach optimizer.lr); use at most {self.steps}, e.g. "
+                             f"--set schedule.warmup_steps={self.steps // 10}")
         if self.batch_size % self.parallel.data:
             raise FieldError(("parallel", "data"), f"data = {self.parallel.data} must divide batch_size = {self.batch_size}")
         if self.batch_size % (self.accumulate * self.parallel.data):

@@ -26,13 +26,18 @@ The ablation directory holds:
     DIR/<metric>.png        the plot
 
 A point whose run directory has eval.json is finished and skipped; an interrupted one resumes from
-its checkpoint; a failed one is retried on the next invocation. See docs/ablations.md.
+its checkpoint; a failed one is retried on the next invocation. The ablation directory is locked
+while `run` uses it (DIR/.lcsm.lock: a second `lcsm ablate` on it stops with an error naming the
+first), and worker processes stop when the process that started them dies. See docs/ablations.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,10 +45,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from rich.markup import escape
 
 from lcsm.config.ablation import GridRecipe, Point, expand, load_grid, narrow, parse_axis
-from lcsm.config.base import RecipeError
+from lcsm.config.base import RecipeError, SpecError
 from lcsm.config.recipe import load_recipe, parse_override
+from lcsm.run import files, lock
+from lcsm.run.checkpoint import atomic_write, write_text
+from lcsm.run.evaluate import read_eval
+from lcsm.run.rundir import read_config
 from lcsm.run.trainer import RESUMABLE_CHANGES, diff, train
 
 # --------------------------------------------------------------------------- running one point
@@ -54,17 +64,17 @@ def stale_keys(run_dir: Path, recipe: dict) -> list[str]:
     may change on resume, and the run's name, do not count): a point finished under other settings,
     e.g. with --reduced or another --set, must not pass for this one."""
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        saved = read_config(run_dir)
+    except SpecError:
         return []
     ignore = {*RESUMABLE_CHANGES, "name"}
     return [k for k in diff(saved or {}, recipe) if k.split(".")[0] not in ignore]
 
 
 def point_status(run_dir: Path, recipe: dict | None = None) -> str:
-    """done (eval.json), stale (done, but under a recipe other than `recipe`), failed (point.json
-    says so), started (a run without eval.json) or pending."""
-    if (run_dir / "eval.json").exists():
+    """done (a readable eval.json), stale (done, but under a recipe other than `recipe`), failed
+    (point.json says so), started (a run without eval.json) or pending."""
+    if read_eval(run_dir / "eval.json") is not None:
         return "stale" if recipe is not None and stale_keys(run_dir, recipe) else "done"
     info = read_json(run_dir / "point.json")
     if info and info.get("status") == "failed":
@@ -75,6 +85,7 @@ def point_status(run_dir: Path, recipe: dict | None = None) -> str:
 
 
 def read_metric(ev: dict, name: str) -> float | None:
+    """A metric of an evaluation's metrics (EvalRecord.metrics) by dotted name, or None."""
     cur: Any = ev
     for part in name.split("."):
         if not isinstance(cur, dict) or part not in cur:
@@ -91,16 +102,20 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_point_json(run_dir: Path, info: dict) -> None:
+    files.claim(run_dir, "point.json")
+    write_json(run_dir / "point.json", info)
 
 
 def run_point(recipe_data: dict, on_step: Callable | None = None) -> dict:
     """Train one point (resuming it if it was interrupted); never raises for a failed run.
-    Returns and writes RUN/point.json: {status, step, total_steps, elapsed_s, resumed_from, error}."""
+    Returns and writes RUN/point.json: {status, step, total_steps, elapsed_s, resumed_from, error, notes}."""
     run_dir = Path(recipe_data["out_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the outcome of the last attempt: this one's replaces it (the ablation's runs/ folder is lcsm's)
     (run_dir / "point.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
@@ -113,20 +128,49 @@ def run_point(recipe_data: dict, on_step: Callable | None = None) -> dict:
             "elapsed_s": round(result.elapsed_s, 3),
             "resumed_from": result.resumed_from,
             "error": None,
+            **({"notes": result.notes} if result.notes else {}),
         }
     except Exception as e:  # a failed point is recorded and the grid goes on
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         info = {"status": "failed", "error": f"{type(e).__name__}: {first}"[:1000], "traceback": traceback.format_exc()[-4000:]}
     info["wall_s"] = round(time.perf_counter() - t0, 3)
-    write_json(run_dir / "point.json", info)
+    write_point_json(run_dir, info)
     return info
 
 
-def _worker(wid: int, threads: int, tasks, results, stop) -> None:
+def die_with_parent(parent: int, grace_s: float = 10.0) -> None:
+    """Make this (worker) process stop when `parent` dies, however it dies (SIGKILL included).
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGTERM), delivered by the kernel the moment the parent goes.
+    Everywhere (macOS, and as a second line on Linux): a thread that sees the parent pid change
+    (the orphan is re-parented) and sends SIGTERM. A worker inside train() then finishes its step
+    and saves a checkpoint, as after Ctrl-C; after grace_s it exits regardless."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watch thread below still does it
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.25)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            time.sleep(grace_s)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="lcsm-parent-watch", daemon=True).start()
+
+
+def _worker(wid: int, threads: int, tasks, results, stop, parent: int | None = None) -> None:
     """A worker process: takes (index, recipe data) from `tasks` until None or stop is set."""
     import queue
-    import signal
 
+    if parent is not None:
+        die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # train() installs its own handler while it runs
     import torch
 
@@ -161,6 +205,8 @@ class Ablation:
 
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        files.claim(self.out_dir, "ablation.json", "runs", "results.csv", "results.md", "failures.json",
+                    f"{self.grid.report_metric}.png")
         data = {
             "grid": self.grid.model_dump(mode="json", exclude_none=True),
             "reduced": self.reduced,
@@ -219,9 +265,22 @@ def run(
     process per (GPU, job) with CUDA_VISIBLE_DEVICES set to its GPU (or `jobs` CPU workers).
     on_step reaches train() in the in-process case (tests)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console(highlight=False)
+    held = []
+    try:
+        for ab in ablations:  # one `lcsm ablate` at a time in an ablation directory
+            ab.out_dir.mkdir(parents=True, exist_ok=True)
+            held.append(lock.acquire(ab.out_dir, "ablation directory", lambda text: console.print(escape(text))))
+        return _run(ablations, jobs, console, on_step)
+    finally:
+        for h in held:
+            h.release()
+
+
+def _run(ablations: list[Ablation], jobs: int, console, on_step: Callable | None) -> dict[str, int]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     for ab in ablations:
         ab.save()
     # identical points (the base variant appears in several recipes) are trained once: the
@@ -286,19 +345,21 @@ def run(
                 progress.update(bar, advance=1)
         if status == "failed":
             counts["failed"] += 1
-            console.print(f"[red]failed[/red] {ab.grid.name}/{p.id}: {info['error']}", soft_wrap=True)
+            console.print(f"[red]failed[/red] {escape(f'{ab.grid.name}/{p.id}')}: {escape(str(info['error']))}", soft_wrap=True)
             return
         if status == "interrupted":
             counts["interrupted"] += 1
             return
         counts["done" if twin_of is None else "copied"] += 1
-        ev = read_json(p.run_dir / "eval.json") or {}
+        ev = read_eval(p.run_dir / "eval.json")
         metric = ab.grid.report_metric
-        value = read_metric(ev, metric)
+        value = read_metric(ev.metrics, metric) if ev is not None else None
         how = f"copied from {twin_of.run_dir}" if twin_of else f"{info['wall_s']:.1f}s"
         resumed = f" (resumed at step {info['resumed_from']})" if info.get("resumed_from") else ""
         shown = f"{value:.4f}" if value is not None else "-"
-        console.print(f"[green]done[/green] {ab.grid.name}/{p.id}: {metric} {shown}, {how}{resumed}", soft_wrap=True)
+        console.print(f"[green]done[/green] {escape(f'{ab.grid.name}/{p.id}: {metric} {shown}, {how}{resumed}')}", soft_wrap=True)
+        for text in info.get("notes") or []:
+            console.print(f"  {escape(text)}", soft_wrap=True)
 
     # longest first: language models and long sequences, so the last workers do not idle on one
     todo.sort(key=lambda t: -_cost(t[1].recipe))
@@ -322,18 +383,18 @@ def _twin_key(recipe: dict) -> str:
 def _copy_twin(src: Point, dst: Point, info: dict) -> dict:
     """Give dst (a point identical to src) src's results: eval.json and metrics.jsonl, its own config.yaml."""
     dst.run_dir.mkdir(parents=True, exist_ok=True)
+    files.claim(dst.run_dir, "metrics.jsonl", "eval.json", "config.yaml", "point.json")
     if info["status"] == "failed":
         out = {"status": "failed", "error": f"identical to {src.run_dir}, which failed: {info['error']}", "wall_s": 0.0}
     else:
         for name in ("metrics.jsonl", "eval.json"):  # eval.json last: it marks the point finished
             if (src.run_dir / name).exists():
-                tmp = dst.run_dir / (name + ".tmp")
-                tmp.write_bytes((src.run_dir / name).read_bytes())
-                os.replace(tmp, dst.run_dir / name)
-        (dst.run_dir / "config.yaml").write_text(yaml.safe_dump(dst.recipe, sort_keys=False, allow_unicode=True))
+                data = (src.run_dir / name).read_bytes()
+                atomic_write(dst.run_dir / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        write_text(dst.run_dir / "config.yaml", yaml.safe_dump(dst.recipe, sort_keys=False, allow_unicode=True))
         src_info = read_json(src.run_dir / "point.json") or {}
         out = {**src_info, "status": src_info.get("status", "done"), "copied_from": str(src.run_dir), "wall_s": 0.0}
-    write_json(dst.run_dir / "point.json", out)
+    write_point_json(dst.run_dir, out)
     return out
 
 
@@ -365,7 +426,7 @@ def _run_pool(todo, devices, report, advance, console) -> None:
         # spawn copies the environment at start: each worker sees one GPU as cuda:0
         if device is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = device
-        proc = ctx.Process(target=_worker, args=(wid, threads, tasks, results, stop), daemon=True)
+        proc = ctx.Process(target=_worker, args=(wid, threads, tasks, results, stop, os.getpid()), daemon=True)
         proc.start()
         procs[wid] = (proc, device)
         if saved is None:
@@ -388,7 +449,7 @@ def _run_pool(todo, devices, report, advance, console) -> None:
                             index = running.pop(wid)
                             ab, p = todo[index]
                             info = {"status": "failed", "error": f"worker process died (exit code {proc.exitcode})", "wall_s": 0.0}
-                            write_json(p.run_dir / "point.json", info)
+                            write_point_json(p.run_dir, info)
                             report(ab, p, info)
                             advance()
                             finished += 1

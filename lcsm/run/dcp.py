@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from lcsm.config.base import RecipeError
+from lcsm.run import files
+from lcsm.run.checkpoint import latest_step, remove_replicated
 
 FOLDER, TMP, OLD = "dcp", "dcp.tmp", "dcp.old"
 INFO = "lcsm.json"
@@ -55,14 +57,10 @@ def sharded_step(run_dir: Path) -> int | None:
         return None
 
 
-def _replicated_step(run_dir: Path) -> int | None:
-    path = Path(run_dir) / "checkpoint" / "trainer.pt"
-    if not path.exists():
-        return None
-    try:
-        return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
-    except Exception:
-        return None
+def newest_step(run_dir: Path) -> int | None:
+    """The step of the run's newest checkpoint, sharded or replicated; None without one."""
+    steps = [s for s in (sharded_step(run_dir), latest_step(run_dir)) if s is not None]
+    return max(steps) if steps else None
 
 
 def newest_is_sharded(run_dir: Path) -> bool:
@@ -71,7 +69,7 @@ def newest_is_sharded(run_dir: Path) -> bool:
     step = sharded_step(run_dir)
     if step is None:
         return False
-    other = _replicated_step(run_dir)
+    other = latest_step(run_dir)
     return other is None or step >= other
 
 
@@ -117,6 +115,7 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, strategy: str 
     tmp = folder / TMP
     main = dist.get_rank() == 0
     if main:
+        files.claim(Path(run_dir), "checkpoint", *(f"checkpoint/{n}" for n in (FOLDER, TMP, OLD)))
         folder.mkdir(exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # a write that did not finish
@@ -136,8 +135,7 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, strategy: str 
         tmp.rename(final)
         if old.exists():
             shutil.rmtree(old)
-        for name in ("model.safetensors", "trainer.pt"):  # a replicated checkpoint of an earlier part of the run
-            (folder / name).unlink(missing_ok=True)
+        remove_replicated(run_dir)  # the replicated checkpoints of an earlier part of the run
     dist.barrier()  # no rank goes on (or stops) before the checkpoint is in place
 
 

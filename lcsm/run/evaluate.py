@@ -7,19 +7,21 @@ examples (and over the examples of each slice).
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_model
 
 from lcsm.config.base import RecipeError
 from lcsm.config.recipe import load_recipe
 from lcsm.nn.model import Model
-from lcsm.run import dcp
-from lcsm.run.checkpoint import find_weights, weights_run_dir
 from lcsm.nn.packing import cu_seqlens_of
+from lcsm.run import dcp
+from lcsm.run.checkpoint import find_weights, weights_run_dir, write_text
 from lcsm.run.device import autocast
 from lcsm.tasks import IGNORE, Segment, TaskData
 
@@ -97,12 +99,67 @@ def evaluate(model, data: TaskData, batch_size: int, device: torch.device, preci
     return result
 
 
+# --------------------------------------------------------------------------- the eval schema
+
+EVAL_FORMAT = "lcsm-eval/1"
+
+
+@dataclass
+class EvalRecord:
+    """One evaluation as stored in RUN/eval.json (lcsm train, lcsm ablate) or RUN/eval/<task>.json
+    (lcsm eval): the step of the weights, the task section it ran on (None in files of the
+    flat layout, which did not record it), the metrics `evaluate` returns, and who wrote it."""
+
+    step: int | None
+    metrics: dict
+    task: dict | None = None
+    written_by: str | None = None
+
+
+def write_eval(path: Path, step: int, metrics: dict, task: dict | None, written_by: str, run: str | None = None) -> None:
+    """Write one evaluation in the one schema every reader takes (read_eval):
+    {"format": "lcsm-eval/1", "written_by", ["run",] "step", "task", "metrics"}; atomically."""
+    record = {"format": EVAL_FORMAT, "written_by": written_by, **({"run": run} if run else {}), "step": step, "task": task,
+              "metrics": metrics}
+    write_text(Path(path), json.dumps(record, indent=2) + "\n")
+
+
+def parse_eval(data) -> EvalRecord | None:
+    """An EvalRecord from the parsed JSON of any layout lcsm has written, or None when it is none:
+    the schema (format lcsm-eval/1), the `{run, step, task, metrics}` of the old `lcsm eval`, and
+    the flat metrics with their step of the old `lcsm train`."""
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("metrics"), dict):  # the schema, or the old lcsm eval's report
+        step = data.get("step")
+        return EvalRecord(step if isinstance(step, int) else None, data["metrics"],
+                          data.get("task") if isinstance(data.get("task"), dict) else None,
+                          data.get("written_by") or ("lcsm eval" if "run" in data else None))
+    if "loss" in data:  # flat: the metrics themselves, and the step
+        step = data.get("step")
+        return EvalRecord(step if isinstance(step, int) else None, {k: v for k, v in data.items() if k != "step"},
+                          None, "lcsm train")
+    return None
+
+
+def read_eval(path: Path) -> EvalRecord | None:
+    """The evaluation in a file of any layout lcsm has written (parse_eval); None when the file is
+    missing, unreadable or not an evaluation. The one reader of eval files."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return parse_eval(data)
+
+
 # --------------------------------------------------------------------------- lcsm eval
 
 
-def load_run(path: str | Path, device: torch.device | None = None):
-    """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder or a model.safetensors
-    file; a sharded run's checkpoint (lcsm/run/dcp.py) is read whole."""
+def load_run(path: str | Path, device: torch.device | None = None, log: Callable[[str], None] | None = None):
+    """(recipe, model, run_dir, step) from a run directory, its checkpoint/ folder, one step-N/ (or
+    init/) folder of it or a model.safetensors file (lcsm/run/checkpoint.py's find_weights: a run's
+    newest checkpoint that verifies, else its init checkpoint; a newer unreadable one is reported
+    through log); a sharded run's checkpoint (lcsm/run/dcp.py) is read whole."""
     sharded = dcp.find(Path(path))  # a sharded run (fsdp, hsdp): its DCP checkpoint, read whole in this process
     if sharded is not None:
         run_dir, folder = sharded
@@ -111,17 +168,15 @@ def load_run(path: str | Path, device: torch.device | None = None):
         step = dcp.load_weights(folder, model)
         model.set_backend(recipe.backend)
         return recipe, model.to(device or "cpu"), run_dir, step
-    weights = find_weights(path)
+    weights, step = find_weights(path, log)
     run_dir = weights_run_dir(weights)
     if run_dir is None:
-        raise RecipeError(f"{weights}: no config.yaml beside it or in the folder above; is this an lcsm run?")
+        raise RecipeError(f"{weights}: no config.yaml beside it or in the folders above; is this an lcsm run?")
     recipe = load_recipe(run_dir / "config.yaml")
     model = Model(recipe.model)
     try:
         load_model(model, str(weights), device="cpu")
     except Exception as e:  # a truncated file or another model's weights
         raise RecipeError(f"{weights}: cannot load the weights into the model of config.yaml ({str(e).splitlines()[0]})") from None
-    with safe_open(str(weights), "pt") as f:
-        step = int((f.metadata() or {}).get("step", -1))
     model.set_backend(recipe.backend)
     return recipe, model.to(device or "cpu"), run_dir, step

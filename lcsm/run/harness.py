@@ -2,7 +2,7 @@
 
     LcsmLM(model, tokenizer, ...)      an lm_eval.api.model.LM (registered as "lcsm": `lm_eval
                                        --model lcsm --model_args run=RUN,batch_size=8 --tasks ...`)
-    run_lm_eval(run, tasks, ...)       simple_evaluate on a run; the results for eval.json
+    run_lm_eval(run, tasks, ...)       simple_evaluate on a run; as_eval: its results in the eval schema
 
 The three request kinds, on lcsm's recurrent cache (lcsm/nn/cache.py):
     loglikelihood          requests grouped by context: the context is prefilled once, its cache
@@ -24,7 +24,6 @@ continuation and the pair is encoded whole, so a token spanning the boundary goe
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -215,17 +214,12 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | None = None,
             "n_samples": results.get("n-samples", {})}
 
 
-def merge_into_eval_json(path: Path, report: dict) -> dict:
-    """Add the lm-eval report to the run's eval JSON under "lm_eval" (the rest kept)."""
-    import json
-
-    data = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            data = {}
-    if not isinstance(data, dict):
-        data = {}
-    data["lm_eval"] = report
-    return data
+def as_eval(report: dict, include: list[str] | None = None) -> tuple[dict, dict]:
+    """run_lm_eval's report as lcsm's eval schema (lcsm/run/evaluate.py's write_eval; `lcsm eval
+    --lm-eval` writes it to RUN/eval/lm_eval.json, beside the training's eval.json): the task
+    section {"kind": "lm_eval", "tasks", "limit", "include", "versions", "n_samples"} and the
+    metrics {lm-eval task: {metric: value}}."""
+    section = {"kind": "lm_eval", "tasks": list(report["tasks"]), "limit": report.get("limit"),
+               "include": [str(p) for p in include] if include else None, "versions": report.get("versions", {}),
+               "n_samples": report.get("n_samples", {})}
+    return section, dict(report["results"])

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from lcsm.config.recipe import RecipeError
+from lcsm.run import files
+from lcsm.run.checkpoint import atomic_write
 
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
@@ -16,14 +18,23 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     if not path.exists():
         raise RecipeError(f"{run}: no metrics.jsonl here; is this an lcsm run directory?")
     train, evals = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            raise RecipeError(f"{path}:{n}: not a JSON line") from None
-        (evals if record.get("split") == "eval" else train).append(record)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError
+        except ValueError:
+            if n == last:  # being written right now, or cut short when the run was killed
+                continue
+            raise RecipeError(f"{path}:{n}: not a JSON line of lcsm's metrics") from None
+        if record.get("split") == "eval":
+            evals.append(record)
+        elif "loss" in record:
+            train.append(record)
     return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"])
 
 
@@ -66,8 +77,17 @@ def plot_runs(runs: list[str], output: str | None = None) -> Path:
         axes["accuracy"].set_ylim(-0.02, 1.02)
     fig.tight_layout()
     path = Path(output) if output else (Path(runs[0]) / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    if not output and len(runs) == 1:  # into the run directory: lcsm's file there, never the user's
+        run_dir = Path(runs[0])
+        if path.exists() and "curves.png" not in files.owned(run_dir):
+            plt.close(fig)
+            raise RecipeError(f"{path} was not written by lcsm; lcsm plot does not write over it: give -o FILE.png")
+        try:
+            files.claim(run_dir, "curves.png")
+        except OSError:
+            pass  # a read-only run: the write below says so
     try:
-        fig.savefig(path, dpi=120)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png"))
     except OSError as e:
         raise RecipeError(f"{path}: cannot write ({e.strerror})") from None
     finally:

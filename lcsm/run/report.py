@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from lcsm.config.ablation import LOWER_IS_BETTER, METRICS, GridRecipe
 from lcsm.config.base import RecipeError
 from lcsm.run.ablate import point_status, read_json, read_metric, write_json
+from lcsm.run.checkpoint import atomic_write, write_text
+from lcsm.run.evaluate import read_eval
 
 # --------------------------------------------------------------------------- the report
 
@@ -36,9 +38,10 @@ def collect(out_dir: str | Path) -> tuple[GridRecipe, list[dict]]:
         run_dir = Path(out_dir) / "runs" / p["id"]  # where expand() put it: the folder may have moved since
         status = point_status(run_dir)
         info = read_json(run_dir / "point.json") or {}
-        ev = read_json(run_dir / "eval.json") or {}
+        record = read_eval(run_dir / "eval.json")  # the training's evaluation (lcsm eval writes beside it)
+        ev = record.metrics if record is not None else {}
         row = {"id": p["id"], **p["labels"], "seed": p["seed"], "status": status}
-        row["step"] = ev.get("step", info.get("step"))
+        row["step"] = record.step if record is not None and record.step is not None else info.get("step")
         for m in METRICS:
             row[m] = read_metric(ev, m) if status == "done" else None
         metric = grid.report_metric
@@ -105,6 +108,13 @@ def _fmt(x, digits=4):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def mean_std(s: dict, digits: int = 4) -> str:
+    """A summary cell: '-' without results, the value for one seed, else 'mean ± std'."""
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.{digits}f}" if s["n"] == 1 else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
 def markdown(grid: GridRecipe, rows: list[dict], summary: list[dict]) -> str:
     metric, key = grid.report_metric, grid.best_of.key if grid.best_of else None
     axes = [a for a in grid.grid if a != key]
@@ -116,7 +126,8 @@ def markdown(grid: GridRecipe, rows: list[dict], summary: list[dict]) -> str:
     sel = f"; best {key} by {grid.best_of.metric} ({grid.best_of.resolved_mode})" if key else ""
     lines += [
         f"{len(rows)} points ({done} done, {failed} failed, {len(rows) - done - failed} not run); "
-        f"{metric}: mean ± std over seeds {', '.join(map(str, grid.seeds))}{sel}.",
+        + (f"{metric}: mean ± std over seeds {', '.join(map(str, grid.seeds))}{sel}." if len(grid.seeds) > 1
+           else f"{metric} of seed {grid.seeds[0]}{sel}."),
         "",
     ]
     head = axes + ([f"best {key.split('.')[-1]}"] if key else []) + [metric, "seeds"] + ([f"{metric} per {key.split('.')[-1]}"] if key else [])
@@ -126,7 +137,7 @@ def markdown(grid: GridRecipe, rows: list[dict], summary: list[dict]) -> str:
         cells = [s["labels"][a] for a in axes]
         if key:
             cells.append(s["best"] or "-")
-        cells.append("-" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}")
+        cells.append(mean_std(s))
         cells.append(str(s["n"]) + (f" ({s['failed']} failed)" if s["failed"] else ""))
         if key:
             cells.append(", ".join(f"{k}: {_fmt(v, 3)}" for k, v in s["sweep"].items()))
@@ -171,7 +182,7 @@ def write_csv(path: Path, grid: GridRecipe, rows: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    path.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def plot(grid: GridRecipe, summary: list[dict], path: Path) -> Path | None:
@@ -223,7 +234,7 @@ def plot(grid: GridRecipe, summary: list[dict], path: Path) -> Path | None:
         axs[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{grid.name}: {metric}" + (f", mean ± std over {len(grid.seeds)} seeds" if len(grid.seeds) > 1 else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:]))
     plt.close(fig)
     return path
 
@@ -235,7 +246,7 @@ def build_report(out_dir: str | Path) -> dict:
     grid, rows = collect(out_dir)
     summary = summarise(grid, rows)
     write_csv(out_dir / "results.csv", grid, rows)
-    (out_dir / "results.md").write_text(markdown(grid, rows, summary))
+    write_text(out_dir / "results.md", markdown(grid, rows, summary))
     failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     write_json(out_dir / "failures.json", failures)
     png, missing = None, None

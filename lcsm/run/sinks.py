@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from lcsm.run import files
+
 SINKS = ("jsonl", "tensorboard", "wandb")
 
 
@@ -67,6 +69,7 @@ class Sinks:
                 say("log: tensorboard is not installed (pip install 'lcsm[tensorboard]'); logging to metrics.jsonl only")
             else:
                 purge = None if resume_step is None else resume_step + 1
+                files.claim(run_dir, "tensorboard")  # (lcsm/run/files.py: a folder lcsm's sink fills)
                 self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if "wandb" in names:
             try:
@@ -75,6 +78,7 @@ class Sinks:
                 say("log: wandb is not installed (pip install 'lcsm[wandb]'); logging to metrics.jsonl only")
             else:
                 # offline unless configured; one id per run directory, so a resumed run continues it
+                files.claim(run_dir, "wandb")
                 run_id = "lcsm-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "lcsm"), name=run_name, id=run_id,
                                         dir=str(run_dir), config=config or {}, resume="allow",

@@ -17,14 +17,13 @@ through torch.distributed.checkpoint (lcsm/run/dcp.py), the others through lcsm/
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lcsm.config.base import RecipeError
@@ -42,18 +42,27 @@ from lcsm.parallel import sequence_parallel
 from lcsm.parallel.data import clip_grad_norm, gradient_sync, reduction_scale, wrap
 from lcsm.parallel.grid import Grid, ParallelError, init_grid
 from lcsm.run import dcp
-from lcsm.run.checkpoint import find_weights, load_checkpoint, load_weights, save_checkpoint, weights_run_dir, write_text
+from lcsm.run.checkpoint import (find_weights, init_weights, load_checkpoint, load_weights, save_checkpoint, weights_run_dir,
+                                 write_text)
 from lcsm.run.device import autocast, resolve_device, resolve_precision
-from lcsm.run.evaluate import evaluate
-from lcsm.run.rundir import RESUMABLE_CHANGES, diff, init_only, prepare_run_dir, truncate_metrics
+from lcsm.run.evaluate import evaluate, write_eval
+from lcsm.run.rundir import RESUMABLE_CHANGES, diff, open_run_dir, record_retune, truncate_metrics
 from lcsm.run.sinks import Sinks
+from lcsm.run.size import check_recipe_size
 from lcsm.tasks import Batches, TaskData, TaskError, build_task, derive_seed
 
 __all__ = ["RESUMABLE_CHANGES", "RunResult", "Trainer", "TrainingError", "diff", "train"]
 
 
 class TrainingError(Exception):
-    """The run cannot go on (a non-finite loss); str() is the message for the user."""
+    """The run cannot go on (a non-finite loss); str() is the message for the user.
+
+    resume_with: recipe overrides ({"optimizer.lr": 0.0033}) with which `--resume auto` can
+    continue from the kept checkpoint (the command line builds the command from it), or None."""
+
+    def __init__(self, message: str, resume_with: dict | None = None):
+        super().__init__(message)
+        self.resume_with = resume_with
 
 
 @dataclass
@@ -65,6 +74,7 @@ class RunResult:
     eval: dict | None
     elapsed_s: float
     resumed_from: int = 0
+    notes: list[str] = field(default_factory=list)  # what the user should know (a checkpoint fallen back from, ...)
 
 
 @dataclass
@@ -154,6 +164,7 @@ class Trainer:
         self.engine = wrap(model, grid, precision, device)
         self.device, self.precision, self.grid = device, precision, grid
         self.grad_clip = optimizer.grad_clip
+        self.lr = optimizer.lr
         self.accumulate = accumulate
 
         def new_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
@@ -245,38 +256,56 @@ class Trainer:
             metrics = box[0]
         return metrics
 
-    def save(self, run_dir: Path, state: dict) -> None:
-        """Sharded weights: every rank writes its shards (DCP). Replicated: rank 0 writes the
-        checkpoint (its state loads on any number of processes)."""
+    def save(self, run_dir: Path, state: dict, keep: int = 2) -> None:
+        """Sharded weights: every rank writes its shards (DCP, one checkpoint). Replicated: rank 0
+        writes the checkpoint (its state loads on any number of processes) and keeps the newest `keep`."""
         state = {"step": self.steps_done, **state}
         if self.sharded:
             dcp.save(run_dir, self.model, self.optimizer, self.scheduler, state, self.grid.strategy)
         elif self.is_main:
-            save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, state)
+            save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, state, keep=keep)
             dcp.remove(run_dir)  # a sharded checkpoint of an earlier part of the run is now stale
 
-    def load(self, run_dir: Path) -> dict:
-        """Resume from RUN/checkpoint, whichever format it has and whatever mesh wrote it; returns
-        the trainer state saved with it."""
+    def load(self, run_dir: Path, log: Callable[[str], None] | None = None) -> dict:
+        """Resume from RUN/checkpoint, whichever format it has and whatever mesh wrote it: the
+        newest readable replicated checkpoint (an unreadable newer one is reported through log),
+        or the sharded one when it is the newer; returns the trainer state saved with it."""
         if dcp.newest_is_sharded(run_dir):
             state = dcp.load(run_dir, self.model, self.optimizer, self.scheduler)
         elif self.sharded:  # a replicated checkpoint (one process, ddp) resumed with sharded weights: read whole, then shard
             whole = Model(self.model.spec)
             whole_optimizer = self.new_optimizer(whole)
-            state = load_checkpoint(run_dir, whole, whole_optimizer, self.scheduler, torch.device("cpu"))
+            state = load_checkpoint(run_dir, whole, whole_optimizer, self.scheduler, torch.device("cpu"), log=log,
+                                    set_aside=self.is_main)
             dcp.copy_full(whole, whole_optimizer, self.model, self.optimizer)
         else:
-            state = load_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, self.device)
+            state = load_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, self.device, log=log,
+                                    set_aside=self.is_main)
         self.steps_done = state["step"]
+        # the schedule is this trainer's: a resume with another optimizer.lr or warmup (allowed
+        # after a non-finite loss) goes on from the saved step at the new rate; with the same
+        # recipe this recomputes exactly the rate that was saved
+        self.scheduler.base_lrs = [self.lr for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return state
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self, recipe: Recipe, data: TaskData, run_dir: Path, resuming: bool, *, console: Console, quiet: bool,
-            on_step: Callable[[dict], None] | None = None) -> RunResult:
+            on_step: Callable[[dict], None] | None = None, note: Callable[[str], None] | None = None) -> RunResult:
         """Train to the end of the schedule (or an early stop, or Ctrl-C), logging, evaluating and
-        checkpointing as the recipe says; evaluates and checkpoints the last step."""
+        checkpointing as the recipe says; evaluates and checkpoints the last step. note(text)
+        receives what the user should know even when quiet (plain text, no markup)."""
         say = (lambda *a: None) if quiet else console.print
+        notes: list[str] = []
+
+        def tell(text: str) -> None:
+            notes.append(text)
+            (note or (lambda t: say(escape(t))))(text)
+
         grid = self.grid
         batches = Batches(data, recipe.batch_size, recipe.seed)
         spe = batches.steps_per_epoch
@@ -288,14 +317,15 @@ class Trainer:
         elapsed, window = 0.0, {"loss": 0.0, "n": 0, "tokens": 0}
         last_eval, last_ckpt = None, None
         if resuming:
-            state = self.load(run_dir)
+            state = self.load(run_dir, log=tell)
             elapsed, window = state["elapsed_s"], state["log_window"]
             last_eval, last_ckpt = state.get("last_eval"), self.steps_done
             if self.is_main:
-                truncate_metrics(run_dir / "metrics.jsonl", self.steps_done)
+                truncate_metrics(run_dir / "metrics.jsonl", self.steps_done, log=tell)
+                record_retune(run_dir, recipe, log=tell)
             if grid is not None:
                 dist.barrier()
-            say(f"resuming {run_dir} at step {self.steps_done}")
+            say(f"resuming {escape(str(run_dir))} at step {self.steps_done}")
         start_step = self.steps_done
 
         def checkpoint():
@@ -304,12 +334,12 @@ class Trainer:
             self.save(run_dir, {
                 "data": {"epoch": epoch, "batch": batch, "steps_per_epoch": spe, "seed": recipe.seed},
                 "elapsed_s": elapsed, "log_window": dict(window), "last_eval": last_eval,
-            })
+            }, keep=recipe.keep_checkpoints)
             last_ckpt = self.steps_done
 
         # metrics.jsonl, and TensorBoard / wandb when the recipe's `log` names them (lcsm/run/sinks.py)
         sinks = Sinks(run_dir, recipe.log, run_name=recipe.name or run_dir.name, config=recipe.resolved(),
-                      resume_step=self.steps_done if resuming else None, enabled=self.is_main, say=say)
+                      resume_step=self.steps_done if resuming else None, enabled=self.is_main, say=tell)
         log = sinks.write
 
         def run_eval() -> dict:
@@ -320,9 +350,9 @@ class Trainer:
             return metrics
 
         say(
-            f"[bold]{recipe.name or run_dir.name}[/bold]: {recipe.model.name or 'model'} "
+            f"[bold]{escape(recipe.name or run_dir.name)}[/bold]: {escape(recipe.model.name or 'model')} "
             f"({self.model.num_parameters() / 1e6:.2f}M parameters) on {recipe.task.kind}, {total} steps of "
-            f"{recipe.batch_size}, {self.device.type} {self.precision} -> {run_dir}"
+            f"{recipe.batch_size}, {self.device.type} {self.precision} -> {escape(str(run_dir))}"
         )
         status = "done"
         stop = StopFlag()
@@ -343,7 +373,8 @@ class Trainer:
                     try:
                         result = self.step(batch.tokens, batch.labels, starts=batch.starts)
                     except TrainingError as e:
-                        raise TrainingError(_nonfinite(str(e), run_dir, last_ckpt)) from None
+                        lower = {"optimizer.lr": float(f"{recipe.optimizer.lr / 3:.2g}")}
+                        raise TrainingError(_nonfinite(str(e), run_dir, last_ckpt, lower), resume_with=lower) from None
                     step = self.steps_done
                     elapsed += time.perf_counter() - t0
                     window["loss"] += result.loss
@@ -388,8 +419,9 @@ class Trainer:
             if last_ckpt != self.steps_done:
                 checkpoint()
             if self.is_main:
-                write_text(run_dir / "eval.json", json.dumps(last_eval, indent=2) + "\n")
-        return RunResult(run_dir, self.steps_done, total, status, last_eval, elapsed, start_step)
+                metrics = {k: v for k, v in last_eval.items() if k != "step"}
+                write_eval(run_dir / "eval.json", last_eval["step"], metrics, recipe.resolved()["task"], "lcsm train")
+        return RunResult(run_dir, self.steps_done, total, status, last_eval, elapsed, start_step, notes)
 
 
 # --------------------------------------------------------------------------- train()
@@ -400,6 +432,7 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    retune: bool = False,
     console: Console | None = None,
     quiet: bool = False,
     on_step: Callable[[dict], None] | None = None,
@@ -407,12 +440,15 @@ def train(
 ) -> RunResult:
     """Run a recipe; returns when the run is done, stopped early or interrupted (Ctrl-C, saved).
 
-    on_step(record) is called after every optimizer step with the step's metrics (tests use it).
-    init_from: a run directory, checkpoint folder or model.safetensors whose weights a new run
-    starts from (a fresh optimizer and schedule at step 0; its tokenizer.json comes along); a run
-    being resumed ignores it. A run directory holding an init checkpoint (lcsm upcycle's) starts
-    from it with resume=True as well.
-    Raises RecipeError for bad input and TrainingError when the loss stops being finite.
+    The run directory is locked while it runs (a second process gets a RecipeError naming this
+    one). retune: a resume may change optimizer.lr, optimizer.grad_clip and schedule.warmup_steps
+    (`lcsm train --resume auto` allows it; ablation points do not). on_step(record) is called after
+    every optimizer step with the step's metrics (tests use it). init_from: a run directory,
+    checkpoint folder or model.safetensors whose weights a new run starts from (a fresh optimizer
+    and schedule at step 0; its tokenizer.json comes along); a run being resumed ignores it. A run
+    directory holding an init checkpoint (checkpoint/init/, lcsm upcycle's) and no step checkpoint
+    starts from it with resume=True as well. Raises RecipeError for bad input and TrainingError
+    when the loss stops being finite.
     """
     console = console or Console(highlight=False)
     grid = _grid(recipe)
@@ -424,23 +460,36 @@ def train(
     precision = resolve_precision(recipe.precision, device)
     if recipe.backend == "triton" and device.type != "cuda":
         raise RecipeError(f"backend: 'triton' needs a CUDA device (device is {device}); use backend: auto or torch")
+    check_recipe_size(recipe, device)  # absurd sizes fail here, before anything is allocated
     threads = torch.get_num_threads()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    held = None
     try:
         say = (lambda *a: None) if quiet else console.print
+        notes: list[str] = []
+
+        def note(text: str) -> None:  # shown (escaped: paths may hold [brackets]) and kept in the result
+            notes.append(text)
+            say(escape(text))
+
         init = _init_source(recipe, init_from, overwrite)
 
         def prepare():
-            run_dir, resuming = prepare_run_dir(recipe, resume, overwrite, init=init is not None)
-            if resuming and init is not None:
-                say(f"{run_dir} has a checkpoint: resuming it (--init-from is for a run's start)")
-            start = None if resuming else (init or (init_only(run_dir) if resume else None))
-            if start is not None:
-                _copy_tokenizer(start, run_dir)
-            return run_dir, resuming, start
+            run_dir, resuming, held = open_run_dir(recipe, resume, overwrite, retune=retune, init=init is not None, log=note)
+            try:
+                if resuming and init is not None:
+                    note(f"{run_dir} has a checkpoint: resuming it (--init-from is for a run's start)")
+                # a start from weights: --init-from's, or with --resume auto the run's own init checkpoint
+                start = None if resuming else (init or (init_weights(run_dir) if resume else None))
+                if start is not None:
+                    _copy_tokenizer(start, run_dir)
+            except BaseException:
+                held.release()
+                raise
+            return run_dir, resuming, held, start
 
-        run_dir, resuming, init = _on_main(grid, prepare)
+        run_dir, resuming, held, init = _on_main(grid, prepare)
 
         def task():
             try:
@@ -463,7 +512,7 @@ def train(
         model = Model(recipe.model).set_backend(recipe.backend).to(device)
         if init is not None:
             step = load_weights(model, init, device)
-            say(f"starting from the weights of {init}" + (f" (step {step})" if step >= 0 else "") + " with a fresh optimizer")
+            say(f"starting from the weights of {escape(str(init))}" + (f" (step {step})" if step >= 0 else "") + " with a fresh optimizer")
         model.train()
         if recipe.checkpointing is not None:
             model.checkpoint_every = recipe.checkpointing.every
@@ -474,12 +523,20 @@ def train(
         except TaskError as e:
             raise RecipeError(f"task: {e}") from None
         total = recipe.steps or max(1, math.ceil(recipe.epochs * spe))
+        warmup = recipe.schedule.warmup_steps
+        if warmup is not None and warmup > total:  # (recipes in steps are checked when they load)
+            raise RecipeError(f"schedule.warmup_steps: {warmup} warmup steps exceed the run's {total} steps "
+                              f"({recipe.epochs} epochs of {spe}); use at most {total}")
         trainer = Trainer(model, recipe.optimizer, recipe.schedule, total, device=device, precision=precision, grid=grid,
                           accumulate=recipe.accumulate)
         if not resuming and trainer.is_main:
             write_text(run_dir / "config.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True))
-        return trainer.fit(recipe, data, run_dir, resuming, console=console, quiet=quiet, on_step=on_step)
+        result = trainer.fit(recipe, data, run_dir, resuming, console=console, quiet=quiet, on_step=on_step, note=note)
+        result.notes = notes  # (note() kept the trainer's notes too)
+        return result
     finally:
+        if held is not None:
+            held.release()  # (a no-op on the ranks that got a copy of rank 0's lock)
         torch.set_num_threads(threads)
 
 
@@ -487,7 +544,7 @@ def _init_source(recipe: Recipe, init_from, overwrite: bool) -> Path | None:
     """The weights file --init-from names (checked before the run directory is touched)."""
     if init_from is None:
         return None
-    weights = find_weights(init_from)
+    weights, _ = find_weights(init_from)
     if overwrite and weights.resolve().is_relative_to(recipe.run_dir.resolve()):
         raise RecipeError(f"--init-from {init_from}: these weights are in the run directory that --overwrite would clear; "
                           "leave out --overwrite (an upcycled directory starts from its weights as it is)")
@@ -499,7 +556,7 @@ def _copy_tokenizer(weights: Path, run_dir: Path) -> None:
     source = weights_run_dir(weights)
     if source is None or not (source / "tokenizer.json").exists() or source.resolve() == run_dir.resolve():
         return
-    write_text(run_dir / "tokenizer.json", (source / "tokenizer.json").read_text())
+    write_text(run_dir / "tokenizer.json", (source / "tokenizer.json").read_text())  # (claimed: rundir.FRESH)
 
 
 def _grid(recipe: Recipe) -> Grid | None:
@@ -573,15 +630,17 @@ def _eval_line(step: int, metrics: dict) -> str:
 
 def _kept(run_dir: Path, last_ckpt: int | None) -> str:
     return (
-        f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir / 'checkpoint'}"
+        f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir / 'checkpoint' / f'step-{last_ckpt:06d}'}"
         if last_ckpt is not None
         else "no checkpoint had been written yet"
     )
 
 
-def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None) -> str:
+def _nonfinite(what: str, run_dir: Path, last_ckpt: int | None, lower: dict) -> str:
     kept = _kept(run_dir, last_ckpt)
+    sets = " ".join(f"--set {k}={v}" for k, v in lower.items())
     return (
         f"{what}; training stopped and {kept}. "
-        "Try a lower optimizer.lr, a longer schedule.warmup_steps or optimizer.grad_clip, or precision: fp32"
+        f"Try a lower optimizer.lr (--resume auto {sets} continues {'from it' if last_ckpt is not None else 'the run'}), "
+        "a longer schedule.warmup_steps, a smaller optimizer.grad_clip, or precision: fp32"
     )

@@ -37,16 +37,18 @@ groups of heads, its weights unchanged; the head router starts at zero with `rou
 N(0, 0.02²) (a zero router at top_k < G would send every token to the same groups); its scale is G.
 
 The result is a run directory: config.yaml (the dense recipe with the MoE spec, out_dir = the new
-directory), checkpoint/model.safetensors as an *init checkpoint* (step 0, metadata init=upcycle,
-no trainer.pt), upcycle.json (what was done, and each layer's neuron partition) and the run's
-tokenizer.json if it has one. `lcsm train OUT/config.yaml --init-from OUT` (or `--resume auto`)
-post-trains it with a fresh optimizer.
+directory), checkpoint/init/ as an *init checkpoint* (model.safetensors with metadata step 0,
+init=upcycle, source, source_step, and a manifest.json of its size and SHA-256; no trainer state;
+lcsm/run/checkpoint.py), upcycle.json (what was done, and each layer's neuron partition) and the
+run's tokenizer.json if it has one. Every file is claimed in OUT/.lcsm-files.jsonl before it is
+written, and OUT is locked (OUT/.lcsm.lock) while upcycle works; --overwrite removes only lcsm's
+files there. `lcsm train OUT/config.yaml --init-from OUT` (or `--resume auto`) post-trains it with
+a fresh optimizer; the init checkpoint stays beside the run's step checkpoints.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +63,8 @@ from lcsm.nn.model import Model
 from lcsm.run.checkpoint import save_init_weights, write_text
 from lcsm.run.device import resolve_device
 from lcsm.run.evaluate import load_run
-from lcsm.run.rundir import ARTIFACTS
+from lcsm.run import files, lock
+from lcsm.run.rundir import remove_owned
 from lcsm.tasks import TaskError, build_task, epoch_batches
 
 SPLITS = ("random", "clustering", "importance")
@@ -299,6 +302,27 @@ def _mixers(spec) -> list[tuple[str, object]]:
     return [("mixer", spec.mixer), *((f"mixers.{n}", m) for n, m in spec.mixers.items())]
 
 
+def _check_out(out: Path, overwrite: bool) -> list[str]:
+    """The names of lcsm's files already in `out` (another upcycle's, a run's); refuses a name lcsm
+    writes held by a file lcsm did not write (even with --overwrite), lcsm's files without
+    --overwrite, and other files without --overwrite (lcsm then writes beside them)."""
+    mine = {p.split("/")[0] for p in files.owned(out)}
+    present = files.entries(out)
+    foreign = [n for n in present if n not in mine]
+    clash = [n for n in foreign if n in files.NAMES]
+    if clash:
+        raise UpcycleError(f"--out: {out}: {', '.join(clash)} {'was' if len(clash) == 1 else 'were'} not written by lcsm; lcsm "
+                           "neither removes nor overwrites files it did not write: move them away, or choose another --out")
+    existing = [n for n in files.NAMES if n in present and n in mine]
+    if existing and not overwrite:
+        raise UpcycleError(f"--out: {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise UpcycleError(f"--out: {out} holds files lcsm did not write ({shown}); choose another --out, or pass --overwrite "
+                           "to write beside them (lcsm removes and overwrites only files it wrote)")
+    return existing
+
+
 def upcycle(
     run: str | Path,
     out: str | Path,
@@ -364,83 +388,96 @@ def upcycle(
                    f"{attention_experts} head groups must divide the heads of {where} ({heads})")
             _check("--attention-experts", m.head_routing is None, f"{where} already has head_routing")
 
-    existing = [name for name in (*ARTIFACTS, RECORD) if (out / name).exists()]
-    if existing and not overwrite:
-        raise UpcycleError(f"--out: {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     if out.exists() and not out.is_dir():
         raise UpcycleError(f"--out: {out} exists and is not a directory")
-
-    m_size = (hidden - shared) // experts
-    scale = float(experts) if scale is None else float(scale)
-    moe = {"kind": "moe", "experts": experts, "top_k": top_k, "hidden_size": m_size, "activation": channel.activation,
-           "output_scale": scale}
-    if shared:
-        moe.update(shared_expert=True, shared_hidden_size=shared)
-    if aux_loss_weight is not None:
-        moe["aux_loss_weight"] = aux_loss_weight
-    data = recipe.resolved()
-    model_data = data["model"]
-    model_data["channel_mixer"] = moe
-    head = None
-    if attention_experts is not None:
-        head = {"groups": attention_experts, "top_k": attention_top_k,
-                "scale": float(attention_experts) if attention_scale is None else float(attention_scale)}
-        if aux_loss_weight is not None:
-            head["aux_loss_weight"] = aux_loss_weight
-        model_data["mixer"]["head_routing"] = dict(head)
-        for m in (model_data.get("mixers") or {}).values():
-            m["head_routing"] = dict(head)
-    data.update(out_dir=str(out), name=out.name or recipe.name)
+    created = not out.exists()
     try:
-        new_recipe = load_recipe(data)
-    except RecipeError as e:  # (the checks above should have caught it: say what was written)
-        raise UpcycleError(f"--out: the upcycled recipe is invalid: {e}") from None
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UpcycleError(f"--out: cannot create {out} ({e.strerror})") from None
+    held = lock.acquire(out, "run directory", log)  # while it is written: no lcsm train into it meanwhile
+    done = False
+    try:
+        existing = _check_out(out, overwrite)
 
-    # ---- partition every layer's neurons
-    stats = None
-    if split == "importance":
-        dev = resolve_device(device)
-        log(f"importance: {importance} over {batches} batches of {src_dir}'s training data on {dev}")
-        stats = neuron_statistics(dense, recipe, src_dir, batches, importance, dev, seed)
-        dense = dense.to("cpu")
-    layers = []
-    for l, block in enumerate(dense.blocks):
-        glu = block.channel_mixer
-        if stats is None:
-            shared_ids, ids, centroid = split_weights(glu, experts, shared, split, seed + l)
-        else:
-            x, score = stats[l]
-            _check("--batches", x.shape[0] >= experts, f"{x.shape[0]} tokens cannot form {experts} clusters; use more batches")
-            shared_ids, ids, centroid = split_importance(x, score, experts, shared, seed + l)
-        layers.append({"shared": shared_ids, "experts": ids, "centroid": centroid})
+        m_size = (hidden - shared) // experts
+        scale = float(experts) if scale is None else float(scale)
+        moe = {"kind": "moe", "experts": experts, "top_k": top_k, "hidden_size": m_size, "activation": channel.activation,
+               "output_scale": scale}
+        if shared:
+            moe.update(shared_expert=True, shared_hidden_size=shared)
+        if aux_loss_weight is not None:
+            moe["aux_loss_weight"] = aux_loss_weight
+        data = recipe.resolved()
+        model_data = data["model"]
+        model_data["channel_mixer"] = moe
+        head = None
+        if attention_experts is not None:
+            head = {"groups": attention_experts, "top_k": attention_top_k,
+                    "scale": float(attention_experts) if attention_scale is None else float(attention_scale)}
+            if aux_loss_weight is not None:
+                head["aux_loss_weight"] = aux_loss_weight
+            model_data["mixer"]["head_routing"] = dict(head)
+            for m in (model_data.get("mixers") or {}).values():
+                m["head_routing"] = dict(head)
+        data.update(out_dir=str(out), name=out.name or recipe.name)
+        try:
+            new_recipe = load_recipe(data)
+        except RecipeError as e:  # (the checks above should have caught it: say what was written)
+            raise UpcycleError(f"--out: the upcycled recipe is invalid: {e}") from None
 
-    # ---- the new model: the dense weights copied, the experts sliced from each GLU
-    with torch.random.fork_rng(devices=[]):  # the random router init, without touching the caller's RNG
-        torch.manual_seed(seed)
-        new = Model(new_recipe.model)
-        _fill(new, dense, layers, router, shared)
-
-    # ---- the run directory
-    if existing:
-        for name in existing:  # only lcsm's own files (--overwrite)
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
+        # ---- partition every layer's neurons
+        stats = None
+        if split == "importance":
+            dev = resolve_device(device)
+            log(f"importance: {importance} over {batches} batches of {src_dir}'s training data on {dev}")
+            stats = neuron_statistics(dense, recipe, src_dir, batches, importance, dev, seed)
+            dense = dense.to("cpu")
+        layers = []
+        for l, block in enumerate(dense.blocks):
+            glu = block.channel_mixer
+            if stats is None:
+                shared_ids, ids, centroid = split_weights(glu, experts, shared, split, seed + l)
             else:
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump(new_recipe.resolved(), sort_keys=False, allow_unicode=True))
-    save_init_weights(out, new, "upcycle", {"source": src_dir, "source_step": step})
-    if (src_dir / "tokenizer.json").exists():
-        write_text(out / "tokenizer.json", (src_dir / "tokenizer.json").read_text())
-    record = {
-        "source": str(src_dir), "source_step": step, "experts": experts, "top_k": top_k, "split": split,
-        "importance": importance if split == "importance" else None, "batches": batches if split == "importance" else None,
-        "shared": shared, "scale": scale, "router": router, "seed": seed, "dense_hidden": hidden, "expert_hidden": m_size,
-        "attention": head,
-        "parameters": {"dense": dense.num_parameters(), "dense_active": dense.active_parameters(),
-                       "total": new.num_parameters(), "active": new.active_parameters()},
-        "layers": [{"shared": layer["shared"].tolist(), "experts": layer["experts"].tolist()} for layer in layers],
-    }
-    write_text(out / RECORD, json.dumps(record, indent=1) + "\n")
-    return UpcycleResult(out, new_recipe, record)
+                x, score = stats[l]
+                _check("--batches", x.shape[0] >= experts, f"{x.shape[0]} tokens cannot form {experts} clusters; use more batches")
+                shared_ids, ids, centroid = split_importance(x, score, experts, shared, seed + l)
+            layers.append({"shared": shared_ids, "experts": ids, "centroid": centroid})
+
+        # ---- the new model: the dense weights copied, the experts sliced from each GLU
+        with torch.random.fork_rng(devices=[]):  # the random router init, without touching the caller's RNG
+            torch.manual_seed(seed)
+            new = Model(new_recipe.model)
+            _fill(new, dense, layers, router, shared)
+
+        # ---- the run directory (locked; every file claimed in its lcsm-files manifest before it is written)
+        if existing:
+            kept = remove_owned(out)  # only lcsm's own files (--overwrite)
+            if kept:
+                log(f"--overwrite: kept {', '.join(kept)} in {out}: they hold files lcsm did not write")
+        files.claim(out, "config.yaml", RECORD)
+        write_text(out / "config.yaml", yaml.safe_dump(new_recipe.resolved(), sort_keys=False, allow_unicode=True))
+        save_init_weights(out, new, "upcycle", {"source": src_dir, "source_step": step})  # checkpoint/init/ (claimed there)
+        if (src_dir / "tokenizer.json").exists():
+            files.claim(out, "tokenizer.json")
+            write_text(out / "tokenizer.json", (src_dir / "tokenizer.json").read_text())
+        record = {
+            "source": str(src_dir), "source_step": step, "experts": experts, "top_k": top_k, "split": split,
+            "importance": importance if split == "importance" else None, "batches": batches if split == "importance" else None,
+            "shared": shared, "scale": scale, "router": router, "seed": seed, "dense_hidden": hidden, "expert_hidden": m_size,
+            "attention": head,
+            "parameters": {"dense": dense.num_parameters(), "dense_active": dense.active_parameters(),
+                           "total": new.num_parameters(), "active": new.active_parameters()},
+            "layers": [{"shared": layer["shared"].tolist(), "experts": layer["experts"].tolist()} for layer in layers],
+        }
+        write_text(out / RECORD, json.dumps(record, indent=1) + "\n")
+        result = UpcycleResult(out, new_recipe, record)
+        done = True
+        return result
+    finally:
+        held.release()
+        if created and not done:
+            try:
+                out.rmdir()  # (only if nothing was written into it)
+            except OSError:
+                pass

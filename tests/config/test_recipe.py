@@ -73,7 +73,7 @@ def test_overrides_parse_yaml_values_and_reach_lists():
     assert r.schedule.kind == "constant" and r.model.name == "gla" and r.optimizer.betas == (0.9, 0.95)
     # the run length is steps or epochs: overriding one replaces the other
     assert load_recipe(recipe(), ["epochs=2"]).steps is None
-    assert load_recipe("mqar_gla", ["steps=7"]).epochs is None
+    assert load_recipe("mqar_gla", ["steps=700"]).epochs is None
 
 
 BAD_OVERRIDES = [
@@ -90,6 +90,17 @@ BAD_OVERRIDES = [
     (["model.vocab_size=100"], "the task sets the vocabulary (64)"),
     (["epochs=2", "steps=3"], "steps: give exactly one of steps or epochs"),
     (["backend=magic"], "backend: 'magic' is not allowed; allowed: auto, triton, torch, reference"),
+    # values that passed silently before: an infinite rate, a warmup longer than the run, integers torch cannot hold
+    (["optimizer.lr=inf"], "optimizer.lr: input should be a finite number"),
+    (["optimizer.lr=.nan"], "optimizer.lr: input should be a finite number"),
+    (["schedule.warmup_steps=50"], "schedule.warmup_steps: 50 warmup steps exceed the run's 5 steps"),
+    (["seed=100000000000000000000"], "seed: 100000000000000000000 is too large; integers must fit in 64 bits"),
+    (["task.train.0.num_examples=99999999999999999999"], "task.train.0.num_examples: 99999999999999999999 is too large"),
+    (["model.d_model=" + "9" * 40], "model.d_model: 999999999999...(40 digits) is too large"),
+    # a name is a folder in runs/: it cannot leave it
+    (["name=../escape"], "name: '../escape' holds a path separator"),
+    (["name=.."], "name: '..' is not a folder name"),
+    (["name=a\\b"], "holds a path separator"),
 ]
 
 
@@ -133,3 +144,45 @@ def test_the_recipe_names_the_kernel_backends():
     from lcsm.kernels import BACKENDS
 
     assert typing.get_args(Backend) == BACKENDS
+
+
+def test_a_name_that_would_leave_runs_is_refused_and_out_dir_is_the_way_elsewhere(tmp_path):
+    assert "name: '/tmp/x' holds a path separator" in error_of(recipe(name="/tmp/x"))
+    r = load_recipe(recipe(name="../x", out_dir=str(tmp_path / "mine")))  # an explicit out_dir: the name is only a label
+    assert r.run_dir == tmp_path / "mine"
+    assert load_recipe(recipe(name="gla-128_v2.1")).run_dir.as_posix() == "runs/gla-128_v2.1"
+
+
+def test_non_utf8_and_binary_files_name_the_file_and_the_byte(tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("name: café\nsteps: 5\n".encode("latin-1"))
+    msg = error_of(latin)
+    assert f"{latin}: not UTF-8 text: byte 0xe9 at offset 9 (line 1)" in msg
+    noise = tmp_path / "noise.yaml"
+    noise.write_bytes(bytes(range(128, 256)) * 4)
+    assert f"{noise}: not UTF-8 text: byte 0x80 at offset 0" in error_of(noise)
+    spec = tmp_path / "spec.yaml"  # a model file the recipe names: the error names that file
+    spec.write_bytes(b"d_model: 16\nn_layers: 1\n# \xff\nmixer: {kind: eos, oscillation: {kind: ones}}\n")
+    assert f"{spec}: not UTF-8 text: byte 0xff at offset 26 (line 3)" in error_of(recipe(model=str(spec)))
+
+
+def test_lcsm_validate_checks_training_and_ablation_recipes_without_training(tmp_path, capsys):
+    from helpers import cli_error  # tests/helpers.py
+
+    from lcsm.cli.main import main
+    from lcsm.config.paths import shipped
+
+    paths = [str(p) for p in shipped_recipes("train").values()]  # lcsm validate lcsm/recipes/train/*.yaml
+    assert main(["validate", *paths, "mqar_gla"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("training recipe:") == len(paths) + 1 and "did you mean" not in printed
+    assert main(["validate", str(shipped("ablations")["lm_feature_maps"])]) == 0
+    assert "ablation recipe: " in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe(optimizer={"lr": 0})))
+    msg = cli_error(["validate", str(bad)], capsys)
+    assert "optimizer.lr: input should be greater than 0" in msg and "d_model" not in msg
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "base": recipe(), "grid": {"model.d_model": [16, -4]}}))
+    assert "point model.d_model=-4, seed=0" in cli_error(["validate", str(grid)], capsys)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ablations").exists()  # nothing was trained or written

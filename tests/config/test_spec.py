@@ -244,3 +244,27 @@ def test_show_prints_the_pattern_and_the_experts(tmp_path, capsys):
     path.write_text(yaml.safe_dump(HYBRID | {"pattern": "mixer attn", "channel_mixer": {"kind": "moe", "experts": 4, "shared_expert": True}}))
     assert main(["show", str(path)]) == 0
     assert "moe: 4 experts, top-2, shared expert, dropless" in capsys.readouterr().out
+
+
+def test_cli_validate_refuses_unreadable_huge_and_absurd_specs_quickly(tmp_path, capsys):
+    import time
+
+    from helpers import cli_error  # tests/helpers.py
+
+    osc = "mixer: {kind: eos, oscillation: {kind: scalar}}\n"
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("name: café\nd_model: 16\nn_layers: 1\n".encode("latin-1") + osc.encode())
+    assert f"{latin}: not UTF-8 text: byte 0xe9 at offset 9" in cli_error(["validate", str(latin)], capsys)
+    cases = [
+        ("d_model: 1000000000000000000000000000000", "d_model: 100000000000...(31 digits) is too large; integers must fit in 64 bits"),
+        ("d_model: 1000000000", "parameters in the embeddings alone, beyond lcsm's limit of 1T"),
+        ("d_model: 10000000\nvocab_size: 2", "parameters, beyond lcsm's limit of 1T"),  # the channel mixer: 2.7e14 weights
+        ("d_model: 16\nn_layers: 1000000000", "model: about "),  # counted from one layer, not built 10^9 times
+    ]
+    for n, (fields, words) in enumerate(cases):
+        path = tmp_path / f"big{n}.yaml"
+        path.write_text(("n_layers: 2\n" if "n_layers" not in fields else "") + fields + "\n" + osc)
+        t0 = time.perf_counter()
+        msg = cli_error(["validate", str(path)], capsys)
+        assert words in msg and time.perf_counter() - t0 < 30, (fields, msg)
+    assert "d_model = 16, n_layers = 1000000000" in msg and "beyond lcsm's limit" in msg

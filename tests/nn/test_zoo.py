@@ -252,7 +252,7 @@ def mom(m, p, x, log_decay):
     """Mixture-of-Memories in its parallel form, one memory at a time: memory m holds
     Σ_{s<=t chosen} exp(Σ_{s<r<=t, r chosen} log o_r) k_s v_sᵀ; a token reads its top-k memories
     (weights renormalised) plus the shared one. log_decay: [B,T,H,K] (broadcast along K)."""
-    H, K, E, M = m.H, m.K, m.E, m.M
+    H, K, M = m.H, m.K, m.M
     Bn, T = x.shape[:2]
     probs = torch.softmax(lin(x, p, "router.proj"), dim=-1)
     top, idx = probs.topk(m.top_k, dim=-1)

@@ -5,6 +5,10 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,7 +158,8 @@ def test_run_resume_failures_and_report(tmp_path, capsys):
     accs = {(r["oscillation"], r["optimizer.lr"]): float(r["accuracy"]) for r in rows if r["status"] == "done"}
     md = (folder / "results.md").read_text()
     best = max(("0.01", "0.03"), key=lambda lr: accs[("scalar", lr)])
-    assert f"| scalar | {best} | {accs[('scalar', best)]:.4f} ± 0.0000 | 1 |" in md
+    assert f"| scalar | {best} | {accs[('scalar', best)]:.4f} | 1 |" in md  # one seed: the value, no "± 0.0000"
+    assert "± 0.0000" not in md
     assert "6 points (4 done, 2 failed, 0 not run)" in md and "## Failures" in md
     failures = json.loads((folder / "failures.json").read_text())
     assert len(failures) == 2 and all("missing.txt" in f["error"] for f in failures)
@@ -238,3 +243,82 @@ def test_labels_that_spell_the_same_directory_are_refused(tmp_path):
                                   {"label": "relu*2", "set": {"model.mixer.expand.feature_map": "square"}}]})
     with pytest.raises(RecipeError, match="same run directory"):
         ablate.prepare(grid, tmp_path / "out")
+
+
+def test_lcsm_eval_of_points_leaves_the_report_and_the_best_learning_rate_as_they_were(tmp_path, capsys):
+    ab = ablate.prepare(tiny_grid(grid={"optimizer.lr": [1e-2, 3e-2, 1e-1]}), tmp_path / "out")
+    ablate.run([ab])
+    before = report.build_report(ab.out_dir)["summary"]
+    assert before[0]["mean"] is not None
+    for p in ab.points:  # `lcsm eval RUN` on every point: its report goes beside the training's eval.json
+        assert main(["eval", str(p.run_dir)]) == 0
+        assert (p.run_dir / "eval" / "test.json").exists()
+    after = report.build_report(ab.out_dir)
+    assert [(s["best"], s["mean"], s["sweep"]) for s in after["summary"]] == [(s["best"], s["mean"], s["sweep"]) for s in before]
+    assert all(r["status"] == "done" and r["accuracy"] is not None for r in after["rows"])
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_a_second_ablate_on_one_out_is_refused_and_workers_die_with_their_parent(tmp_path):
+    grid = tiny_grid(best_of=None, grid={"optimizer.lr": [1e-2, 3e-2]})
+    grid["base"].update(steps=10**6, eval_every=10**6, log_every=10**5)  # points that would run for hours
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+           "LCSM_CACHE": str(tmp_path / "cache")}
+    first = subprocess.Popen([sys.executable, "-m", "lcsm.cli", "ablate", str(path), "--out", str(out), "--jobs", "2"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = out / "tiny" / "runs"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(runs.glob("*/metrics.jsonl"))) < 2:  # both workers training
+            assert first.poll() is None, f"lcsm ablate exited with {first.returncode}"
+            time.sleep(0.2)
+        assert len(list(runs.glob("*/metrics.jsonl"))) == 2
+        workers = _children(first.pid)
+        assert len(workers) >= 2
+        # a second lcsm ablate on the same --out is refused, naming the first (the code before ran the grid twice)
+        second = subprocess.run([sys.executable, "-m", "lcsm.cli", "ablate", str(path), "--out", str(out)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"this ablation directory is in use by process {first.pid}" in second.stderr
+    finally:
+        first.kill()  # SIGKILL: no handler runs in the parent
+        first.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(map(_running, workers)):
+        time.sleep(0.2)
+    orphans = [w for w in workers if _running(w)]
+    for w in orphans:  # (never leave them behind, even when the test fails)
+        os.kill(w, signal.SIGKILL)
+    assert not orphans, "orphaned workers go on training"
+
+
+def test_the_portable_parent_watch_stops_a_worker_whose_parent_is_gone(tmp_path):
+    # the fallback of platforms without prctl: a parent pid that is not ours stands for a dead parent
+    code = ("import os, time; from lcsm.run.ablate import die_with_parent; "
+            "die_with_parent(os.getppid() + 4194304, grace_s=5); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120)
+    assert done.returncode == -signal.SIGTERM and time.time() - t0 < 60

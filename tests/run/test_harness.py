@@ -1,6 +1,7 @@
 """lm-evaluation-harness: the lcsm model class's three request kinds against plain forward passes,
 and `lcsm eval RUN --lm-eval TASKS` on local tasks (JSON data files, as lm-eval reads them offline)
-of every output type, into eval.json; an unknown task is a clear error."""
+of every output type, into RUN/eval/lm_eval.json (the eval schema, beside the training's eval.json);
+an unknown task is a clear error."""
 
 import json
 from types import SimpleNamespace
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 import yaml
 
 from lcsm.cli.main import main
-from lcsm.run.evaluate import load_run
+from lcsm.run import files
+from lcsm.run.evaluate import load_run, read_eval
 
 from helpers import cli_error, tiny
 
@@ -110,20 +112,33 @@ def write_tasks(tmp_path) -> str:
     return str(folder)
 
 
-def test_lcsm_eval_lm_eval_runs_local_tasks_into_eval_json(run, tmp_path, capsys):
+def test_lcsm_eval_lm_eval_runs_local_tasks_beside_eval_json(run, tmp_path, capsys):
     tasks = write_tasks(tmp_path)
-    before = json.loads((run / "eval.json").read_text())
-    assert main(["eval", str(run), "--lm-eval", "lcsm_toy_choice,lcsm_toy_rolling,lcsm_toy_gen", "--lm-eval-include", tasks,
+    before = (run / "eval.json").read_bytes()
+    names = ["lcsm_toy_choice", "lcsm_toy_rolling", "lcsm_toy_gen"]
+    assert main(["eval", str(run), "--lm-eval", ",".join(names), "--lm-eval-include", tasks,
                  "--limit", "2", "--batch-size", "2"]) == 0
     printed = capsys.readouterr().out
     assert "lcsm_toy_choice" in printed and "acc" in printed and "bits_per_byte" in printed
-    report = json.loads((run / "eval.json").read_text())
-    assert report["loss"] == before["loss"]  # the run's own evaluation is kept beside it
-    results = report["lm_eval"]["results"]
-    assert 0 <= results["lcsm_toy_choice"]["acc,none"] <= 1 and report["lm_eval"]["limit"] == 2
+    assert (run / "eval.json").read_bytes() == before  # the run's own evaluation is not touched
+    path = run / "eval" / "lm_eval.json"
+    raw = json.loads(path.read_text())
+    assert raw["format"] == "lcsm-eval/1" and raw["written_by"] == "lcsm eval --lm-eval" and raw["run"] == str(run)
+    assert "eval/lm_eval.json" in files.owned(run)  # lcsm's file: --overwrite removes it, nothing else writes over it
+    report = read_eval(path)  # the one reader of eval files
+    assert report.step == read_eval(run / "eval.json").step
+    assert report.task["kind"] == "lm_eval" and report.task["tasks"] == names and report.task["limit"] == 2
+    assert report.task["include"] == [tasks] and report.task["n_samples"]["lcsm_toy_choice"]["effective"] == 2
+    results = report.metrics
+    assert 0 <= results["lcsm_toy_choice"]["acc,none"] <= 1
     assert results["lcsm_toy_rolling"]["bits_per_byte,none"] > 0
     assert "exact_match,none" in results["lcsm_toy_gen"]
-    assert report["lm_eval"]["n_samples"]["lcsm_toy_choice"]["effective"] == 2
+
+    # -o FILE.json: the same record elsewhere
+    other = tmp_path / "lm.json"
+    assert main(["eval", str(run), "--lm-eval", "lcsm_toy_choice", "--lm-eval-include", tasks, "--limit", "1",
+                 "-o", str(other)]) == 0
+    assert read_eval(other).task["tasks"] == ["lcsm_toy_choice"] and read_eval(path).task["tasks"] == names
 
 
 def test_lm_evals_own_api_takes_a_run_by_its_path(run, tmp_path):

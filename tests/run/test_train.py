@@ -57,7 +57,7 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path):
 
     result = train(part, quiet=True, on_step=ctrl_c)
     assert result.status == "interrupted" and result.step == 5
-    assert torch.load(part.run_dir / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 5
+    assert torch.load(part.run_dir / "checkpoint" / "step-000005" / "trainer.pt", weights_only=True)["step"] == 5
     with pytest.raises(RecipeError, match="already holds a run"):
         train(part, quiet=True)
     resumed = train(part, quiet=True, resume=True)
@@ -91,8 +91,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
     monkeypatch.setattr(Model, "forward", poisoned)
     with pytest.raises(TrainingError, match=r"step 7: the loss is nan; training stopped and the last good checkpoint \(step 6\)"):
         train(recipe, quiet=True)
-    state = torch.load(recipe.run_dir / "checkpoint" / "trainer.pt", weights_only=True)
-    assert state["step"] == 6
+    state = torch.load(recipe.run_dir / "checkpoint" / "step-000006" / "trainer.pt", weights_only=True)
+    assert state["step"] == 6 and not (recipe.run_dir / "checkpoint" / "step-000007").exists()
     model = load_run(recipe.run_dir)[1]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -132,14 +132,16 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     run = tmp_path / "run"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["steps"] == 8 and config["model"]["d_model"] == 16 and config["model"]["vocab_size"] == 64
+    trained = (run / "eval.json").read_text()
     assert main(["eval", str(run)]) == 0
-    report = json.loads((run / "eval.json").read_text())
+    report = json.loads((run / "eval" / "test.json").read_text())  # beside the training's eval.json, which stays
     assert report["step"] == 8 and set(report["metrics"]["slices"]) == {"seq_len=16 num_kv_pairs=2", "seq_len=32 num_kv_pairs=4"}
+    assert (run / "eval.json").read_text() == trained
     other = tmp_path / "task.yaml"
     test = [{"seq_len": 48, "num_kv_pairs": 8, "num_examples": 16}]
     other.write_text(yaml.safe_dump({"kind": "mqar", "vocab_size": 64, "train": test, "test": test}))
-    assert main(["eval", str(run / "checkpoint" / "model.safetensors"), "--task", str(other)]) == 0
-    assert "seq_len=48 num_kv_pairs=8" in json.loads((run / "eval-task.json").read_text())["metrics"]["slices"]
+    assert main(["eval", str(run / "checkpoint" / "step-000008" / "model.safetensors"), "--task", str(other)]) == 0
+    assert "seq_len=48 num_kv_pairs=8" in json.loads((run / "eval" / "task.json").read_text())["metrics"]["slices"]
     pytest.importorskip("matplotlib")
     assert main(["train", path, "--set", f"out_dir={tmp_path / 'run2'}", "--set", "steps=4"]) == 0
     assert main(["plot", str(run), str(tmp_path / "run2"), "-o", str(tmp_path / "both.png")]) == 0

@@ -6,6 +6,7 @@ naming the flag; lcsm show lists the experts and the active parameters."""
 import importlib.util
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from helpers import (  # tests/helpers.py (tests/ is on sys.path)
 )
 
 from lcsm.cli.main import main
+from lcsm.config.base import RecipeError
 from lcsm.config.recipe import load_recipe
 from lcsm.config.spec import SpecError, load_model_spec
 from lcsm.nn.model import Model
@@ -261,3 +263,128 @@ def test_the_demonstration_script_runs_end_to_end(tmp_path, capsys):
     assert moe["ffn"] == "4×32, top-2" and small["ffn"] == "GLU 64"  # 2 of 4 experts of 32 = 64 neurons per token
     assert abs(moe["active"] - small["active"]) == 2 * 4 * 32  # equal but for the routers (E·d per layer)
     assert all(r["loss_after"] > 0 for r in result["rows"]) and (out / "results.md").exists()
+
+
+# --------------------------------------------------------------------------- the upcycled run directory
+# (issue 14's run-directory rules: a verified init checkpoint, every file in the manifest, a lock)
+
+
+def first_loss(run_dir, recipe) -> float:
+    """The loss of run_dir's weights (as lcsm eval loads them) on the recipe's first training batch."""
+    _, model, _, _ = load_run(run_dir)
+    data = build_task(recipe.task, recipe.seed, run_dir=run_dir)
+    seg_index, rows = epoch_batches(data.train, recipe.batch_size, recipe.seed, 0)[0]
+    with torch.no_grad():
+        return float(model(data.train[seg_index].inputs[rows], data.train[seg_index].labels[rows]))
+
+
+def test_upcycle_writes_a_verified_init_checkpoint_and_claims_every_file(dense, tmp_path):
+    from lcsm.run import files
+    from lcsm.run.checkpoint import find_weights, init_checkpoint, list_checkpoints, verify
+
+    new = upcycle(dense, tmp_path / "moe", experts=4, top_k=2, split="random").run_dir
+    init = new / "checkpoint" / "init"
+    manifest = json.loads((init / "manifest.json").read_text())
+    assert manifest["init"] == "upcycle" and manifest["step"] == 0 and set(manifest["files"]) == {"model.safetensors"}
+    assert not (new / "checkpoint" / "model.safetensors").exists() and not list(new.rglob("trainer.pt"))
+    assert verify(init_checkpoint(new)) is None and list_checkpoints(new) == []  # weights, not a point to resume
+    assert find_weights(new) == (init / "model.safetensors", 0) == find_weights(init)
+    written = {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()} - {files.MANIFEST}
+    owned = files.owned(new)
+    assert all(path in owned or path.rsplit("/", 1)[0] in owned for path in written), written - owned
+    assert {"config.yaml", "upcycle.json", "checkpoint", "checkpoint/init"} <= owned
+    assert not (new / files.LOCK).exists()  # released
+
+    # a corrupt init checkpoint is named, never loaded
+    weights = init / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(RecipeError, match="model.safetensors: .*bytes, the manifest says"):
+        load_run(new)
+    with pytest.raises(RecipeError, match="the run's init checkpoint cannot be read; nothing was changed"):
+        train(load_recipe(new / "config.yaml"), quiet=True, resume=True)  # not a random start in its place
+    assert not (new / "metrics.jsonl").exists() and (init / "model.safetensors").exists()
+
+
+def test_the_output_directory_is_locked_and_lcsm_overwrites_only_its_own_files(dense, tmp_path, capsys):
+    from lcsm.run import lock
+    from lcsm.run.lock import LockError
+
+    out = tmp_path / "moe"
+    out.mkdir()
+    with lock.acquire(out, "run directory"):  # another lcsm process in it (a training, an upcycle)
+        with pytest.raises(LockError, match="in use by process"):
+            upcycle(dense, out, experts=4, top_k=2, split="random")
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written
+
+    upcycle(dense, out, experts=4, top_k=2, split="random")
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoint" / "mine.txt").write_text("mine too")
+    upcycle(dense, out, experts=2, top_k=1, split="random", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint" / "mine.txt").read_text() == "mine too"
+    assert load_run(out)[0].model.channel_mixer.experts == 2
+
+    # a file of the user's with one of lcsm's names is never written over, even with --overwrite
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "upcycle.json").write_text("{}")
+    with pytest.raises(RecipeError, match="upcycle.json was not written by lcsm"):
+        upcycle(dense, other, experts=4, top_k=2, split="random", overwrite=True)
+    assert (other / "upcycle.json").read_text() == "{}"
+    # other files: refused without --overwrite (lcsm then writes beside them)
+    third = tmp_path / "third"
+    third.mkdir()
+    (third / "data.csv").write_text("1\n")
+    assert "holds files lcsm did not write (data.csv)" in cli_error(
+        ["upcycle", str(dense), "--out", str(third), "--experts", "4", "--top-k", "2", "--split", "random"], capsys)
+
+
+def test_init_checkpoint_stays_beside_step_checkpoints_and_a_start_without_one_restarts_from_it(dense, tmp_path):
+    from lcsm.run.checkpoint import find_weights
+
+    new = upcycle(dense, tmp_path / "moe", experts=4, top_k=2, split="random").run_dir
+    recipe = load_recipe(new / "config.yaml", ["steps=4", "eval_every=1", "checkpoint_every=1", "keep_checkpoints=1"])
+    first = first_loss(new, recipe)
+
+    def stop(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(recipe, quiet=True, init_from=new, on_step=stop).step == 2
+    assert train_losses(new)[1] == pytest.approx(first, rel=1e-5)
+    folders = sorted(p.name for p in (new / "checkpoint").iterdir())
+    assert folders == ["init", "step-000002"]  # keep_checkpoints 1 prunes step folders only
+    assert find_weights(new)[1] == 2 and find_weights(new / "checkpoint" / "init")[1] == 0
+
+    # killed before its first checkpoint: --resume auto starts again from the init weights, not at random
+    shutil.rmtree(new / "checkpoint" / "step-000002")
+    (new / "metrics.jsonl").write_text((new / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    result = train(recipe, quiet=True, resume=True)
+    assert result.status == "done" and result.resumed_from == 0
+    assert any("from its init checkpoint" in n for n in result.notes)
+    assert train_losses(new)[1] == pytest.approx(first, rel=1e-5)
+    assert (new / "checkpoint" / "init" / "manifest.json").exists()
+
+
+def test_an_init_checkpoint_of_the_flat_layout_still_reads_and_starts(dense, tmp_path, capsys):
+    """lcsm upcycle before step folders wrote RUN/checkpoint/model.safetensors (metadata init, step 0,
+    no trainer.pt) and no lcsm-files manifest: it evaluates, refuses a plain start and starts with
+    --resume auto."""
+    from safetensors.torch import save_model
+
+    from lcsm.run.checkpoint import find_weights
+
+    new = upcycle(dense, tmp_path / "moe", experts=4, top_k=2, split="random").run_dir
+    _, model, _, _ = load_run(new)
+    old = tmp_path / "old"
+    (old / "checkpoint").mkdir(parents=True)
+    (old / "config.yaml").write_text((new / "config.yaml").read_text().replace(str(new), str(old)))
+    (old / "upcycle.json").write_text((new / "upcycle.json").read_text())
+    save_model(model, str(old / "checkpoint" / "model.safetensors"), metadata={"step": "0", "init": "upcycle"})
+    assert find_weights(old) == (old / "checkpoint" / "model.safetensors", 0)
+    assert load_run(old)[3] == 0
+    assert "--init-from" in cli_error(["train", str(old / "config.yaml")], capsys)
+    recipe = load_recipe(old / "config.yaml", ["steps=2", "eval_every=2"])
+    first = first_loss(old, recipe)
+    assert train(recipe, quiet=True, resume=True).status == "done"
+    assert train_losses(old)[1] == pytest.approx(first, rel=1e-5)
+    assert (old / "checkpoint" / "model.safetensors").exists() and find_weights(old)[1] == 2

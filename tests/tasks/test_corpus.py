@@ -15,6 +15,7 @@ import yaml
 from lcsm.cli.main import main
 from lcsm.config.recipe import RecipeError, load_recipe
 from lcsm.nn.model import Model
+from lcsm.run.checkpoint import Checkpoint, verify
 from lcsm.run.trainer import train
 from lcsm.tasks import Batches, TaskError, build_task
 from lcsm.tasks.corpus import permute, read_manifest
@@ -305,7 +306,8 @@ def test_bad_corpora_are_clear_errors_naming_the_file_or_field(tmp_path, capsys)
     shard.write_bytes(data[:-2])
     err = cli_error(again, capsys)
     assert f"{shard}: " in err and "truncated or corrupt" in err
-    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2
+    kept = tmp_path / "run" / "checkpoint" / "step-000002"  # (lcsm/run/checkpoint.py's step folders)
+    assert torch.load(kept / "trainer.pt", weights_only=True)["step"] == 2 and verify(Checkpoint(kept, 2)) is None
     shard.write_bytes(data)
     assert main(again) == 0  # the corpus repaired, the run goes on
     capsys.readouterr()

@@ -110,7 +110,7 @@ class MoMMixer(EOSMixer):
         self.per_memory = frozenset(r.per_memory)
         self.path = r.path
         self.aux_weight = r.aux_loss_weight
-        H, K, V, MH = self.H, self.K, self.V, self.M * self.H
+        K, V, MH = self.K, self.V, self.M * self.H
         if "oscillation" in self.per_memory:
             self.oscillation = build_oscillation(spec.oscillation, ctx, MH, K, V)
         if "input" in self.per_memory:
