@@ -182,6 +182,7 @@ def prepare(
     the base recipe, after the reduced ones) and expand it, validating every point.
     The ablation directory is OUT/<name> (OUT defaults to ./ablations)."""
     grid, folder = load_grid(recipe)
+    written = grid
     pairs: list[tuple[str, Any]] = []
     if reduced:
         if grid.reduced is None:
@@ -192,7 +193,7 @@ def prepare(
         keys, value = parse_override(text)
         pairs.append((".".join(keys), value))
     if axes or seeds is not None:
-        grid = narrow(grid, dict(parse_axis(t) for t in axes), seeds)
+        grid = narrow(grid, dict(parse_axis(t) for t in axes), seeds, source=written)
     out_dir = Path(out or "ablations") / (grid.name or "ablation")
     return Ablation(grid, out_dir, expand(grid, folder, out_dir, pairs), pairs, reduced)
 
