@@ -182,9 +182,12 @@ def test_slices_report_the_metric_per_test_slice_with_the_state_size(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["scaling", "mom_recall"])
-def test_the_study_recipes_parse(name, tmp_path):
+def test_the_study_recipes_parse(name, tmp_path, capsys):
     grid, _ = ablation.load_grid(name)
     if name == "scaling":
+        for extra in ([], ["--reduced"]):
+            assert main(["ablate", name, *extra, "--dry-run", "--out", str(tmp_path)]) == 0
+        assert "20 points, every one a valid recipe" in capsys.readouterr().out
         full = ablate.prepare(name, tmp_path)
         reduced = ablate.prepare(name, tmp_path, reduced=True)
         assert len(full.points) == 4 * 5 * 3 * 2 and len(reduced.points) == 4 * 5
@@ -200,6 +203,9 @@ def test_the_study_recipes_parse(name, tmp_path):
         labels = [v["label"] for v in grid.grid["model"]]
         known = [label for label, v in zip(labels, grid.grid["model"]) if v["set"]["model"]["base"] in zoo_paths()]
         assert {"mom_gla", "gla", "gla_active", "transformer"} <= set(known)
+        for extra in ([], ["--reduced"]):
+            assert main(["ablate", name, *extra, "--grid", f"model=[{','.join(known)}]", "--dry-run", "--out", str(tmp_path)]) == 0
+        assert f"{len(known) * 3 * 2} points, every one a valid recipe" in capsys.readouterr().out
         for reduced in (False, True):
             ab = ablate.prepare(name, tmp_path, reduced=reduced, axes=[f"model=[{','.join(known)}]"])
             assert len(ab.points) == len(known) * (2 * 3 * 3 if not reduced else 3 * 2)
