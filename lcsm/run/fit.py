@@ -177,6 +177,9 @@ def plot(grid: GridRecipe, results: list[GroupFit], path: Path) -> Path | None:
             ax.plot(xs, [g.law(x) for x in xs], color=c, linewidth=1.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # losses span a narrow range: plain numbers on the y ticks, not 3.2×10^0
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
     ax.set_xlabel(X_LABELS[spec.x])
     ax.set_ylabel(f"{spec.y} (validation)")
     ax.grid(alpha=0.3, which="both")
