@@ -724,6 +724,9 @@ def _wrote(rep: dict) -> None:
         plot = f" (no plot: {escape(rep['png_missing'])})"  # the hint says lcsm[plots]: not markup
     else:
         plot = ""
+    plot += "".join(f", {escape(str(p))}" for p in rep.get("extra_png") or [])
+    if rep.get("fit"):  # the fitted laws matter most in the log of a remote run: print them
+        out.print(escape(rep["fit"].rstrip()))
     out.print(f"wrote {escape(str(rep['csv']))}, {escape(str(rep['md']))}{plot}")
 
 

@@ -11,6 +11,9 @@
     seeds: [0]
     plot: {x: model.d_model, panel: setting}
     reduced: {grid: {model.d_model: [64, 128]}}     # what --reduced changes
+    stats: [parameters, state_size]                  # model statistics beside the results
+    slices: {by: num_kv_pairs}                       # the metric per test slice, table and plot
+    fit: {kind: power_law, x: compute, y: loss, by: model}   # L = a·C^b per value of an axis
 
 Every point (the product of the axes and the seeds) is validated as a Recipe before anything runs;
 lcsm/run/ablate.py runs them and lcsm/run/report.py reports them. See docs/ablations.md.
@@ -34,6 +37,8 @@ from lcsm.config.recipe import apply_override, load_recipe, parse_override, reso
 
 METRICS = ("loss", "accuracy", "token_accuracy", "bits_per_byte", "perplexity")
 LOWER_IS_BETTER = ("loss", "bits_per_byte", "perplexity")
+# statistics of a point's model (lcsm/run/modelstats.py), as `lcsm show` counts them
+STATS = ("parameters", "non_embedding_parameters", "active_parameters", "state_size", "flops_per_token")
 
 
 # --------------------------------------------------------------------------- the grid recipe
@@ -74,6 +79,29 @@ class PlotSpec(Base):
     panel: str | None = Field(None, description="a grid axis: one panel per value")
 
 
+class SliceReport(Base):
+    """The metric per test slice (eval.json's `slices`, e.g. MQAR accuracy per number of key-value
+    pairs) at each combination's best best_of value: a table (mean ± std over seeds) and a plot
+    against the slice field, one line per combination."""
+
+    by: str = Field(description="a numeric field of every test slice, e.g. num_kv_pairs or seq_len")
+    metric: str | None = Field(None, description="a metric of the slices; default the reported metric")
+
+
+class Fit(Base):
+    """A power law y = a·x^b fitted per value of an axis (least squares in log space, with standard
+    errors), printed in results.md and plotted on log axes (fit.png)."""
+
+    kind: Literal["power_law"] = "power_law"
+    x: Literal["compute", "parameters", "tokens"] = Field(
+        "compute", description="compute: 3 × forward FLOPs per token (lcsm show) × training tokens; parameters: "
+        "non-embedding parameters; tokens: training tokens")
+    y: str = Field("loss", description="a metric of eval.json (loss, bits_per_byte, ...)")
+    by: str | None = Field(None, description="a grid axis: one fit per value (e.g. the model); none: one fit")
+    reference: dict[str, float] = Field(default_factory=dict, description="label of `by` -> a published exponent b, shown beside the fit")
+    reference_source: str | None = Field(None, description="where the reference exponents come from")
+
+
 class Reduced(Base):
     """What --reduced changes: a smaller grid for a short GPU budget."""
 
@@ -93,6 +121,9 @@ class GridRecipe(Base):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     plot: PlotSpec = Field(default_factory=PlotSpec)
     reduced: Reduced | None = None
+    stats: list[Literal[STATS]] = Field(default_factory=list, description="model statistics reported beside the results")
+    slices: SliceReport | None = None
+    fit: Fit | None = None
 
     @field_validator("name")
     @classmethod
@@ -142,6 +173,15 @@ class GridRecipe(Base):
             raise FieldError(("plot", "x"), f"the values of '{self.plot.x}' are not all numbers")
         if len(set(self.seeds)) != len(self.seeds):
             raise FieldError("seeds", "repeated seed")
+        if len(set(self.stats)) != len(self.stats):
+            raise FieldError("stats", "a statistic is listed twice")
+        if self.fit is not None:
+            if self.fit.by is not None and self.fit.by not in self.grid:
+                raise FieldError(("fit", "by"), f"'{self.fit.by}' is not a grid axis ({', '.join(self.grid)})")
+            if self.best_of and self.fit.by == self.best_of.key:
+                raise FieldError(("fit", "by"), f"'{self.fit.by}' is the best_of axis: the fit takes each point at its best value")
+            if self.fit.y not in METRICS:
+                raise FieldError(("fit", "y"), f"'{self.fit.y}' is not a metric ({', '.join(METRICS)})")
         return self
 
     @property
@@ -211,9 +251,19 @@ def load_grid(recipe: str | Path | dict) -> tuple[GridRecipe, Path | None]:
     if name and not data.get("name"):
         data["name"] = name
     try:
-        return GridRecipe.model_validate(data), folder
+        grid = GridRecipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(format_errors(err, data, source, node)) from None
+    fit = grid.fit
+    if fit is not None and fit.reference:
+        # checked on the recipe as written, not after --grid narrows the axis (a reference for a
+        # model left out of a run is simply not shown)
+        labels = [_label(v) for v in grid.grid[fit.by]] if fit.by else []
+        unknown = [k for k in fit.reference if k not in labels]
+        if unknown:
+            raise RecipeError(f"{source}: fit.reference: {', '.join(unknown)} not among the values of "
+                              f"{fit.by or '(no fit.by axis)'} ({', '.join(labels)})")
+    return grid, folder
 
 
 def _base_data(base: str | dict, folder: Path | None) -> dict:
@@ -248,14 +298,16 @@ def _apply(data: dict, key: str, value: Any, where: str) -> None:
         data.pop("epochs" if keys == ["steps"] else "steps", None)
 
 
-def narrow(grid: GridRecipe, axes: dict[str, list], seeds: list[int] | None) -> GridRecipe:
+def narrow(grid: GridRecipe, axes: dict[str, list], seeds: list[int] | None, source: GridRecipe | None = None) -> GridRecipe:
     """A copy of the grid with some axes replaced (a named axis keeps the variants whose labels are
-    listed, in that order) and other seeds."""
+    listed, in that order) and other seeds. Labels are looked up in `source` (default: the grid
+    itself): the recipe as written, so that --grid after --reduced can name a variant that the
+    reduced grid left out."""
     data = grid.model_dump(mode="json", exclude_none=True)
     for axis, values in axes.items():
         if axis not in grid.grid:
             raise RecipeError(f"--grid {axis}: not an axis of {grid.name} ({', '.join(grid.grid)})")
-        old = grid.grid[axis]
+        old = (source or grid).grid[axis]
         if _is_variant(old[0]):
             by_label = {v["label"]: v for v in old}
             missing = [str(v) for v in values if str(v) not in by_label]

@@ -205,8 +205,13 @@ class Ablation:
 
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        files.claim(self.out_dir, "ablation.json", "runs", "results.csv", "results.md", "failures.json",
-                    f"{self.grid.report_metric}.png")
+        grid = self.grid
+        plots = [f"{grid.report_metric}.png"]
+        if grid.slices:
+            plots.append(f"{grid.slices.metric or grid.report_metric}_by_{grid.slices.by}.png")
+        if grid.fit:
+            plots.append("fit.png")
+        files.claim(self.out_dir, "ablation.json", "runs", "results.csv", "results.md", "failures.json", *plots)
         data = {
             "grid": self.grid.model_dump(mode="json", exclude_none=True),
             "reduced": self.reduced,
@@ -228,6 +233,7 @@ def prepare(
     the base recipe, after the reduced ones) and expand it, validating every point.
     The ablation directory is OUT/<name> (OUT defaults to ./ablations)."""
     grid, folder = load_grid(recipe)
+    written = grid
     pairs: list[tuple[str, Any]] = []
     if reduced:
         if grid.reduced is None:
@@ -238,7 +244,7 @@ def prepare(
         keys, value = parse_override(text)
         pairs.append((".".join(keys), value))
     if axes or seeds is not None:
-        grid = narrow(grid, dict(parse_axis(t) for t in axes), seeds)
+        grid = narrow(grid, dict(parse_axis(t) for t in axes), seeds, source=written)
     out_dir = Path(out or "ablations") / (grid.name or "ablation")
     return Ablation(grid, out_dir, expand(grid, folder, out_dir, pairs), pairs, reduced)
 

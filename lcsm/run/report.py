@@ -8,13 +8,17 @@ import io
 import math
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from lcsm.config.ablation import LOWER_IS_BETTER, METRICS, GridRecipe
 from lcsm.config.base import RecipeError
+from lcsm.run import fit as fitting
+from lcsm.run import slices as slicing
 from lcsm.run.ablate import point_status, read_json, read_metric, write_json
 from lcsm.run.checkpoint import atomic_write, write_text
 from lcsm.run.evaluate import read_eval
+from lcsm.run.modelstats import run_stats
 
 # --------------------------------------------------------------------------- the report
 
@@ -176,6 +180,8 @@ def write_csv(path: Path, grid: GridRecipe, rows: list[dict]) -> None:
     fields = ["id", *grid.grid, "seed", "status", "step", *METRICS]
     if grid.report_metric not in fields:
         fields.append(grid.report_metric)
+    fields += list(grid.stats) + (["non_embedding_parameters", "flops_per_token", "tokens", "compute"] if grid.fit else [])
+    fields = list(dict.fromkeys(fields))
     fields += ["elapsed_s", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
@@ -239,14 +245,51 @@ def plot(grid: GridRecipe, summary: list[dict], path: Path) -> Path | None:
     return path
 
 
+def add_stats(out_dir: Path, rows: list[dict]) -> None:
+    """Each row gets its model's statistics (parameters, state, FLOPs per token) and, once
+    finished, its training tokens and compute, from its config.yaml (lcsm/run/modelstats.py)."""
+    for row in rows:
+        try:
+            recipe = yaml.safe_load((out_dir / "runs" / row["id"] / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # a point that never started has no config.yaml yet
+        if isinstance(recipe, dict) and "model" in recipe and "task" in recipe:
+            row.update(run_stats(recipe, row["step"] if row["status"] == "done" else None))
+
+
+def extras(out_dir: Path, grid: GridRecipe, rows: list[dict], summary: list[dict]) -> tuple[str, list[Path], str | None]:
+    """The sections after the main table (slices, model statistics, fit) as markdown, the PNGs
+    they draw, and the fit section alone (the command prints it)."""
+    parts, pngs, fit_md = [], [], None
+    if grid.slices is not None:
+        table = slicing.per_slice(grid, out_dir, rows, summary)
+        parts.append(slicing.markdown(grid, table))
+        if any(t["curve"] for t in table):
+            png = slicing.plot(grid, table, out_dir / f"{grid.slices.metric or grid.report_metric}_by_{grid.slices.by}.png")
+            pngs += [png] if png else []
+    elif grid.stats:
+        parts.append(slicing.stats_markdown(grid, rows, summary))
+    if grid.fit is not None:
+        results = fitting.fits(grid, rows, summary)
+        fit_md = fitting.markdown(grid, results)
+        parts.append(fit_md)
+        if any(g.points for g in results):
+            png = fitting.plot(grid, results, out_dir / "fit.png")
+            pngs += [png] if png else []
+    return "\n".join(parts), pngs, fit_md
+
+
 def build_report(out_dir: str | Path) -> dict:
-    """results.csv, results.md, failures.json and the plot, from the run directories.
-    Returns {"csv", "md", "failures", "png", "rows", "summary"}."""
+    """results.csv, results.md, failures.json and the plots, from the run directories.
+    Returns {"csv", "md", "failures", "png", "extra_png", "fit", "rows", "summary"}."""
     out_dir = Path(out_dir)
     grid, rows = collect(out_dir)
     summary = summarise(grid, rows)
+    if grid.stats or grid.fit:
+        add_stats(out_dir, rows)
+    more, extra_png, fit_md = extras(out_dir, grid, rows, summary)
     write_csv(out_dir / "results.csv", grid, rows)
-    write_text(out_dir / "results.md", markdown(grid, rows, summary))
+    write_text(out_dir / "results.md", markdown(grid, rows, summary) + ("\n" + more if more else ""))
     failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     write_json(out_dir / "failures.json", failures)
     png, missing = None, None
@@ -257,4 +300,4 @@ def build_report(out_dir: str | Path) -> dict:
         if png is None:
             missing = "matplotlib is not installed; pip install 'lcsm[plots]', then lcsm ablate --report DIR"
     return {"csv": out_dir / "results.csv", "md": out_dir / "results.md", "failures": out_dir / "failures.json", "png": png,
-            "png_missing": missing, "rows": rows, "summary": summary}
+            "png_missing": missing, "extra_png": extra_png, "fit": fit_md, "rows": rows, "summary": summary}

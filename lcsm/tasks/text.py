@@ -100,6 +100,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        # straight from the bytes: a list of Python ints costs seconds and gigabytes for a corpus of
+        # tens of MB, in every worker of an ablation
+        data = bytearray(text.encode("utf-8"))
+        return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
@@ -149,6 +155,9 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return [i for chunk in _chunks(text) for i in self.tok.encode(chunk).ids]
 
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.encode(text), dtype=torch.long)
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
@@ -196,8 +205,7 @@ def build(task, seed: int, run_dir: Path | None = None, log=lambda s: None, trai
     cut = int(len(text) * (1 - task.val_fraction))
     train_text, val_text = text[:cut], text[cut:]
     tok = make_tokenizer(task, train_text, run_dir, log)
-    train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
-    val_ids = torch.tensor(tok.encode(val_text), dtype=torch.long)
+    train_ids, val_ids = tok.encode_tensor(train_text), tok.encode_tensor(val_text)
     need = task.seq_len + 1
     for split, ids in (("training", train_ids), ("validation", val_ids)):
         if ids.numel() < need:

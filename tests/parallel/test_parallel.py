@@ -227,7 +227,7 @@ def test_lcsm_export_of_a_replicated_run_and_its_errors(one_process, tmp_path, c
     assert main(["export", data["out_dir"], "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["step"] == "4" and "embed.weight" in f.keys()
-    assert "a .safetensors file" in cli_error(["export", data["out_dir"], "--out", str(tmp_path / "w.pt")], capsys)
+    assert "must end in .safetensors" in cli_error(["export", data["out_dir"], "--out", str(tmp_path / "w.pt")], capsys)
     assert "exists; pass --overwrite" in cli_error(["export", data["out_dir"], "--out", str(out)], capsys)
     assert "no such run directory" in cli_error(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "v.safetensors")], capsys)
     assert "does not exist" in cli_error(["export", data["out_dir"], "--out", str(tmp_path / "no" / "w.safetensors")], capsys)
@@ -258,7 +258,7 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two(one_process, tmp_path):
     c = train_losses(tmp_path / "three")
     assert c.keys() == a.keys() and _close(a, c), (a, c)
     checkpoint = tmp_path / "three" / "checkpoint"
-    assert (checkpoint / "dcp").is_dir() and not (checkpoint / "trainer.pt").exists()  # the stale format is gone
+    assert (checkpoint / "dcp").is_dir() and not list(checkpoint.glob("step-*"))  # the stale format is gone
 
 
 KILL_AT, STEPS = 3, 6
@@ -297,18 +297,18 @@ def _resume_copy(killed: Path, tmp_path: Path, parallel: dict) -> tuple[Path, di
 
 def test_a_killed_two_process_run_resumes_on_one(killed_run, tmp_path):
     from lcsm.config.recipe import load_recipe
-    from lcsm.run.checkpoint import checkpoint_step
+    from lcsm.run.dcp import newest_step
     from lcsm.run.trainer import train
     from helpers import train_losses
 
     killed, reference = killed_run
-    assert checkpoint_step(killed) == KILL_AT and (killed / "checkpoint" / "dcp" / "lcsm.json").exists()
+    assert newest_step(killed) == KILL_AT and (killed / "checkpoint" / "dcp" / "lcsm.json").exists()
     run, data = _resume_copy(killed, tmp_path, {})
     result = train(load_recipe(data), resume=True, quiet=True)
     assert result.status == "done" and result.resumed_from == KILL_AT
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1)) and _close(reference, losses), (reference, losses)
-    assert (run / "checkpoint" / "model.safetensors").exists() and not (run / "checkpoint" / "dcp").exists()
+    assert (run / "checkpoint" / f"step-{STEPS:06d}" / "model.safetensors").exists() and not (run / "checkpoint" / "dcp").exists()
 
 
 def test_a_killed_two_process_run_resumes_on_four(killed_run, tmp_path):
