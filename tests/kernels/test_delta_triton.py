@@ -84,8 +84,8 @@ def test_beta_one(form):
 
 @pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
 def test_packed_sequences(form):
-    cu = torch.tensor([0, 5, 5, 80, 150])  # lengths 5, 0 (empty), 75, 70
-    compare(form, 0.3, cu_seqlens=cu, length=150, seed=4)
+    cu = torch.tensor([0, 5, 5, 75, 90])  # lengths 5, 0 (empty), 70 (over a chunk boundary), 15
+    compare(form, 0.3, cu_seqlens=cu, length=90, seed=4)
 
 
 def test_without_initial_or_final_state_gradients():
@@ -104,7 +104,7 @@ def test_half_precision_inputs():
 @pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
 def test_strong_decay_and_beta_one_over_several_chunks_stay_finite_and_exact(form):
     gen = torch.Generator().manual_seed(8)
-    L = 200  # four chunks, the last partial
+    L = 140  # three chunks, the last partial
     dec = gates("delta", 1, L, H, K, V, gen=gen)
     dec.update({"g": -20.0 * torch.rand(1, L, H, generator=gen)} if form == "delta_scalar"
                else {"gk": -20.0 * torch.rand(1, L, H, K, generator=gen)})

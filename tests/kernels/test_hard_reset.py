@@ -11,6 +11,9 @@ from lcsm.kernels import LOG_ZERO, eos_recurrence, eos_step
 from lcsm.kernels.testing import rel_error
 
 B, T, H, K, V = 2, 70, 2, 8, 8
+# the Triton interpreter's time goes with batch × heads × length (and the scan kernels', for the
+# full decay, with the K and V tiles too): one sequence there, and a smaller state for the scan
+TRITON_B, SCAN_KV = 1, (3, 5)
 RESETS = (0, 5, 63, 64, 69)  # the first token, inside a chunk, both sides of a chunk boundary, the last
 BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else [])
 
@@ -20,7 +23,7 @@ def test_exp_of_log_zero_is_exactly_zero():
         assert torch.exp(torch.tensor(LOG_ZERO, dtype=dtype)) == 0
 
 
-def gates(form: str, gen) -> dict:
+def gates(form: str, gen, B=B, K=K, V=V) -> dict:
     shape = {"g": (B, T, H), "gk": (B, T, H, K), "gv": (B, T, H, V), "A": (B, T, H, K, V)}
     name = {"scalar": "g", "vector_k": "gk", "vector_v": "gv", "full": "A"}[form]
     x = -(0.05 + 0.5 * torch.rand(*shape[name], generator=gen, dtype=torch.float64))
@@ -46,9 +49,11 @@ def run(backend, s, e, i, h0, decay, dtype):
 @pytest.mark.parametrize("form", ["scalar", "vector_k", "vector_v", "full"])
 def test_a_log_decay_of_minus_inf_resets_the_state(backend, form):
     gen = torch.Generator().manual_seed(0)
-    s, e, i = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) for D in (K, K, V))
-    h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
-    decay = gates(form, gen)
+    B_ = B if backend == "torch" else TRITON_B
+    K_, V_ = SCAN_KV if backend == "triton" and form == "full" else (K, V)
+    s, e, i = (torch.randn(B_, T, H, D, generator=gen, dtype=torch.float64) for D in (K_, K_, V_))
+    h0 = torch.randn(B_, H, K_, V_, generator=gen, dtype=torch.float64)
+    decay = gates(form, gen, B_, K_, V_)
     ref = run("reference", s, e, i, h0, decay, torch.float64)
     dtype = torch.float64 if backend == "torch" else torch.float32
     got = run(backend, s, e, i, h0, decay, dtype)

@@ -3,6 +3,11 @@ states and every gradient, gates included, for every decay form, static and per 
 moderate and strong log gates, with initial states, packed sequences, lengths that are not
 multiples of the chunk, K != V and sizes that are not powers of two.
 
+The interpreter runs every program of a grid in turn, so the time goes with batch × heads × length
+(and, for the scan kernels' element-wise associative scan, with the K and V tiles): every form is
+checked with a batch of two at moderate gates, the other cases with one sequence of two heads; the
+scan kernels (the full decays) run blocks of 16 tokens, so they get their own shorter length.
+
 bf16 is not checked here: the interpreter's bf16 matrix products are wrong (Triton 3.6 and 3.9);
 the GPU run of `lcsm bench kernels --check` covers it."""
 
@@ -19,8 +24,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, T, H, K, V = 2, 70, 2, 12, 20  # two chunks of 64, the second with 6 tokens
-SCAN_KV = (5, 6)  # the scan kernels hold [16, K, V] tiles: the interpreter wants them small
+B, T, H, K, V = 1, 70, 2, 12, 20  # two chunks of 64, the second with 6 tokens
+SCAN_KV = (3, 5)  # the scan kernels hold [16, K, V] tiles: the interpreter wants them small
+SCAN_T = 38  # three scan blocks of 16 tokens, the last with 6
 TOL = 1e-4 if DEVICE == "cpu" else 5e-3  # fp32 against fp64; GPU fp32 products use tf32 (docs/kernels.md)
 
 
@@ -28,9 +34,13 @@ def dims(form):
     return SCAN_KV if form.startswith("full") else (K, V)
 
 
-def gates_for(form, scale, gen, batch=B, length=T):
+def length_of(form):
+    return SCAN_T if form.startswith("full") else T
+
+
+def gates_for(form, scale, gen, batch=B, length=None):
     """Log gates; `scale` is the total log decay per step (split in two for forms with two decays)."""
-    return gates(form, batch, length, H, *dims(form), scale=scale, gen=gen)
+    return gates(form, batch, length or length_of(form), H, *dims(form), scale=scale, gen=gen)
 
 
 rel = rel_error
@@ -74,33 +84,37 @@ FULL = ["full_dt_A", "full_static", "full"]
 
 @pytest.mark.parametrize("form", SEPARABLE + FULL)
 def test_moderate_gates(form):
+    # a batch of two: the batch offsets of every form, gradients included
     gen = torch.Generator().manual_seed(1)
-    compare(gates_for(form, 0.1, gen), kv=dims(form))
+    compare(gates_for(form, 0.1, gen, batch=2), batch=2, length=length_of(form), kv=dims(form))
 
 
 @pytest.mark.parametrize("form", ["scalar", "scalar_static", "vector_k", "vector_k_static", "vector_v", "outer", "full_dt_A"])
 def test_strong_gates(form):
     gen = torch.Generator().manual_seed(2)
-    compare(gates_for(form, 5.0, gen), kv=dims(form))
+    compare(gates_for(form, 5.0, gen), length=length_of(form), kv=dims(form))
 
 
 @pytest.mark.parametrize("form", ["scalar", "vector_k", "outer", "full"])
 def test_weak_gates(form):
     gen = torch.Generator().manual_seed(3)
-    compare(gates_for(form, 1e-3, gen), kv=dims(form))
+    compare(gates_for(form, 1e-3, gen), length=length_of(form), kv=dims(form))
 
 
 @pytest.mark.parametrize("form", ["scalar", "vector_k", "outer", "full_dt_A"])
 def test_packed_sequences(form):
     gen = torch.Generator().manual_seed(4)
-    cu = torch.tensor([0, 5, 5, 80, 150])  # lengths 5, 0 (empty), 75, 70
-    compare(gates_for(form, 0.3, gen, batch=1, length=150), cu_seqlens=cu, batch=1, length=150, kv=dims(form))
+    # lengths 5, 0 (empty), then one over a chunk boundary and one shorter than a chunk (the scan
+    # kernels' chunk is a block of 16 tokens)
+    cu = torch.tensor([0, 5, 5, 26, 44] if form.startswith("full") else [0, 5, 5, 75, 90])
+    L = int(cu[-1])
+    compare(gates_for(form, 0.3, gen, batch=1, length=L), cu_seqlens=cu, batch=1, length=L, kv=dims(form))
 
 
 @pytest.mark.parametrize("form", ["vector_k", "full_dt_A"])
 def test_without_initial_or_final_state_gradients(form):
     gen = torch.Generator().manual_seed(5)
-    compare(gates_for(form, 0.3, gen), with_h0=False, with_dht=False, length=T, kv=dims(form))
+    compare(gates_for(form, 0.3, gen), with_h0=False, with_dht=False, length=length_of(form), kv=dims(form))
 
 
 @pytest.mark.parametrize("form", ["scalar", "vector_k", "outer"])
@@ -111,18 +125,19 @@ def test_half_precision_inputs(form):
 
 def test_strong_decay_over_a_long_sequence_stays_finite_and_exact():
     gen = torch.Generator().manual_seed(7)
-    g = {"gk": -20.0 * torch.rand(1, 400, H, K, generator=gen)}
-    compare(g, batch=1, length=400, with_h0=False)
+    L = 200  # four chunks, the last partial
+    g = {"gk": -20.0 * torch.rand(1, L, H, K, generator=gen)}
+    compare(g, batch=1, length=L, with_h0=False)
 
 
 @pytest.mark.parametrize("form", ["full_dt_A", "vector_k"])
 def test_inference_forward_matches_the_reference(form):
     # without gradients the kernels skip the saved states: the outputs and final state must not change
     gen = torch.Generator().manual_seed(9)
-    K, V = dims(form)
-    gates = gates_for(form, 0.3, gen)
-    s, e = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
-    i, h0 = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    (K, V), L, B = dims(form), length_of(form), 2
+    gates = gates_for(form, 0.3, gen, batch=B)
+    s, e = torch.randn(B, L, H, K, generator=gen), torch.randn(B, L, H, K, generator=gen)
+    i, h0 = torch.randn(B, L, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
     y_ref, ht_ref = eos_recurrence(s, e, i, h0=h0, output_final_state=True, backend="reference", **gates)
     with torch.no_grad():
         dev = {n: x.to(DEVICE) for n, x in gates.items()}
@@ -142,10 +157,10 @@ def test_mixed_input_dtypes_are_promoted(form, monkeypatch):
         real = getattr(triton_api, name)
         monkeypatch.setattr(triton_api, name, lambda q, k, v, *a, _real=real: seen.append((q.dtype, k.dtype, v.dtype)) or _real(q, k, v, *a))
     gen = torch.Generator().manual_seed(10)
-    K, V = dims(form)
-    gates = {n: x.to(DEVICE) for n, x in gates_for(form, 0.3, gen).items()}
-    s, e = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
-    i = torch.randn(B, T, H, V, generator=gen).half()
+    (K, V), L, B = dims(form), length_of(form), 2
+    gates = {n: x.to(DEVICE) for n, x in gates_for(form, 0.3, gen, batch=B).items()}
+    s, e = torch.randn(B, L, H, K, generator=gen), torch.randn(B, L, H, K, generator=gen)
+    i = torch.randn(B, L, H, V, generator=gen).half()
     y, _ = eos_recurrence(s.to(DEVICE), e.to(DEVICE), i.to(DEVICE), backend="triton", **gates)
     y_ref, _ = eos_recurrence(s.double(), e.double(), i.double(), backend="reference", **{n: x.cpu().double() for n, x in gates.items()})
     assert seen == [(torch.float32,) * 3] and y.dtype == torch.float32 and rel(y, y_ref) < TOL
@@ -154,8 +169,8 @@ def test_mixed_input_dtypes_are_promoted(form, monkeypatch):
 @pytest.mark.parametrize("form", ["scalar", "vector_k_static", "outer", "full_dt_A", "full"])
 def test_decode_step_matches_the_recurrence(form):
     gen = torch.Generator().manual_seed(8)
-    K, V = dims(form)
-    gates = gates_for(form, 0.3, gen, length=5)
+    (K, V), B = dims(form), 2
+    gates = gates_for(form, 0.3, gen, batch=B, length=5)
     s, e = torch.randn(B, 5, H, K, generator=gen), torch.randn(B, 5, H, K, generator=gen)
     i = torch.randn(B, 5, H, V, generator=gen)
     h0 = torch.randn(B, H, K, V, generator=gen)
