@@ -32,6 +32,28 @@ def _offline(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_task_index_per_folders():
+    """lm-eval's TaskManager indexes its thousands of built-in task YAMLs when it is made (about
+    12 s each time on the CI machine) and `lcsm eval --lm-eval` makes one per call: the file's
+    tests share one TaskManager per set of folders (the same folders give the same index; a
+    TaskManager builds new tasks on every load, so sharing it changes no result)."""
+    import lm_eval.tasks
+
+    real, made = lm_eval.tasks.TaskManager, {}
+
+    def shared(verbosity=None, include_path=None, include_defaults=True, **rest):
+        paths = include_path if isinstance(include_path, (list, tuple)) else [include_path] if include_path else []
+        key = (tuple(str(p) for p in paths), include_defaults, repr(sorted(rest.items())))
+        if key not in made:
+            made[key] = real(include_path=include_path, include_defaults=include_defaults, **rest)
+        return made[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm_eval.tasks, "TaskManager", shared)
+        yield
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One small trained text run (bytes) for the file's tests: a hybrid, so attention's KV cache
@@ -88,6 +110,12 @@ def test_the_model_class_agrees_with_plain_forward_passes(run):
     assert generated == tok.decode(ids).split(".")[0]
 
 
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> str:
+    """The local tasks, one folder for the file (so its tests share one task index)."""
+    return write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
+
+
 def write_tasks(tmp_path) -> str:
     folder = tmp_path / "tasks"
     folder.mkdir()
@@ -112,8 +140,7 @@ def write_tasks(tmp_path) -> str:
     return str(folder)
 
 
-def test_lcsm_eval_lm_eval_runs_local_tasks_beside_eval_json(run, tmp_path, capsys):
-    tasks = write_tasks(tmp_path)
+def test_lcsm_eval_lm_eval_runs_local_tasks_beside_eval_json(run, tasks, tmp_path, capsys):
     before = (run / "eval.json").read_bytes()
     names = ["lcsm_toy_choice", "lcsm_toy_rolling", "lcsm_toy_gen"]
     assert main(["eval", str(run), "--lm-eval", ",".join(names), "--lm-eval-include", tasks,
@@ -141,12 +168,12 @@ def test_lcsm_eval_lm_eval_runs_local_tasks_beside_eval_json(run, tmp_path, caps
     assert read_eval(other).task["tasks"] == ["lcsm_toy_choice"] and read_eval(path).task["tasks"] == names
 
 
-def test_lm_evals_own_api_takes_a_run_by_its_path(run, tmp_path):
+def test_lm_evals_own_api_takes_a_run_by_its_path(run, tasks):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     results = lm_eval.simple_evaluate(model="lcsm", model_args=f"run={run},batch_size=4", tasks=["lcsm_toy_choice"], limit=2,
-                                      task_manager=TaskManager(include_path=write_tasks(tmp_path)), bootstrap_iters=0)
+                                      task_manager=TaskManager(include_path=tasks), bootstrap_iters=0)
     assert 0 <= results["results"]["lcsm_toy_choice"]["acc,none"] <= 1
 
 
