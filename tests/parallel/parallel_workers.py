@@ -35,14 +35,22 @@ def _write(rank: int, out: str, results: dict) -> None:
             json.dump(results, f)
 
 
-def sequence_parallel_worker(rank: int, world: int, port: int, specs: dict, out: str, B: int, T: int) -> None:
+def mesh_worker(rank: int, world: int, port: int, specs: dict, B: int, T: int, cases: dict, out: str) -> None:
+    """The sequence-parallel specs, then the trainer-step cases, in one process group (one start
+    of the processes for both): rank 0 writes {"sp": {spec: error}, "steps": {case: error}}."""
+    _join(rank, world, port)
+    results = {"sp": _sequence_parallel(rank, world, specs, B, T), "steps": _steps(rank, cases)}
+    _write(rank, out, results)
+    dist.destroy_process_group()
+
+
+def _sequence_parallel(rank: int, world: int, specs: dict, B: int, T: int) -> dict:
     """For each spec: logits, the balancing loss and every parameter's gradient of a
     sequence-parallel forward and backward (slices of T / world tokens) against one process
     holding the whole sequence."""
     from lcsm.nn.model import Model
     from lcsm.parallel import init_grid, sequence_parallel
 
-    _join(rank, world, port)
     grid = init_grid(sequence=world)
     results = {}
     for name, spec in specs.items():
@@ -74,8 +82,7 @@ def sequence_parallel_worker(rank: int, world: int, port: int, specs: dict, out:
             if os.environ.get("LCSM_DEBUG") and _rel(g, ref[n]) > 1e-9:
                 print(rank, name, n, _rel(g, ref[n]), flush=True)
         results[name] = _max_over_ranks(err)
-    _write(rank, out, results)
-    dist.destroy_process_group()
+    return results
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +92,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def steps_worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
+def _steps(rank: int, cases: dict) -> dict:
     """For each case {spec, sequence, strategy, shard, accumulate, grad_clip, precision}: `steps`
     AdamW steps of the trainer (lcsm.run.trainer.Trainer.step) on that mesh against one process
     stepping on the whole batch (accumulate 1): the loss and the gradient norm of every step and
@@ -97,8 +104,8 @@ def steps_worker(rank: int, world: int, port: int, cases: dict, out: str) -> Non
     from lcsm.parallel import init_grid
     from lcsm.run.trainer import Trainer
 
-    _join(rank, world, port)
     results = {}
+    references = {}  # the one-process steps of a (spec, steps, clip, precision): the same batches and seed
     B, T = 8, 16
     for name, case in cases.items():
         spec, steps = case["spec"], case.get("steps", 3)
@@ -124,8 +131,11 @@ def steps_worker(rank: int, world: int, port: int, cases: dict, out: str) -> Non
             return Trainer(model, opt, Schedule(warmup_steps=1), steps, device=torch.device("cpu"), grid=grid,
                            accumulate=accumulate, precision=precision)
 
-        one = fresh()
-        ref = [one.step(t, l) for t, l in batches]
+        key = json.dumps([spec, steps, case.get("grad_clip"), precision], sort_keys=True)
+        if key not in references:
+            one = fresh()
+            references[key] = one, [one.step(t, l) for t, l in batches]
+        one, ref = references[key]
         mesh = fresh(grid, case.get("accumulate", 1))
         got = [mesh.step(t, l) for t, l in batches]
         err = 0.0
@@ -148,8 +158,7 @@ def steps_worker(rank: int, world: int, port: int, cases: dict, out: str) -> Non
         if os.environ.get("LCSM_DEBUG"):
             print(rank, name, [(a.loss, b.loss, a.grad_norm, b.grad_norm) for a, b in zip(got, ref)], flush=True)
         results[name] = _max_over_ranks(err)
-    _write(rank, out, results)
-    dist.destroy_process_group()
+    return results
 
 
 def train_worker(rank: int, world: int, port: int, recipe: dict, kill_at: int | None, resume: bool) -> None:

@@ -85,33 +85,43 @@ def spawn(fn, world: int, *args):
 
 
 @pytest.fixture(scope="module")
-def sp_errors(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sp") / "errors.json"
-    spawn(parallel_workers.sequence_parallel_worker, 2, sp_specs(), str(out), 2, 16)
-    return json.loads(out.read_text())
+def on_mesh(tmp_path_factory):
+    """world -> {"sp": {spec: error}, "steps": {case: error}}: one spawn of `world` processes runs
+    the sequence-parallel specs and then the trainer-step cases of that world (on first use);
+    starting the processes costs more than most cases."""
+    cache = {}
+
+    def results(world: int) -> dict:
+        if world not in cache:
+            specs = sp_specs()
+            if world == 4:
+                # four slices: the middle ranks' prefix states go through the decay of the slices between
+                specs = {n: specs[n] for n in FOUR_RANKS}
+            routed = routed_specs()
+            cases = {name: {k: v for k, v in case.items() if k != "model"} | {"spec": routed.get(case.get("model")) or tiny("mamba2")}
+                     for name, case in STEP_CASES[world].items()}
+            out = tmp_path_factory.mktemp(f"mesh{world}") / "errors.json"
+            spawn(parallel_workers.mesh_worker, world, specs, 2, 16, cases, str(out))
+            cache[world] = json.loads(out.read_text())
+        return cache[world]
+
+    return results
 
 
 @pytest.mark.parametrize("name", sorted(sp_specs()))
-def test_sequence_parallel_equals_one_process(sp_errors, name):
+def test_sequence_parallel_equals_one_process(on_mesh, name):
     # logits, the balancing loss and every parameter's gradient, fp64
-    assert sp_errors[name] < 1e-9, sp_errors[name]
+    error = on_mesh(2)["sp"][name]
+    assert error < 1e-9, error
 
 
 FOUR_RANKS = ["gla", "retnet", "mamba2", "hybrid_gla", "vector_v", "mom_gla_aux"]
 
 
-@pytest.fixture(scope="module")
-def sp4_errors(tmp_path_factory):
-    # four slices: the middle ranks' prefix states go through the decay of the slices between
-    out = tmp_path_factory.mktemp("sp4") / "errors.json"
-    specs = sp_specs()
-    spawn(parallel_workers.sequence_parallel_worker, 4, {n: specs[n] for n in FOUR_RANKS}, str(out), 2, 16)
-    return json.loads(out.read_text())
-
-
 @pytest.mark.parametrize("name", FOUR_RANKS)
-def test_sequence_parallel_over_four_ranks_equals_one_process(sp4_errors, name):
-    assert sp4_errors[name] < 1e-9, sp4_errors[name]
+def test_sequence_parallel_over_four_ranks_equals_one_process(on_mesh, name):
+    error = on_mesh(4)["sp"][name]
+    assert error < 1e-9, error
 
 
 # Trainer steps on a device mesh against one process on the whole batch: several AdamW steps,
@@ -138,27 +148,9 @@ STEP_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def step_errors(tmp_path_factory):
-    """world -> {case: error}: one spawn of `world` processes for all of its cases (on first use)."""
-    cache = {}
-
-    def errors(world: int) -> dict:
-        if world not in cache:
-            specs = routed_specs()
-            out = tmp_path_factory.mktemp(f"steps{world}") / "errors.json"
-            cases = {name: {k: v for k, v in case.items() if k != "model"} | {"spec": specs.get(case.get("model")) or tiny("mamba2")}
-                     for name, case in STEP_CASES[world].items()}
-            spawn(parallel_workers.steps_worker, world, cases, str(out))
-            cache[world] = json.loads(out.read_text())
-        return cache[world]
-
-    return errors
-
-
 @pytest.mark.parametrize("world,case", [(w, c) for w, cases in STEP_CASES.items() for c in cases])
-def test_trainer_steps_on_a_mesh_equal_one_process(step_errors, world, case):
-    error = step_errors(world)[case]
+def test_trainer_steps_on_a_mesh_equal_one_process(on_mesh, world, case):
+    error = on_mesh(world)["steps"][case]
     assert error < (2e-2 if STEP_CASES[world][case].get("precision") == "bf16" else 1e-10), error
 
 
