@@ -22,14 +22,18 @@ pytestmark = pytest.mark.skipif(
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, H, K, V = 1, 70, 2, 12, 20  # two chunks of 64, the second with 6 tokens
+# The interpreter runs a grid's programs one after another (time goes with batch × heads × length):
+# every form at moderate gates, packed sequences and the layouts with two heads, the numerical
+# regimes (weak and strong gates, -inf gates, strong decay over several chunks, no initial or final
+# state) with one.
 TOL = 1e-4 if DEVICE == "cpu" else 5e-3  # fp32 against fp64; GPU fp32 products use tf32 (docs/kernels.md)
 rel = rel_error
 
 
 def compare(form, scale, *, beta=(0.5, 1.0), tilt=0.3, dtype=torch.float32, tol=TOL, cu_seqlens=None, batch=B,
-            length=T, kv=(K, V), seed=0, with_h0=True, with_dht=True, decay=None):
+            length=T, kv=(K, V), seed=0, with_h0=True, with_dht=True, decay=None, heads=H):
     """Ours (triton) against the reference in fp64, forward and every gradient."""
-    Kd, Vd = kv
+    Kd, Vd, H = *kv, heads
     gen = torch.Generator().manual_seed(seed)
     N = batch if cu_seqlens is None else len(cu_seqlens) - 1
     dec = decay if decay is not None else gates(form, batch, length, H, Kd, Vd, scale=scale, gen=gen)
@@ -68,12 +72,12 @@ def test_moderate_gates(form):
 
 @pytest.mark.parametrize("form", ["delta_scalar", "delta_scalar_static", "delta_vector_k"])
 def test_strong_gates(form):
-    compare(form, 5.0, seed=1)
+    compare(form, 5.0, seed=1, heads=1)
 
 
 @pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
 def test_weak_gates(form):
-    compare(form, 1e-3, seed=2)
+    compare(form, 1e-3, seed=2, heads=1)
 
 
 @pytest.mark.parametrize("form", ["delta", "delta_scalar"])
@@ -89,7 +93,7 @@ def test_packed_sequences(form):
 
 
 def test_without_initial_or_final_state_gradients():
-    compare("delta_vector_k", 0.3, with_h0=False, with_dht=False, seed=5)
+    compare("delta_vector_k", 0.3, with_h0=False, with_dht=False, seed=5, heads=1)
 
 
 def test_several_k_and_v_tiles():
@@ -104,19 +108,19 @@ def test_half_precision_inputs():
 @pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
 def test_strong_decay_and_beta_one_over_several_chunks_stay_finite_and_exact(form):
     gen = torch.Generator().manual_seed(8)
-    L = 140  # three chunks, the last partial
+    L, H = 140, 1  # three chunks, the last partial
     dec = gates("delta", 1, L, H, K, V, gen=gen)
     dec.update({"g": -20.0 * torch.rand(1, L, H, generator=gen)} if form == "delta_scalar"
                else {"gk": -20.0 * torch.rand(1, L, H, K, generator=gen)})
-    compare(form, 0.0, beta=(1.0, 1.0), tilt=0.0, length=L, with_h0=False, decay=dec)
+    compare(form, 0.0, beta=(1.0, 1.0), tilt=0.0, length=L, with_h0=False, decay=dec, heads=H)
 
 
 @pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
 def test_a_log_decay_of_minus_inf_resets_the_memory(form):
     gen = torch.Generator().manual_seed(12)
-    dec = gates(form, B, T, H, K, V, scale=0.3, gen=gen)
+    dec = gates(form, B, T, 1, K, V, scale=0.3, gen=gen)
     dec["g" if form == "delta_scalar" else "gk"][:, [0, 5, 63, 64, 69]] = float("-inf")
-    compare(form, 0.0, decay=dec, tol=2e-4, seed=12)
+    compare(form, 0.0, decay=dec, tol=2e-4, seed=12, heads=1)
 
 
 def test_inference_forward_matches_the_reference():

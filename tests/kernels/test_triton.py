@@ -5,8 +5,11 @@ multiples of the chunk, K != V and sizes that are not powers of two.
 
 The interpreter runs every program of a grid in turn, so the time goes with batch × heads × length
 (and, for the scan kernels' element-wise associative scan, with the K and V tiles): every form is
-checked with a batch of two at moderate gates, the other cases with one sequence of two heads; the
-scan kernels (the full decays) run blocks of 16 tokens, so they get their own shorter length.
+checked with a batch of two at moderate gates, the layouts (packed sequences, the inference
+forward, mixed dtypes, the decoding step) with two heads, and the numerical regimes (weak and
+strong gates, fp16 inputs, no initial or final state, a long sequence at strong decay) on one
+sequence of one head; the scan kernels (the full decays) run blocks of 16 tokens, so they get
+their own shorter length.
 
 bf16 is not checked here: the interpreter's bf16 matrix products are wrong (Triton 3.6 and 3.9);
 the GPU run of `lcsm bench kernels --check` covers it."""
@@ -38,17 +41,17 @@ def length_of(form):
     return SCAN_T if form.startswith("full") else T
 
 
-def gates_for(form, scale, gen, batch=B, length=None):
+def gates_for(form, scale, gen, batch=B, length=None, heads=H):
     """Log gates; `scale` is the total log decay per step (split in two for forms with two decays)."""
-    return gates(form, batch, length or length_of(form), H, *dims(form), scale=scale, gen=gen)
+    return gates(form, batch, length or length_of(form), heads, *dims(form), scale=scale, gen=gen)
 
 
 rel = rel_error
 
 
 def compare(gates, dtype=torch.float32, tol=TOL, cu_seqlens=None, batch=B, length=T, seed=0, with_h0=True,
-            with_dht=True, kv=(K, V)):
-    K, V = kv
+            with_dht=True, kv=(K, V), heads=H):
+    K, V, H = *kv, heads
     gen = torch.Generator().manual_seed(seed)
     N = batch if cu_seqlens is None else len(cu_seqlens) - 1
     leaves = {
@@ -92,13 +95,13 @@ def test_moderate_gates(form):
 @pytest.mark.parametrize("form", ["scalar", "scalar_static", "vector_k", "vector_k_static", "vector_v", "outer", "full_dt_A"])
 def test_strong_gates(form):
     gen = torch.Generator().manual_seed(2)
-    compare(gates_for(form, 5.0, gen), length=length_of(form), kv=dims(form))
+    compare(gates_for(form, 5.0, gen, heads=1), length=length_of(form), kv=dims(form), heads=1)
 
 
 @pytest.mark.parametrize("form", ["scalar", "vector_k", "outer", "full"])
 def test_weak_gates(form):
     gen = torch.Generator().manual_seed(3)
-    compare(gates_for(form, 1e-3, gen), length=length_of(form), kv=dims(form))
+    compare(gates_for(form, 1e-3, gen, heads=1), length=length_of(form), kv=dims(form), heads=1)
 
 
 @pytest.mark.parametrize("form", ["scalar", "vector_k", "outer", "full_dt_A"])
@@ -114,20 +117,20 @@ def test_packed_sequences(form):
 @pytest.mark.parametrize("form", ["vector_k", "full_dt_A"])
 def test_without_initial_or_final_state_gradients(form):
     gen = torch.Generator().manual_seed(5)
-    compare(gates_for(form, 0.3, gen), with_h0=False, with_dht=False, length=length_of(form), kv=dims(form))
+    compare(gates_for(form, 0.3, gen, heads=1), with_h0=False, with_dht=False, length=length_of(form), kv=dims(form), heads=1)
 
 
 @pytest.mark.parametrize("form", ["scalar", "vector_k", "outer"])
 def test_half_precision_inputs(form):
     gen = torch.Generator().manual_seed(6)
-    compare(gates_for(form, 0.3, gen), dtype=torch.float16, tol=5e-3)
+    compare(gates_for(form, 0.3, gen, heads=1), dtype=torch.float16, tol=5e-3, heads=1)
 
 
 def test_strong_decay_over_a_long_sequence_stays_finite_and_exact():
     gen = torch.Generator().manual_seed(7)
     L = 200  # four chunks, the last partial
-    g = {"gk": -20.0 * torch.rand(1, L, H, K, generator=gen)}
-    compare(g, batch=1, length=L, with_h0=False)
+    g = {"gk": -20.0 * torch.rand(1, L, 1, K, generator=gen)}
+    compare(g, batch=1, length=L, with_h0=False, heads=1)
 
 
 @pytest.mark.parametrize("form", ["full_dt_A", "vector_k"])
