@@ -331,6 +331,15 @@ class OutputStage(Base):
 RoutedStage = Literal["input", "expand", "shrink", "oscillation"]
 
 
+def _top_k_of(v: int, count: int | None, field: str, of: str) -> int:
+    """A router's top_k: 1..count (count None: the field failed its own check)."""
+    if v < 1:
+        raise ValueError(f"top_k must be at least 1 (got {v})")
+    if count is not None and v > count:
+        raise ValueError(f"top_k = {v} must be at most {field} = {count} (a token picks top_k of {of})")
+    return v
+
+
 class Routing(Base):
     """Mixture-of-Memories E memories per head, each token routed to top_k of them
     (plus an optional shared memory that sees every token). See docs/spec.md, "Routing"."""
@@ -361,12 +370,7 @@ class Routing(Base):
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, v, info: ValidationInfo):
-        if v < 1:
-            raise ValueError(f"top_k must be at least 1 (got {v})")
-        E = info.data.get("memories")
-        if E is not None and v > E:
-            raise ValueError(f"top_k = {v} must be at most memories = {E} (a token picks top_k of the E memories)")
-        return v
+        return _top_k_of(v, info.data.get("memories"), "memories", "the E memories")
 
     @field_validator("per_memory")
     @classmethod
@@ -400,12 +404,7 @@ class HeadRouting(Base):
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, v, info: ValidationInfo):
-        if v < 1:
-            raise ValueError(f"top_k must be at least 1 (got {v})")
-        groups = info.data.get("groups")
-        if groups is not None and v > groups:
-            raise ValueError(f"top_k = {v} must be at most groups = {groups} (a token picks top_k of the groups)")
-        return v
+        return _top_k_of(v, info.data.get("groups"), "groups", "the groups")
 
     def describe(self) -> str:
         return f"{self.groups} groups, top-{self.top_k}, scale {self.scale:g}, aux {self.aux_loss_weight:g}"

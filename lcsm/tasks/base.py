@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -80,15 +81,15 @@ class Batch:
     starts: torch.Tensor | None = None
 
 
-class Sampler:
+class Sampler(ABC):
     """Training batches streamed from data too large to hold (lcsm/tasks/corpus.py): batch(...)
     must be a pure function of (batch_size, seed, step), so that a resumed run is exact."""
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def steps_per_epoch(self, batch_size: int) -> int: ...
 
-    def batch(self, batch_size: int, seed: int, step: int) -> Batch:
-        raise NotImplementedError
+    @abstractmethod
+    def batch(self, batch_size: int, seed: int, step: int) -> Batch: ...
 
 
 class TaskSpec(Base):
