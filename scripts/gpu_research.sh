@@ -143,7 +143,8 @@ if ((${#WARM[@]})) && [[ "${SMOKE:-}" != 1 ]]; then
 fi
 
 # ------------------------------------------------------------------ 1. mom_recall beside scaling
-P1_END=$((BUDGET_S * 45 / 100))
+# phase 1 ends at 45% of the budget when the EOS grids follow, else it has all but the reports' 30 s
+if has eos; then P1_END=$((BUDGET_S * 45 / 100)); else P1_END=$((BUDGET_S - 30)); fi
 limit1=$((P1_END - (SECONDS - T0)))
 # scaling's 20 points need about a quarter of phase 1's worker time: 4 of 14 workers
 SCALING_JOBS=$((JOBS * 2 / 7 > 0 ? JOBS * 2 / 7 : 1))

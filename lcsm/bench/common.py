@@ -2,6 +2,8 @@
 
     timers        do_bench_ms (triton.testing.do_bench median: CUDA events), Stopwatch and mean_ms
                   (host clock, synchronised at both ends), cuda_graph_ms (replayed CUDA graphs)
+    profiles      kernel_profile(fn, steps, device): torch.profiler's per-kernel device time of
+                  fn(), grouped by kind of kernel (profile_table prints it)
     memory        reset_peak, peak_gib (None off CUDA), free_cache
     environment   environment(device): date, GPU, torch, CUDA, triton, fla versions
     errors        BenchError (a SpecError: `lcsm` prints it and exits 2), at_least / positive /
@@ -22,6 +24,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -149,6 +152,69 @@ def cuda_graph_ms(fn: Callable[[], object], iters: int, per_graph: int = 16) -> 
         for _ in range(per_graph):
             fn()
     return mean_ms(graph.replay, max(1, iters // per_graph), torch.device("cuda"), warmup=3) / per_graph
+
+
+# --------------------------------------------------------------------------- profiles
+
+# Kinds of kernel, by name, in order: the first pattern that matches names the kind. The names are
+# those the CUDA runtime reports: cuBLAS/cuBLASLt GEMMs (sm90_xmma, nvjet, cutlass), flash
+# attention, lcsm's and fla's Triton recurrence kernels, Inductor's generated kernels (triton_),
+# torch's own pointwise and reduction kernels, the optimizer's multi-tensor kernels.
+KERNEL_KINDS = [
+    ("gemm", r"gemm|xmma|nvjet|cutlass|wgmma|cublas|sm90_|sm80_|ampere_|hopper_"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("recurrence", r"chunk_|scan_|delta|wy_|recompute_w_u|solve_tril|_fwd_kernel|_bwd_kernel|fused_recurrent"),
+    ("compiled", r"^triton_"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("copy/cast", r"copy|memcpy|memset|fill|cat|index|gather|scatter|transpose|permute"),
+    ("norm", r"norm"),
+    ("pointwise/reduce", r"elementwise|vectorized|reduce|unrolled|softmax|cross_entropy|loss|sum|mul|add"),
+]
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a kernel from its name (KERNEL_KINDS), "other" when no pattern matches."""
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "other")
+
+
+def kernel_profile(fn: Callable[[], object], steps: int, device: torch.device, top: int = 20) -> dict:
+    """Per-kernel device time of fn() from torch.profiler, averaged over `steps` calls (run fn a
+    few times before, so that compilation and autotuning stay out).
+
+    Returns {"ms": total device ms per call, "kinds": {kind: ms}, "kernels": [[name, kind, ms,
+    calls per step], ...] (the `top` longest)}. On the CPU the times are the operators' own CPU
+    times (no device kernels exist there): the same table, for a test."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    rows = []
+    for ev in prof.key_averages():
+        us = ev.device_time_total if cuda else ev.self_cpu_time_total
+        if cuda and getattr(ev, "device_type", None) is not None and str(ev.device_type) != "DeviceType.CUDA":
+            continue  # the CPU-side operator events carry their kernels' time too: count kernels once
+        if us > 0:
+            rows.append([ev.key, kernel_kind(ev.key), us / steps / 1e3, ev.count / steps])
+    rows.sort(key=lambda r: -r[2])
+    kinds: dict[str, float] = {}
+    for _, kind, ms, _ in rows:
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return {"ms": sum(r[2] for r in rows), "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "kernels": rows[:top]}
+
+
+def profile_table(profiles: dict[str, dict]) -> str:
+    """Markdown: the time per kind of kernel of several profiles side by side ({label: kernel_profile})."""
+    kinds = sorted({k for p in profiles.values() for k in p["kinds"]},
+                   key=lambda k: -max(p["kinds"].get(k, 0.0) for p in profiles.values()))
+    rows = [[kind] + [cell(p["kinds"].get(kind, 0.0), ".2f") for p in profiles.values()] for kind in kinds]
+    rows.append(["**total**"] + [f"**{p['ms']:.2f}**" for p in profiles.values()])
+    return markdown_table(["kind of kernel (ms per step)"] + list(profiles), rows)
 
 
 # --------------------------------------------------------------------------- memory and failures

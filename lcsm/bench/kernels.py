@@ -275,11 +275,12 @@ def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def check_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16):
+def check_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16, beta="sigmoid"):
     """Relative errors of bf16 outputs and gradients against an fp64 oracle (the torch path in fp64,
-    itself checked against the reference loop by the test suite), ours and fla-core's side by side."""
+    itself checked against the reference loop by the test suite), ours and fla-core's side by side.
+    `beta` (delta forms only): how β is drawn, one of BETAS."""
     if form in DELTA_FORMS:
-        return check_delta_form(form, shape, device, scale, with_fla, with_ours, dtype)
+        return check_delta_form(form, shape, device, scale, with_fla, with_ours, dtype, beta)
     B, T, H, D = shape
     s, e, i, gates = make_inputs(form, B, T, H, D, dtype, device, scale=scale, seed=1)
     names = list(gates)
@@ -328,7 +329,11 @@ DELTA_FORMS = ("delta", "delta_scalar", "delta_vector_k")
 DELTA_GATE = {"delta": None, "delta_scalar": "g", "delta_vector_k": "gk"}
 
 
-def delta_case(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: float | None = None, seed: int = 0):
+BETAS = ("sigmoid", "near_one")  # β = σ(z), z ~ N(0, 1); or β uniform in [0.9, 1], the hard case
+
+
+def delta_case(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: float | None = None, seed: int = 0,
+               beta: str = "sigmoid"):
     """The delta rule in fla's terms: leaves [q, k, v, beta, (g | gk)] and two ops on them, ours and
     fla-core's (or None), each `op(*leaves) -> y`.
 
@@ -337,7 +342,9 @@ def delta_case(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: 
     Ours is the same recurrence mapped exactly: s = q (already scaled, so fla gets scale=1), w = k,
     e = β k, i = v and the same log decay; `ours(backend)` forms e = β k inside the op, so both
     sides differentiate the same leaves (q, k, v, β and the gate) and their gradients compare 1:1.
-    q·K^-1/2, k L2-normalised, β = σ(z); log gates as make_inputs (or uniform in [-1.5,-0.5]·scale)."""
+    q·K^-1/2, k L2-normalised, β = σ(z) (or uniform in [0.9, 1] with beta="near_one": a removal that
+    nearly erases the key's slot, where a chunk's triangular system is closest to singular); log
+    gates as make_inputs (or uniform in [-1.5,-0.5]·scale)."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
@@ -351,7 +358,10 @@ def delta_case(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: 
     q = (randn(B, T, H, D) * D**-0.5).to(dtype)
     k = F.normalize(randn(B, T, H, D), dim=-1).to(dtype)
     v = randn(B, T, H, D).to(dtype)
-    beta = torch.sigmoid(randn(B, T, H)).to(dtype)
+    if beta == "near_one":
+        beta = (1 - 0.1 * torch.rand(B, T, H, generator=gen, device=device)).to(dtype)
+    else:
+        beta = torch.sigmoid(randn(B, T, H)).to(dtype)
     name = DELTA_GATE[form]
     leaves = [q, k, v, beta] + ([] if name is None else [log_gate(B, T, H) if name == "g" else log_gate(B, T, H, D)])
 
@@ -403,11 +413,12 @@ def time_delta_form(form, shape, device, bandwidth: float, dtype=torch.bfloat16,
     return row
 
 
-def check_delta_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16):
+def check_delta_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16,
+                     beta: str = "sigmoid"):
     """check_form for a delta form: relative errors of the bf16 output and the gradients of q, k, v, β
     and the gate against the fp64 torch path, one sequence at a time (ours and fla-core's)."""
     B, T, H, D = shape
-    leaves, ours, fla = delta_case(form, B, T, H, D, dtype, device, scale=scale, seed=1)
+    leaves, ours, fla = delta_case(form, B, T, H, D, dtype, device, scale=scale, seed=1, beta=beta)
     dy = torch.randn(B, T, H, D, generator=torch.Generator(device=device).manual_seed(2), device=device)
 
     def grads_of(op, leaves, dy, dt):
@@ -419,7 +430,7 @@ def check_delta_form(form, shape, device, scale=None, with_fla=True, with_ours=T
     per_b = [grads_of(ours("torch"), [t[b:b + 1] for t in leaves], dy[b:b + 1], torch.float64) for b in range(B)]
     oracle = [torch.cat(xs) for xs in zip(*per_b)]
     labels = ["y", "dq", "dk", "dv", "dbeta"] + ([] if DELTA_GATE[form] is None else [f"d{DELTA_GATE[form]}"])
-    res = {"form": form, "shape": shape, "scale": scale}
+    res = {"form": form, "shape": shape, "scale": scale, "beta": beta}
     if with_ours:
         got = grads_of(ours("triton"), leaves, dy, dtype)
         res["ours"] = dict(zip(labels, (_rel(a, b) for a, b in zip(got, oracle))))
@@ -437,6 +448,27 @@ def check_delta_form(form, shape, device, scale=None, with_fla=True, with_ours=T
     return res
 
 
+def check_finite(form: str, T: int, H: int, D: int, device, scale: float, dtype=torch.bfloat16) -> dict:
+    """One sequence of T tokens through our Triton kernel, forward and backward, in bf16: is every
+    output and gradient finite, and the largest |y|. Delta forms with β in [0.9, 1]; log gates
+    uniform in [-1.5, -0.5]·scale. No oracle: at this length it would not fit; the relative
+    errors come from check_form at the first shape."""
+    if form in DELTA_FORMS:
+        leaves, ours, _ = delta_case(form, 1, T, H, D, dtype, device, scale=scale, seed=3, beta="near_one")
+        op = ours("triton")
+    else:
+        s, e, i, gates = make_inputs(form, 1, T, H, D, dtype, device, scale=scale, seed=3)
+        leaves, op = [s, e, i, *gates.values()], with_backend("triton", list(gates))
+    x = [t.detach().clone().requires_grad_() for t in leaves]
+    y = op(*x)
+    grads = torch.autograd.grad(y, x, torch.randn_like(y))
+    finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+    out = {"form": form, "T": T, "H": H, "D": D, "scale": scale, "finite": finite, "max_abs_y": float(y.abs().max())}
+    del x, y, grads
+    torch.cuda.empty_cache()
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", nargs="*", default=None, metavar="B,T,H,D",
                    help="shapes to time (default: 8,4096,16,128 2,16384,16,128); the check uses the first")
@@ -445,6 +477,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="also check bf16 outputs and gradients against fp64")
     p.add_argument("--check-only", action="store_true", help="only the correctness check, no timings")
     p.add_argument("--no-torch", action="store_true", help="skip timing the torch path")
+    p.add_argument("--finite-tokens", type=int, default=0, metavar="T",
+                   help="with the check: also one sequence of T tokens per form (H, D of the first shape), forward "
+                        "and backward at log-gate scales 1e-3 and 5 (delta forms: β in [0.9, 1]), every value finite?")
     p.add_argument("--impl", choices=["both", "ours", "fla"], default="both",
                    help="check only ours or only fla-core's (e.g. to compile both in parallel processes)")
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of fwd+bwd (first shape)")
@@ -478,15 +513,19 @@ def run(args) -> int:
         for form in args.forms:
             print(profile_form(form, shapes[0], device), flush=True)
         return 0
+    if args.finite_tokens < 0:
+        raise BenchError(f"--finite-tokens must be at least 0 (got {args.finite_tokens})")
     if args.check or args.check_only:
         shape = shapes[0]
         for form in args.forms:
             scales = [1e-3, 0.1, 5.0] if form in ("vector_k", *DELTA_FORMS) else [None]
-            for scale in scales:
+            betas = BETAS if form in DELTA_FORMS else (None,)
+            for scale, beta in ((sc, b) for b in betas for sc in scales):
                 t0 = time.time()
+                extra = {} if beta is None else {"beta": beta}
                 try:
                     res = check_form(form, shape, device, scale=scale, with_fla=args.impl != "ours",
-                                     with_ours=args.impl != "fla")
+                                     with_ours=args.impl != "fla", **extra)
                 except Exception as err:  # report and go on with the other forms
                     import traceback
 
@@ -496,8 +535,18 @@ def run(args) -> int:
                     continue
                 results["checks"].append(res)
                 save()
-                print(f"check {form} scale={scale}: ours " + " ".join(f"{k} {v:.1e}" for k, v in res.get("ours", {}).items())
+                print(f"check {form} scale={scale}" + (f" beta={beta}" if beta else "") + ": ours " + " ".join(f"{k} {v:.1e}" for k, v in res.get("ours", {}).items())
                       + (f" | fla {res['fla']}" if "fla" in res else "") + f" ({time.time() - t0:.0f}s)", flush=True)
+        for form in args.forms if args.finite_tokens else []:
+            for scale in (1e-3, 5.0):
+                res = common.guard(lambda: check_finite(form, args.finite_tokens, shape[2], shape[3], device, scale),
+                                   catch_all=True)
+                res.update(form=form, T=args.finite_tokens, scale=scale)
+                results["checks"].append(res)
+                save()
+                print(f"finite {form} T={args.finite_tokens} scale={scale}: "
+                      + (res["error"] if "error" in res else f"finite {res['finite']}, max |y| {res['max_abs_y']:.3g}"),
+                      flush=True)
         if args.check_only:
             return 0
     bandwidth = copy_bandwidth(device)

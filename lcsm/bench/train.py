@@ -65,9 +65,24 @@ def fla_config(name: str, d: int, layers: int, heads: int, vocab: int):
     return None if make is None else make()
 
 
+def _timed(step, steps: int, warmup: int, device: torch.device, profile: int) -> dict:
+    """Mean ms of `steps` calls of step() after `warmup`, the peak memory of the timed calls, and
+    with profile > 0 the per-kernel profile of that many further calls (common.kernel_profile)."""
+    for _ in range(warmup):
+        step()
+    common.reset_peak(device)
+    out = {"ms_per_step": common.mean_ms(step, steps, device)}
+    if device.type == "cuda":
+        out["peak_GiB"] = common.peak_gib(device)
+    if profile:
+        out["profile"] = common.kernel_profile(step, profile, device)
+    return out
+
+
 def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-            compile: bool = False) -> dict:
-    """Mean time of `steps` Trainer steps on random tokens [batch, seq] after `warmup` steps."""
+            compile: bool = False, profile: int = 0) -> dict:
+    """Mean time of `steps` Trainer steps on random tokens [batch, seq] after `warmup` steps (and
+    with profile > 0 the per-kernel profile of that many more)."""
     torch.manual_seed(0)
     model = Model(spec).to(device)
     if compile:
@@ -81,18 +96,12 @@ def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, devi
     def step():
         losses.append(trainer.step(inputs, labels).loss)
 
-    for _ in range(warmup):
-        step()
-    common.reset_peak(device)
-    ms = common.mean_ms(step, steps, device)
-    out = {"params_M": model.num_parameters() / 1e6, "ms_per_step": ms, "tokens_per_s": batch * seq / (ms / 1e3),
-           "loss": losses[-1]}
-    if device.type == "cuda":
-        out["peak_GiB"] = common.peak_gib(device)
-    return out
+    out = _timed(step, steps, warmup, device, profile)
+    return {"params_M": model.num_parameters() / 1e6, "tokens_per_s": batch * seq / (out["ms_per_step"] / 1e3),
+            "loss": losses[-1], **out}
 
 
-def measure_fla(config, batch: int, seq: int, steps: int, warmup: int, device: torch.device) -> dict:
+def measure_fla(config, batch: int, seq: int, steps: int, warmup: int, device: torch.device, profile: int = 0) -> dict:
     """The same timing for an fla model: its own forward with labels (its fused loss), backward,
     and the fused AdamW of lcsm's trainer, under the same bf16 autocast. This loop is the baseline's
     step, not lcsm's."""
@@ -112,15 +121,9 @@ def measure_fla(config, batch: int, seq: int, steps: int, warmup: int, device: t
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
 
-    for _ in range(warmup):
-        step()
-    common.reset_peak(device)
-    ms = common.mean_ms(step, steps, device)
-    out = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "ms_per_step": ms,
-           "tokens_per_s": batch * seq / (ms / 1e3), "loss": losses[-1]}
-    if device.type == "cuda":
-        out["peak_GiB"] = common.peak_gib(device)
-    return out
+    out = _timed(step, steps, warmup, device, profile)
+    return {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "tokens_per_s": batch * seq / (out["ms_per_step"] / 1e3), "loss": losses[-1], **out}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,6 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compare", choices=["fla"], help="fla: also fla's models of the same size, with ratios")
     p.add_argument("--compile", action="store_true", help="torch.compile lcsm's blocks (Model.compile_blocks)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N more steps of every model with torch.profiler: device time per kind of "
+                        "kernel (GEMM, recurrence, norms, ...) side by side, and each model's longest kernels")
     p.add_argument("--json", help="write the results here")
 
 
@@ -146,7 +152,7 @@ def _ratio(a: dict, b: dict | None, key: str, fmt: str = ".2f") -> str:
 
 def run(args) -> int:
     common.positive(args, "d_model", "layers", "heads", "vocab", "steps")
-    common.non_negative(args, "warmup")
+    common.non_negative(args, "warmup", "profile")
     shapes = parse_shapes(args.shapes)
     if args.json:
         common.check_json_path(args.json)
@@ -158,7 +164,8 @@ def run(args) -> int:
     for batch, seq in shapes:
         for spec in specs:
             row = {"model": spec.name, "impl": "lcsm", "B": batch, "T": seq,
-                   **common.guard(lambda spec=spec: measure(spec, batch, seq, args.steps, args.warmup, device, args.compile),
+                   **common.guard(lambda spec=spec: measure(spec, batch, seq, args.steps, args.warmup, device, args.compile,
+                                                                 args.profile),
                                   catch_all=True)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -168,13 +175,15 @@ def run(args) -> int:
             config = fla_config(spec.name, args.d_model, args.layers, args.heads, args.vocab) if args.compare else None
             if config is not None:
                 row = {"model": spec.name, "impl": "fla", "B": batch, "T": seq,
-                       **common.guard(lambda: measure_fla(config, batch, seq, args.steps, args.warmup, device), catch_all=True)}
+                       **common.guard(lambda: measure_fla(config, batch, seq, args.steps, args.warmup, device, args.profile), catch_all=True)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 common.free_cache(device)
                 if args.json:
                     common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
     print("\n" + table(rows))
+    if args.profile:
+        print("\n" + profiles(rows))
     if args.json:
         common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
     return 0
@@ -197,6 +206,22 @@ def table(rows: list[dict]) -> str:
         ])
     return common.markdown_table(["B×T", "model", "params (M)", "lcsm tok/s", "lcsm GiB", "fla tok/s", "fla GiB",
                                   "lcsm/fla tok/s", "lcsm/fla memory", "× lcsm transformer"], out)
+
+
+def profiles(rows: list[dict], top: int = 12) -> str:
+    """Per shape: the device time per kind of kernel of every profiled model side by side, then
+    each model's `top` longest kernels."""
+    out = []
+    for shape in dict.fromkeys((r["B"], r["T"]) for r in rows):
+        done = {f"{r['impl']} {r['model']}": r["profile"] for r in rows if (r["B"], r["T"]) == shape and "profile" in r}
+        if not done:
+            continue
+        out += [f"### {shape[0]}×{shape[1]}: device time per step", "", common.profile_table(done), ""]
+        for label, prof in done.items():
+            out += [f"{label}, longest kernels (ms per step, launches per step):"]
+            out += [f"  {ms:8.3f}  {calls:5.0f}×  [{kind}] {name[:100]}" for name, kind, ms, calls in prof["kernels"][:top]]
+            out.append("")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:

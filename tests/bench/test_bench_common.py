@@ -115,3 +115,44 @@ def test_bench_train_shapes_and_the_fla_counterparts():
             {"model": "transformer", "impl": "lcsm", "B": 2, "T": 8, "params_M": 1.0, "tokens_per_s": 80.0, "peak_GiB": 1.0}]
     text = table(rows)
     assert "| 2×8 | gla | 1.0 | 100 | 2.0 | 50 | 4.0 | 2.00 | 0.50 | 1.25 |" in text
+
+
+def test_kernel_kinds_by_name():
+    assert common.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert common.kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_NTN") == "gemm"
+    assert common.kernel_kind("chunk_dqdk_gk_kernel") == "recurrence"
+    assert common.kernel_kind("triton_per_fused__to_copy_mul_rsqrt_0") == "compiled"
+    assert common.kernel_kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "pointwise/reduce"
+    assert common.kernel_kind("something_unheard_of") == "other"
+
+
+def test_train_profile_of_a_small_model_on_the_cpu():
+    # `lcsm bench train --profile N` on a CPU-sized model: the profile's kinds add up to its total,
+    # and the table prints both columns (on the CPU the times are the operators' CPU times)
+    from lcsm.bench import train
+
+    spec = common.resized("gla", 32, 1, 2, 64)
+    row = train.measure(spec, 1, 16, steps=1, warmup=1, device=torch.device("cpu"), profile=1)
+    prof = row["profile"]
+    assert prof["ms"] > 0 and prof["kernels"]
+    assert abs(sum(prof["kinds"].values()) - prof["ms"]) < 1e-6 * max(1.0, prof["ms"])
+    rows = [{"model": "gla", "impl": "lcsm", "B": 1, "T": 16, **row},
+            {"model": "gla", "impl": "fla", "B": 1, "T": 16, **row}]
+    text = train.profiles(rows)
+    assert "1×16: device time per step" in text and "| kind of kernel (ms per step) | lcsm gla | fla gla |" in text
+    assert "longest kernels" in text
+
+
+def test_delta_check_with_beta_near_one_and_the_finite_check_on_the_cpu():
+    # the bf16 check of `lcsm bench kernels --check-only` and `--finite-tokens`, run here in fp32 under
+    # the Triton interpreter (its bf16 emulation is not what the GPU computes): β in [0.9, 1] and
+    # strong gates give finite values within round-off of the fp64 oracle
+    from lcsm.bench import kernels
+
+    cpu = torch.device("cpu")
+    res = kernels.check_form("delta_scalar", (1, 40, 1, 16), cpu, scale=5.0, with_fla=False,
+                             dtype=torch.float32, beta="near_one")
+    assert res["beta"] == "near_one" and res["ours"]["finite"] == 1.0
+    assert max(v for k, v in res["ours"].items() if k != "finite") < 1e-5
+    out = kernels.check_finite("delta_vector_k", 80, 1, 16, cpu, scale=5.0, dtype=torch.float32)
+    assert out["finite"] and out["max_abs_y"] < 100
