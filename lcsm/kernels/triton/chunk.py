@@ -812,7 +812,6 @@ def chunk_dqdk_gk_kernel(
      triton.Config({"BK": 64}, num_warps=2),
      triton.Config({"BK": 32}, num_warps=2),
      triton.Config({"BK": 32}, num_warps=1),
-     triton.Config({"BK": 64}, num_warps=1),
      triton.Config({"BK": 32}, num_warps=4)],
     key=["H", "K"],
 )
@@ -896,13 +895,13 @@ def chunk_dqdk_gk_intra_kernel(
 
 
 @autotune(
-    [triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
-     triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=3),
+    # 8 warps first: compiled for sm_90 (Triton 3.9, ptxas), 64×64 tiles take 146-249 registers
+    # and no spills with 8 warps, 255 and a few spilled with 4 (the tail holds several fp32 tiles)
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=2),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
      triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3),
-     triton.Config({"BK": 64, "BV": 128}, num_warps=8, num_stages=2),
-     triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
-     triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
-     triton.Config({"BK": 32, "BV": 32}, num_warps=2, num_stages=3)],
+     triton.Config({"BK": 64, "BV": 128}, num_warps=8, num_stages=2)],
     key=["H", "K", "V", "USE_GV"],
 )
 @triton.jit(do_not_specialize=["T"])
@@ -959,18 +958,23 @@ def chunk_dqdk_gk_inter_kernel(
     b_gl = _gate_row(gk, gks, row0, last, last, i_h, o_k, m_k, H, K, GK_STATIC)
     p = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
     m = m_r[:, None] & m_k[None, :]
+    # in an order that lets each [BT, BK] fp32 tile die early: eight live at once would spill
     b_dq = b_dq * tl.exp(b_g) + tl.load(dq_intra + p, mask=m, other=0.0)
     b_dk_inter = b_dk * tl.exp(b_gl[None, :] - b_g)
-    b_dk = tl.load(dk_intra + p, mask=m, other=0.0)
-    b_q = _load_rows(q, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
     b_k = _load_rows(k, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
-    # the gate gradient; rows past the end are zero in a and b, so the cumsums ignore them
-    b_a = b_q * b_dq - b_k * b_dk
+    b_q = _load_rows(q, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
+    # the gate gradient's parts a (without the s = t terms) and b; rows past the end are zero in
+    # both, so the cumsums below ignore them
+    b_a = b_q * b_dq
     b_b = b_k * b_dk_inter
-    b_dg = tl.cumsum(b_a, axis=0, reverse=True) + (tl.cumsum(b_b, axis=0) - b_b) + (b_hdh * tl.exp(b_gl))[None, :]
-    tl.store(dg + p, b_dg, mask=m)
     tl.store(dq + p, (b_dq + b_dov[:, None] * b_k).to(dq.dtype.element_ty), mask=m)
+    b_dk = tl.load(dk_intra + p, mask=m, other=0.0)
+    b_a -= b_k * b_dk
     tl.store(dk + p, (b_dk + b_dk_inter + b_dov[:, None] * b_q).to(dk.dtype.element_ty), mask=m)
+    # Σ_{t'>=t} a_t' + Σ_{s<t} b_s through one inclusive cumsum, of b - a (a second, reverse one
+    # spills registers at 64×64 tiles): (Σ a - Σ_{t'<=t} a_t') + a_t + (Σ_{s<=t} b_s) - b_t
+    b_dg = tl.cumsum(b_b - b_a, axis=0) + (b_a - b_b) + (tl.sum(b_a, axis=0) + b_hdh * tl.exp(b_gl))[None, :]
+    tl.store(dg + p, b_dg, mask=m)
 
 
 @triton.jit(do_not_specialize=["T"])
