@@ -258,8 +258,9 @@ def dqdk_gk_split(q, k, v, do, h, dh, gates: Gates, dA, dq, dk, lay: Layout) -> 
     V = v.shape[-1]
     c, s, kw = gates.cum, gates.stat, gates.kwargs()
     nt, nbh = lay.chunk_grid(H)
-    # fp32 partials: 8 bytes per element written and read once, against the fused kernel's dga,
-    # dgb (8 bytes, read again by chunk_gate_grad_kernel, which writes dg) that the split saves
+    # fp32 partials, 8 bytes per element written and read once: as much as the fused kernel's dga,
+    # dgb round trip through chunk_gate_grad_kernel, which the split does not launch; the other
+    # order (inter first, intra writing dga, dgb for that kernel) would move both round trips
     dq_intra = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty_like(dq_intra)
     grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)
