@@ -2,10 +2,13 @@
 
 The backward is hand-written (kernels in chunk.py); gate gradients come from the identity
 d(cumulative log gate) = q ⊙ dq - k ⊙ dk along K (o ⊙ do - v ⊙ dv along V), summed within each chunk
-with the chunk's state term (chunk_gate_grad_kernel).
+with the chunk's state term (chunk_gate_grad_kernel, or the tail of chunk_dqdk_gk_inter_kernel
+for a decay along K).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -15,6 +18,24 @@ from . import chunk as tk
 from . import scan as ts
 
 BT, BC = tk.BT, tk.BC
+
+GK_BACKWARDS = ("split", "fused")
+
+
+def gk_backward_choice(value: str | None) -> str:
+    """The dq/dk kernels of a decay along K, from the value of LCSM_GK_BACKWARD (None: unset):
+    'split' (the default) runs chunk_dqdk_gk_intra_kernel then chunk_dqdk_gk_inter_kernel,
+    'fused' the one chunk_dqdk_gk_kernel that preceded them."""
+    if value is None:
+        return "split"
+    if value not in GK_BACKWARDS:
+        raise ValueError(f"LCSM_GK_BACKWARD={value!r}: expected one of {', '.join(map(repr, GK_BACKWARDS))}")
+    return value
+
+
+# A benchmarking switch for an A/B measurement on the GPU (docs/kernels.md), read once here; it
+# goes once the split kernels are measured. Tests set the module attribute.
+GK_BACKWARD = gk_backward_choice(os.environ.get("LCSM_GK_BACKWARD"))
 
 
 class Layout:
@@ -202,7 +223,10 @@ def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout)
             H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GK=kw["USE_GK"],
             GK_STATIC=kw["GK_STATIC"], USE_A=A is not None, IS_VARLEN=lay.varlen,
         )
-    if gates.use["gk"]:
+    dgk = None  # the split kernels assemble the gradient of Gk themselves
+    if gates.use["gk"] and GK_BACKWARD == "split":
+        dgk = dqdk_gk_split(q, k, v, do, h, dh, gates, dA, dq, dk, lay)
+    elif gates.use["gk"]:
         parts["gk"] = gate_grad_parts((B, T, H, K), (lay.n_chunks, H, K), q.device)
         grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)
         tk.chunk_dqdk_gk_kernel[grid](
@@ -226,7 +250,37 @@ def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout)
         if tiles is not None:
             parts["g"] = tuple(x.sum(0) for x in tiles)
     dG = {n: None if p is None else gate_grad(*p, lay) for n, p in parts.items()}
+    if dgk is not None:
+        dG["gk"] = dgk
     return dq, dk, dv, dh0, dG
+
+
+def dqdk_gk_split(q, k, v, do, h, dh, gates: Gates, dA, dq, dk, lay: Layout) -> torch.Tensor:
+    """dq, dk (written in place) with a decay along K, in two kernels: the intra-chunk terms over
+    16-row sub-chunks into fp32 buffers, then the inter-chunk matmuls over 64-row chunks, which add
+    them and assemble the gradient of the per-token Gk: returned, [B,T,H,K] fp32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    c, s, kw = gates.cum, gates.stat, gates.kwargs()
+    nt, nbh = lay.chunk_grid(H)
+    # fp32 partials, 8 bytes per element written and read once: as much as the fused kernel's dga,
+    # dgb round trip through chunk_gate_grad_kernel, which the split does not launch; the other
+    # order (inter first, intra writing dga, dgb for that kernel) would move both round trips
+    dq_intra = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    dk_intra = torch.empty_like(dq_intra)
+    grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)
+    tk.chunk_dqdk_gk_intra_kernel[grid](
+        q, k, c["gk"], s["gk"], dA, dq_intra, dk_intra, lay.cu, lay.chunk_idx, T,
+        H=H, K=K, BT=BT, BC=BC, GK_STATIC=kw["GK_STATIC"], IS_VARLEN=lay.varlen,
+    )
+    dg = torch.empty_like(dq_intra)
+    grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt, nbh)
+    tk.chunk_dqdk_gk_inter_kernel[grid](
+        q, k, v, do, h, dh, c["gk"], c["gv"], s["gk"], s["gv"], dq_intra, dk_intra, dq, dk, dg,
+        lay.cu, lay.chunk_idx, T, H=H, K=K, V=V, BT=BT, GK_STATIC=kw["GK_STATIC"], USE_GV=kw["USE_GV"],
+        GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
+    )
+    return dg
 
 
 def gate_grad_parts(per_token: tuple, per_chunk: tuple, device, zero: bool = False):

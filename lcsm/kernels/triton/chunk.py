@@ -9,7 +9,8 @@ Chunks of BT = 64 tokens; inside a chunk, decays along K or V use sub-chunks of 
     backward  state again -> dstate (reverse over chunks) -> dA (only with gk or gv)
               -> dv -> dq, dk; the gate gradients follow from the identity
               d(cumulative log gate)_t = q ⊙ dq - k ⊙ dk (along K) or o ⊙ do - v ⊙ dv (along V),
-              summed within each chunk together with the chunk's state term (chunk_gate_grad_kernel).
+              summed within each chunk together with the chunk's state term (chunk_gate_grad_kernel;
+              with gk the tail of chunk_dqdk_gk_inter_kernel, after chunk_dqdk_gk_intra_kernel).
 
 Numerics: every exponent is <= 0. Pairwise decays exp(L_t - L_s) inside a chunk are factored
 against a reference row r with s <= r <= t, so both factors decay; the 16×16 diagonal blocks,
@@ -740,7 +741,8 @@ def chunk_dqdk_gk_kernel(
     BK: tl.constexpr, BV: tl.constexpr,
     GK_STATIC: tl.constexpr, USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dq, dk with a decay along K, one program per sub-chunk of rows:
+    """dq, dk with a decay along K in one kernel (LCSM_GK_BACKWARD=fused: kept for an A/B timing
+    against chunk_dqdk_gk_intra_kernel + chunk_dqdk_gk_inter_kernel), one program per sub-chunk of rows:
     dq_t = (do_t ⊙ exp(Gv_t)) h_cᵀ ⊙ exp(Gk_t) + Σ_{s<=t} dA_ts k_s ⊙ exp(Gk_t - Gk_s),
     dk_s = (v_s ⊙ exp(Gv_L - Gv_s)) dh_cᵀ ⊙ exp(Gk_L - Gk_s) + Σ_{t>=s} dA_ts q_t ⊙ exp(Gk_t - Gk_s),
     and the parts of the gate gradient (see chunk_gate_grad_kernel): dga = q ⊙ dq - k ⊙ dk_intra over
@@ -797,6 +799,183 @@ def chunk_dqdk_gk_kernel(
         tl.store(dgc + (i_c * H + i_h) * K + o_k, b_hdh * tl.exp(b_gl), mask=m_k)
     tl.store(dq + p, (b_dq + b_dov[:, None] * b_k).to(dq.dtype.element_ty), mask=m)
     tl.store(dk + p, (b_dk + b_dk_inter + b_dov[:, None] * b_q).to(dk.dtype.element_ty), mask=m)
+
+
+# The split form of chunk_dqdk_gk_kernel (LCSM_GK_BACKWARD=split, the default; autograd.py):
+# the intra-chunk terms in 16-row sub-chunks with their own small tiles, then the inter-chunk
+# matmuls over whole 64-row chunks, which also finish dq, dk and assemble the gate gradient.
+# The intra kernel runs first so that the kernel holding all 64 rows of a chunk can do the gate
+# gradient's cumsums in its tail: no dga/dgb/dgc buffers and no chunk_gate_grad_kernel launch.
+
+
+@autotune(
+    [triton.Config({"BK": 64}, num_warps=4),
+     triton.Config({"BK": 64}, num_warps=2),
+     triton.Config({"BK": 32}, num_warps=2),
+     triton.Config({"BK": 32}, num_warps=1),
+     triton.Config({"BK": 32}, num_warps=4)],
+    key=["H", "K"],
+)
+@triton.jit(do_not_specialize=["T"])
+def chunk_dqdk_gk_intra_kernel(
+    q, k, gk, gks, dA, dq_intra, dk_intra, cu, chunk_idx, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    GK_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The intra-chunk parts of dq, dk with a decay along K, strictly off the diagonal:
+
+        dq_intra_t = Σ_{s<t} dA_ts k_s ⊙ exp(Gk_t - Gk_s)     dk_intra_s = Σ_{t>s} dA_ts q_t ⊙ exp(Gk_t - Gk_s)
+
+    q, k [.., T, H, K], dA [.., T, H, BT] fp32 (the score gradient, zero above the diagonal);
+    dq_intra, dk_intra [.., T, H, K] fp32, rows past a sequence's end left unwritten. One program
+    per (K tile, 16-row sub-chunk i of a chunk, batch·head): earlier (later) sub-chunks j through a
+    [BC, BC] × [BC, BK] product factored at a reference row of sub-chunk i, so both exponents are
+    <= 0; the diagonal block element by element. The s = t terms are chunk_dqdk_gk_inter_kernel's."""
+    i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_i = i_tc // (BT // BC), i_tc % (BT // BC)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
+    row0 = bos + i_tl * BT
+    last = tl.minimum(BT, Tn - i_tl * BT) - 1
+    r0 = i_i * BC
+    if r0 > last:
+        return
+    ri = r0 + tl.arange(0, BC)
+    m_ri = ri <= last
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_gi = _gate(gk, gks, row0, ri, last, i_h, o_k, m_k, H, K, GK_STATIC)
+
+    # dq from the earlier sub-chunks (none for i = 0), reference row r0: exp(L_t - L_r0)·exp(L_r0 - L_s)
+    b_ref = _gate_row(gk, gks, row0, r0, last, i_h, o_k, m_k, H, K, GK_STATIC)
+    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+    for j in range(0, i_i):
+        rj = j * BC + tl.arange(0, BC)  # rows before r0 <= last: all inside the sequence
+        b_kj = _load_rows(k, row0, rj, rj <= last, i_h, o_k, m_k, H, K)
+        b_gj = _gate(gk, gks, row0, rj, last, i_h, o_k, m_k, H, K, GK_STATIC)
+        b_kj = (b_kj * tl.exp(b_ref[None, :] - b_gj)).to(b_kj.dtype)
+        b_W = tl.load(dA + ((row0 + ri)[:, None] * H + i_h) * BT + rj[None, :], mask=m_ri[:, None], other=0.0)
+        b_dq += tl.dot(b_W.to(b_kj.dtype), b_kj)
+    b_dq *= tl.exp(b_gi - b_ref[None, :])
+    # the diagonal block, one source row s at a time, in fp32
+    n_diag = tl.minimum(BC, last - r0 + 1)
+    for j in range(0, n_diag):
+        s = r0 + j
+        b_w = tl.load(dA + ((row0 + ri) * H + i_h) * BT + s, mask=m_ri, other=0.0)
+        b_ks = tl.load(k + ((row0 + s) * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_gs = _gate_row(gk, gks, row0, s, last, i_h, o_k, m_k, H, K, GK_STATIC)
+        keep = (ri > s)[:, None]
+        b_dq += tl.where(keep, b_w[:, None] * b_ks[None, :] * tl.exp(tl.where(keep, b_gi - b_gs[None, :], 0.0)), 0.0)
+
+    # dk from the later sub-chunks, reference row: this sub-chunk's last row inside the sequence
+    r_end = tl.minimum(r0 + BC - 1, last)
+    b_ref = _gate_row(gk, gks, row0, r_end, last, i_h, o_k, m_k, H, K, GK_STATIC)
+    b_dk = tl.zeros([BC, BK], dtype=tl.float32)
+    for j in range(i_i + 1, tl.cdiv(last + 1, BC)):
+        rt = j * BC + tl.arange(0, BC)
+        m_rt = rt <= last
+        b_qt = _load_rows(q, row0, rt, m_rt, i_h, o_k, m_k, H, K)
+        b_gt = _gate(gk, gks, row0, rt, last, i_h, o_k, m_k, H, K, GK_STATIC)
+        b_qt = (b_qt * tl.exp(b_gt - b_ref[None, :])).to(b_qt.dtype)
+        # dAᵀ [s, t]: contiguous along s
+        b_Wt = tl.load(dA + ((row0 + rt)[None, :] * H + i_h) * BT + ri[:, None], mask=m_ri[:, None] & m_rt[None, :], other=0.0)
+        b_dk += tl.dot(b_Wt.to(b_qt.dtype), b_qt)
+    b_dk *= tl.exp(b_ref[None, :] - b_gi)
+    for j in range(0, n_diag):
+        t = r0 + j
+        b_w = tl.load(dA + ((row0 + t) * H + i_h) * BT + ri, mask=m_ri, other=0.0)
+        b_qt1 = tl.load(q + ((row0 + t) * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_gt1 = _gate_row(gk, gks, row0, t, last, i_h, o_k, m_k, H, K, GK_STATIC)
+        keep = (ri < t)[:, None]
+        b_dk += tl.where(keep, b_w[:, None] * b_qt1[None, :] * tl.exp(tl.where(keep, b_gt1[None, :] - b_gi, 0.0)), 0.0)
+
+    p = ((row0 + ri)[:, None] * H + i_h) * K + o_k[None, :]
+    m = m_ri[:, None] & m_k[None, :]
+    tl.store(dq_intra + p, b_dq, mask=m)
+    tl.store(dk_intra + p, b_dk, mask=m)
+
+
+@autotune(
+    # 8 warps first: compiled for sm_90 (Triton 3.9, ptxas), 64×64 tiles take 146-249 registers
+    # and no spills with 8 warps, 255 and a few spilled with 4 (the tail holds several fp32 tiles)
+    [triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=2),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BK": 64, "BV": 128}, num_warps=8, num_stages=2)],
+    key=["H", "K", "V", "USE_GV"],
+)
+@triton.jit(do_not_specialize=["T"])
+def chunk_dqdk_gk_inter_kernel(
+    q, k, v, do, h, dh, gk, gv, gks, gvs, dq_intra, dk_intra, dq, dk, dg, cu, chunk_idx, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GK_STATIC: tl.constexpr, USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """dq, dk with a decay along K, finished over whole chunks, and the gradient of Gk:
+
+        dq_t = (do_t ⊙ exp(Gv_t)) h_cᵀ ⊙ exp(Gk_t) + dq_intra_t + (do_t · v_t) k_t
+        dk_s = (v_s ⊙ exp(Gv_L - Gv_s)) dh_cᵀ ⊙ exp(Gk_L - Gk_s) + dk_intra_s + (do_s · v_s) q_s
+
+    (L the chunk's last row; do · v is the diagonal of dA, whose decay is 1). One program per
+    (K tile, chunk, batch·head), a plain [BT, BV] × [BV, BK] matmul loop over the V tiles.
+    q, k, dq, dk [.., T, H, K]; v, do [.., T, H, V]; h, dh [n_chunks, H, K, V]; dq_intra, dk_intra
+    [.., T, H, K] fp32 from chunk_dqdk_gk_intra_kernel; dg [.., T, H, K] fp32 is the gradient of
+    the per-token log gate, assembled as chunk_gate_grad_kernel does, with the chunk in registers:
+    dg_t = Σ_{t'>=t} a_t' + Σ_{s<t} b_s + c with a = q ⊙ dq - k ⊙ dk_intra without the s = t terms
+    (they cancel exactly), b = k ⊙ dk_inter and c = Σ_v D_c h_c ⊙ dh_c."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
+    row0 = bos + i_tl * BT
+    last = tl.minimum(BT, Tn - i_tl * BT) - 1
+    r = tl.arange(0, BT)
+    m_r = r <= last
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dov = tl.zeros([BT], dtype=tl.float32)  # do_t · v_t
+    b_hdh = tl.zeros([BK], dtype=tl.float32)  # Σ_v (exp(Gv_L) ⊙ h_c ⊙ dh_c)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_do = _load_rows(do, row0, r, m_r, i_h, o_v, m_v, H, V)
+        b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V)
+        b_dov += tl.sum(b_do.to(tl.float32) * b_v.to(tl.float32), axis=1)
+        # hᵀ, dhᵀ tiles [BV, BK]
+        b_h = tl.load(h + ((i_c * H + i_h) * K + o_k[None, :]) * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.0)
+        b_dh = tl.load(dh + ((i_c * H + i_h) * K + o_k[None, :]) * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.0)
+        b_hd = b_h.to(tl.float32) * b_dh.to(tl.float32)
+        if USE_GV:
+            b_g = _gate(gv, gvs, row0, r, last, i_h, o_v, m_v, H, V, GV_STATIC)
+            b_gl = _gate_row(gv, gvs, row0, last, last, i_h, o_v, m_v, H, V, GV_STATIC)
+            b_do = (b_do * tl.exp(b_g)).to(b_do.dtype)
+            b_v = (b_v * tl.exp(b_gl[None, :] - b_g)).to(b_v.dtype)
+            b_hd *= tl.exp(b_gl)[:, None]
+        b_dq += tl.dot(b_do, b_h.to(b_do.dtype))
+        b_dk += tl.dot(b_v, b_dh.to(b_v.dtype))
+        b_hdh += tl.sum(b_hd, axis=0)
+    b_g = _gate(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC)
+    b_gl = _gate_row(gk, gks, row0, last, last, i_h, o_k, m_k, H, K, GK_STATIC)
+    p = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
+    m = m_r[:, None] & m_k[None, :]
+    # in an order that lets each [BT, BK] fp32 tile die early: eight live at once would spill
+    b_dq = b_dq * tl.exp(b_g) + tl.load(dq_intra + p, mask=m, other=0.0)
+    b_dk_inter = b_dk * tl.exp(b_gl[None, :] - b_g)
+    b_k = _load_rows(k, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
+    b_q = _load_rows(q, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
+    # the gate gradient's parts a (without the s = t terms) and b; rows past the end are zero in
+    # both, so the cumsums below ignore them
+    b_a = b_q * b_dq
+    b_b = b_k * b_dk_inter
+    tl.store(dq + p, (b_dq + b_dov[:, None] * b_k).to(dq.dtype.element_ty), mask=m)
+    b_dk = tl.load(dk_intra + p, mask=m, other=0.0)
+    b_a -= b_k * b_dk
+    tl.store(dk + p, (b_dk + b_dk_inter + b_dov[:, None] * b_q).to(dk.dtype.element_ty), mask=m)
+    # Σ_{t'>=t} a_t' + Σ_{s<t} b_s through one inclusive cumsum, of b - a (a second, reverse one
+    # spills registers at 64×64 tiles): (Σ a - Σ_{t'<=t} a_t') + a_t + (Σ_{s<=t} b_s) - b_t
+    b_dg = tl.cumsum(b_b - b_a, axis=0) + (b_a - b_b) + (tl.sum(b_a, axis=0) + b_hdh * tl.exp(b_gl))[None, :]
+    tl.store(dg + p, b_dg, mask=m)
 
 
 @triton.jit(do_not_specialize=["T"])
