@@ -23,6 +23,7 @@ continuation and the pair is encoded whole, so a token spanning the boundary goe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -191,15 +192,24 @@ class HarnessError(ValueError):
     """Bad lm-eval input (an unknown task, ...); str() is the message for the user."""
 
 
+@functools.lru_cache(maxsize=8)
+def task_manager(include: tuple[str, ...] = ()):
+    """lm-eval's TaskManager for these folders of task YAMLs, made once per process: making one
+    indexes lm-eval's thousands of built-in task files (about 12 s), and the index depends only
+    on the folders. Sharing it changes no result: it builds fresh task objects on every load."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None)
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | None = None, include: list[str] | None = None,
                 batch_size: int = 16, device: str | torch.device = "cpu", precision: str = "fp32", seed: int = 0) -> dict:
     """simple_evaluate of `tasks` (names, groups or glob patterns; `include`: folders of task YAMLs)
     on an lcsm model. Returns {"tasks", "limit", "results": {task: {metric: value}}, "versions",
     "n_samples"}. Raises HarnessError for a task it does not know."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include or None)
+    manager = task_manager(tuple(include or ()))
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         hint = f" (searched the built-in tasks and {', '.join(include)})" if include else " (a local task: --lm-eval-include DIR)"

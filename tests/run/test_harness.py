@@ -35,9 +35,8 @@ def _offline(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def _one_task_index_per_folders():
     """lm-eval's TaskManager indexes its thousands of built-in task YAMLs when it is made (about
-    12 s each time on the CI machine) and `lcsm eval --lm-eval` makes one per call: the file's
-    tests share one TaskManager per set of folders (the same folders give the same index; a
-    TaskManager builds new tasks on every load, so sharing it changes no result)."""
+    12 s each time on the CI machine). lcsm makes one per set of folders and process
+    (harness.task_manager); the file's tests that build their own share one the same way."""
     import lm_eval.tasks
 
     real, made = lm_eval.tasks.TaskManager, {}
@@ -182,3 +181,19 @@ def test_an_unknown_lm_eval_task_is_a_clear_error(run, tmp_path, capsys):
     assert "unknown task(s) no_such_task_xyz" in err
     assert "--lm-eval-include" in cli_error(["eval", str(run), "--limit", "3"], capsys)
     assert "no such folder" in cli_error(["eval", str(run), "--lm-eval", "x", "--lm-eval-include", str(tmp_path / "nope")], capsys)
+
+
+def test_one_task_manager_per_folders(monkeypatch):
+    import lm_eval.tasks
+
+    from lcsm.run import harness
+
+    made = []
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None: made.append(include_path) or object())
+    harness.task_manager.cache_clear()
+    try:
+        first = harness.task_manager(("a",))
+        assert harness.task_manager(("a",)) is first and harness.task_manager(()) is not first
+        assert made == [["a"], None]
+    finally:
+        harness.task_manager.cache_clear()
