@@ -8,7 +8,7 @@ The interpreter runs every program of a grid in turn, so the time goes with batc
 checked with a batch of two at moderate gates, the layouts (packed sequences, the inference
 forward, mixed dtypes, the decoding step) with two heads, and the numerical regimes (weak and
 strong gates, fp16 inputs, no initial or final state, a long sequence at strong decay) on one
-sequence of one head, as are both backwards of a decay along K (LCSM_GK_BACKWARD); the scan kernels (the full decays) run blocks of 16 tokens, so they get
+sequence of one head, as are the backward's cases of a decay along K; the scan kernels (the full decays) run blocks of 16 tokens, so they get
 their own shorter length.
 
 bf16 is not checked here: the interpreter's bf16 matrix products are wrong (Triton 3.6 and 3.9);
@@ -126,16 +126,11 @@ def test_half_precision_inputs(form):
     compare(gates_for(form, 0.3, gen, heads=1), dtype=torch.float16, tol=5e-3, heads=1)
 
 
-@pytest.mark.parametrize("gk_backward", ["split", "fused"])
 @pytest.mark.parametrize("case", ["packed", "static", "outer"])
-def test_both_backwards_of_a_decay_along_k(case, gk_backward, monkeypatch):
-    # LCSM_GK_BACKWARD picks the dq/dk kernels of a K decay (split: intra then inter kernel, the
-    # default that every other test runs; fused: the one kernel kept for an A/B measurement on the
-    # GPU). On one head: packed sequences with initial states over a chunk boundary and two K tiles;
-    # a static gate; the outer form (the V decay in the inter-chunk matmuls and in dA)
-    from lcsm.kernels.triton import autograd as triton_api
-
-    monkeypatch.setattr(triton_api, "GK_BACKWARD", gk_backward)
+def test_the_backward_of_a_decay_along_k(case):
+    # the two dq/dk kernels of a K decay (intra then inter), on one head: packed sequences with
+    # initial states over a chunk boundary and two K tiles; a static gate; the outer form (the V
+    # decay in the inter-chunk matmuls and in dA)
     gen = torch.Generator().manual_seed(11)
     if case == "packed":
         cu = torch.tensor([0, 5, 75, 90])
@@ -145,14 +140,6 @@ def test_both_backwards_of_a_decay_along_k(case, gk_backward, monkeypatch):
     else:
         form = "vector_k_static" if case == "static" else "outer"
         compare(gates_for(form, 0.3, gen, heads=1), heads=1)
-
-
-def test_gk_backward_switch_accepts_only_its_values():
-    from lcsm.kernels.triton.autograd import gk_backward_choice
-
-    assert gk_backward_choice(None) == "split" and gk_backward_choice("fused") == "fused"
-    with pytest.raises(ValueError, match="LCSM_GK_BACKWARD='Split': expected one of 'split', 'fused'"):
-        gk_backward_choice("Split")
 
 
 def test_strong_decay_over_a_long_sequence_stays_finite_and_exact():

@@ -8,8 +8,6 @@ for a decay along K).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -18,24 +16,6 @@ from . import chunk as tk
 from . import scan as ts
 
 BT, BC = tk.BT, tk.BC
-
-GK_BACKWARDS = ("split", "fused")
-
-
-def gk_backward_choice(value: str | None) -> str:
-    """The dq/dk kernels of a decay along K, from the value of LCSM_GK_BACKWARD (None: unset):
-    'split' (the default) runs chunk_dqdk_gk_intra_kernel then chunk_dqdk_gk_inter_kernel,
-    'fused' the one chunk_dqdk_gk_kernel that preceded them."""
-    if value is None:
-        return "split"
-    if value not in GK_BACKWARDS:
-        raise ValueError(f"LCSM_GK_BACKWARD={value!r}: expected one of {', '.join(map(repr, GK_BACKWARDS))}")
-    return value
-
-
-# A benchmarking switch for an A/B measurement on the GPU (docs/kernels.md), read once here; it
-# goes once the split kernels are measured. Tests set the module attribute.
-GK_BACKWARD = gk_backward_choice(os.environ.get("LCSM_GK_BACKWARD"))
 
 
 class Layout:
@@ -223,17 +203,9 @@ def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout)
             H=H, K=K, V=V, BT=BT, USE_G=kw["USE_G"], G_STATIC=kw["G_STATIC"], USE_GK=kw["USE_GK"],
             GK_STATIC=kw["GK_STATIC"], USE_A=A is not None, IS_VARLEN=lay.varlen,
         )
-    dgk = None  # the split kernels assemble the gradient of Gk themselves
-    if gates.use["gk"] and GK_BACKWARD == "split":
-        dgk = dqdk_gk_split(q, k, v, do, h, dh, gates, dA, dq, dk, lay)
-    elif gates.use["gk"]:
-        parts["gk"] = gate_grad_parts((B, T, H, K), (lay.n_chunks, H, K), q.device)
-        grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)
-        tk.chunk_dqdk_gk_kernel[grid](
-            q, k, v, do, h, dh, c["gk"], c["gv"], s["gk"], s["gv"], dA, dq, dk, *parts["gk"], lay.cu, lay.chunk_idx, T,
-            H=H, K=K, V=V, BT=BT, BC=BC, GK_STATIC=kw["GK_STATIC"], USE_GV=kw["USE_GV"],
-            GV_STATIC=kw["GV_STATIC"], IS_VARLEN=lay.varlen,
-        )
+    dgk = None  # the K-decay kernels assemble the gradient of Gk themselves
+    if gates.use["gk"]:
+        dgk = dqdk_gk(q, k, v, do, h, dh, gates, dA, dq, dk, lay)
     else:
         tiles = None
         if gates.use["g"]:  # one partial sum per K tile; the largest tile count is K / 32
@@ -255,7 +227,7 @@ def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout)
     return dq, dk, dv, dh0, dG
 
 
-def dqdk_gk_split(q, k, v, do, h, dh, gates: Gates, dA, dq, dk, lay: Layout) -> torch.Tensor:
+def dqdk_gk(q, k, v, do, h, dh, gates: Gates, dA, dq, dk, lay: Layout) -> torch.Tensor:
     """dq, dk (written in place) with a decay along K, in two kernels: the intra-chunk terms over
     16-row sub-chunks into fp32 buffers, then the inter-chunk matmuls over 64-row chunks, which add
     them and assemble the gradient of the per-token Gk: returned, [B,T,H,K] fp32."""
@@ -263,9 +235,8 @@ def dqdk_gk_split(q, k, v, do, h, dh, gates: Gates, dA, dq, dk, lay: Layout) -> 
     V = v.shape[-1]
     c, s, kw = gates.cum, gates.stat, gates.kwargs()
     nt, nbh = lay.chunk_grid(H)
-    # fp32 partials, 8 bytes per element written and read once: as much as the fused kernel's dga,
-    # dgb round trip through chunk_gate_grad_kernel, which the split does not launch; the other
-    # order (inter first, intra writing dga, dgb for that kernel) would move both round trips
+    # fp32 partials, 8 bytes per element written and read once; the other order (inter first,
+    # intra writing the gate gradient's parts for chunk_gate_grad_kernel) would move twice that
     dq_intra = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty_like(dq_intra)
     grid = lambda meta: (triton.cdiv(K, meta["BK"]), nt * (BT // BC), nbh)

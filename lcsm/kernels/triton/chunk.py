@@ -728,82 +728,11 @@ def chunk_dqdk_kernel(
         tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=m)
 
 
-@autotune(
-    [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2),
-     triton.Config({"BK": 64, "BV": 64}, num_warps=8), triton.Config({"BK": 32, "BV": 64}, num_warps=4),
-     triton.Config({"BK": 64, "BV": 32}, num_warps=4)],
-    key=["H", "K", "V", "USE_GV"],
-)
-@triton.jit(do_not_specialize=["T"])
-def chunk_dqdk_gk_kernel(
-    q, k, v, do, h, dh, gk, gv, gks, gvs, dA, dq, dk, dga, dgb, dgc, cu, chunk_idx, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
-    GK_STATIC: tl.constexpr, USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """dq, dk with a decay along K in one kernel (LCSM_GK_BACKWARD=fused: kept for an A/B timing
-    against chunk_dqdk_gk_intra_kernel + chunk_dqdk_gk_inter_kernel), one program per sub-chunk of rows:
-    dq_t = (do_t ⊙ exp(Gv_t)) h_cᵀ ⊙ exp(Gk_t) + Σ_{s<=t} dA_ts k_s ⊙ exp(Gk_t - Gk_s),
-    dk_s = (v_s ⊙ exp(Gv_L - Gv_s)) dh_cᵀ ⊙ exp(Gk_L - Gk_s) + Σ_{t>=s} dA_ts q_t ⊙ exp(Gk_t - Gk_s),
-    and the parts of the gate gradient (see chunk_gate_grad_kernel): dga = q ⊙ dq - k ⊙ dk_intra over
-    the s != t terms (the s = t ones cancel exactly), dgb = k ⊙ dk_inter, dgc = Σ_v D_c h_c ⊙ dh_c."""
-    i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_i = i_tc // (BT // BC), i_tc % (BT // BC)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
-    row0 = bos + i_tl * BT
-    last = tl.minimum(BT, Tn - i_tl * BT) - 1
-    r0 = i_i * BC
-    if r0 > last:
-        return
-    ri = r0 + tl.arange(0, BC)
-    m_ri = ri <= last
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dov = tl.zeros([BC], dtype=tl.float32)
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_do = _load_rows(do, row0, ri, m_ri, i_h, o_v, m_v, H, V)
-        b_v = _load_rows(v, row0, ri, m_ri, i_h, o_v, m_v, H, V)
-        b_dov += tl.sum(b_do.to(tl.float32) * b_v.to(tl.float32), axis=1)
-        if USE_GV:
-            b_g = _gate(gv, gvs, row0, ri, last, i_h, o_v, m_v, H, V, GV_STATIC)
-            b_gl = _gate_row(gv, gvs, row0, last, last, i_h, o_v, m_v, H, V, GV_STATIC)
-            b_do = (b_do * tl.exp(b_g)).to(b_do.dtype)
-            b_v = (b_v * tl.exp(b_gl[None, :] - b_g)).to(b_v.dtype)
-        b_h = tl.load(h + ((i_c * H + i_h) * K + o_k[None, :]) * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.0)
-        b_dh = tl.load(dh + ((i_c * H + i_h) * K + o_k[None, :]) * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.0)
-        b_dq += tl.dot(b_do, b_h.to(b_do.dtype))
-        b_dk += tl.dot(b_v, b_dh.to(b_v.dtype))
-        b_hd = b_h.to(tl.float32) * b_dh.to(tl.float32)
-        if USE_GV:
-            b_hd *= tl.exp(b_gl)[:, None]
-        b_hdh += tl.sum(b_hd, axis=0)
-    b_gi = _gate(gk, gks, row0, ri, last, i_h, o_k, m_k, H, K, GK_STATIC)
-    b_gl = _gate_row(gk, gks, row0, last, last, i_h, o_k, m_k, H, K, GK_STATIC)
-    b_dq *= tl.exp(b_gi)
-    b_dk_inter = b_dk * tl.exp(b_gl[None, :] - b_gi)
-    b_dq += _intra_forward(dA, k, gk, gks, row0, r0, last, i_h, o_k, m_k, H, K, BT, BC, GK_STATIC, True)
-    b_dk = _intra_backward(dA, q, gk, gks, row0, r0, last, i_h, o_k, m_k, H, K, BT, BC, GK_STATIC, True)
-    b_q = _load_rows(q, row0, ri, m_ri, i_h, o_k, m_k, H, K).to(tl.float32)
-    b_k = _load_rows(k, row0, ri, m_ri, i_h, o_k, m_k, H, K).to(tl.float32)
-    p = ((row0 + ri)[:, None] * H + i_h) * K + o_k[None, :]
-    m = m_ri[:, None] & m_k[None, :]
-    tl.store(dga + p, b_q * b_dq - b_k * b_dk, mask=m)
-    tl.store(dgb + p, b_k * b_dk_inter, mask=m)
-    if i_i == 0:
-        tl.store(dgc + (i_c * H + i_h) * K + o_k, b_hdh * tl.exp(b_gl), mask=m_k)
-    tl.store(dq + p, (b_dq + b_dov[:, None] * b_k).to(dq.dtype.element_ty), mask=m)
-    tl.store(dk + p, (b_dk + b_dk_inter + b_dov[:, None] * b_q).to(dk.dtype.element_ty), mask=m)
-
-
-# The split form of chunk_dqdk_gk_kernel (LCSM_GK_BACKWARD=split, the default; autograd.py):
-# the intra-chunk terms in 16-row sub-chunks with their own small tiles, then the inter-chunk
-# matmuls over whole 64-row chunks, which also finish dq, dk and assemble the gate gradient.
+# dq, dk with a decay along K in two kernels (autograd.dqdk_gk), as fla-core's chunk_gla splits
+# them: the intra-chunk terms in 16-row sub-chunks with their own small tiles, then the
+# inter-chunk matmuls over whole 64-row chunks, which also finish dq, dk and assemble the gate
+# gradient. On the H200 the pair takes 0.75x the time of the single kernel (inter and intra in one
+# program per sub-chunk) that it replaced (docs/benchmarks.md, 2026-12-01).
 # The intra kernel runs first so that the kernel holding all 64 rows of a chunk can do the gate
 # gradient's cumsums in its tail: no dga/dgb/dgc buffers and no chunk_gate_grad_kernel launch.
 
