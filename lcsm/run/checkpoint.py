@@ -322,7 +322,8 @@ def remove_checkpoint_folder(folder: Path) -> None:
 def remove_checkpoint_files(target: Path) -> bool:
     """For --overwrite: remove a checkpoint folder lcsm wrote (step-N, step-N.partial, init,
     init.partial) as remove_checkpoint_folder does. Returns False when target is not one (nothing done)."""
-    if target.parent.name == "checkpoint" and target.name in ("dcp", "dcp.tmp", "dcp.old") and target.is_dir():
+    sharded = target.name in ("dcp", "dcp.tmp", "dcp.old", "dcp.prev") or target.name.startswith("dcp.unreadable")
+    if target.parent.name == "checkpoint" and sharded and target.is_dir():
         shutil.rmtree(target)  # a sharded checkpoint (lcsm/run/dcp.py): DCP's files, all written for lcsm
         return True
     is_init = target.name in (INIT, f"{INIT}.partial")

@@ -2,15 +2,18 @@
 over the ranks (parallel.strategy fsdp or hsdp). Replicated runs (one process, ddp) keep the
 safetensors checkpoint of lcsm/run/checkpoint.py; a run may change between the two on resume.
 
-    RUN/checkpoint/dcp/         one complete checkpoint
+    RUN/checkpoint/dcp/         the newest complete checkpoint
         .metadata, __R_0.distcp   DCP: the model and the optimizer (keyed by parameter name, each rank
                                   writes its own shards), rank 0's RNG, and the trainer state (step,
                                   data position, scheduler, log window, last eval) as JSON
         lcsm.json                 {"step", "world", "strategy"}: readable without torch.distributed
+    RUN/checkpoint/dcp.prev/    the one before it (keep_checkpoints >= 2, the default)
 
-Written atomically: every rank writes into dcp.tmp/, then rank 0 swaps it in (dcp -> dcp.old,
-dcp.tmp -> dcp, remove dcp.old); a crash between the two renames leaves dcp.old, which is read
-then. On a multi-node run RUN must be on a filesystem every node sees.
+Written atomically: every rank writes into dcp.tmp/, then rank 0 swaps it in (dcp.prev removed,
+dcp -> dcp.prev, dcp.tmp -> dcp); a crash between the renames leaves dcp.prev, which is read then.
+A checkpoint that cannot be read is set aside as dcp.unreadable (kept, never deleted) and the run
+resumes from the previous one, saying so. On a multi-node run RUN must be on a filesystem every
+node sees.
 
 Reads on any world size: DCP reshards on load, into a sharded model on another mesh or into whole
 tensors (one process, ddp); `lcsm eval` and `lcsm export` read the weights in one process.
@@ -29,32 +32,40 @@ from lcsm.config.base import RecipeError
 from lcsm.run import files
 from lcsm.run.checkpoint import latest_step, remove_replicated
 
-FOLDER, TMP, OLD = "dcp", "dcp.tmp", "dcp.old"
+FOLDER, TMP, PREV = "dcp", "dcp.tmp", "dcp.prev"
+OLD = "dcp.old"  # the swap's spare of earlier lcsm versions: still read
 INFO = "lcsm.json"
 
 
 # --------------------------------------------------------------------------- where
 
 
-def sharded_dir(run_dir: Path) -> Path | None:
-    """The complete sharded checkpoint of a run (dcp/, or dcp.old/ after a crash mid-swap), or None."""
-    folder = Path(run_dir) / "checkpoint"
-    for name in (FOLDER, OLD):
-        d = folder / name
-        if (d / INFO).exists() and (d / ".metadata").exists():
-            return d
-    return None
-
-
-def sharded_step(run_dir: Path) -> int | None:
-    """The step of the run's sharded checkpoint, or None when there is none (or it cannot be read)."""
-    d = sharded_dir(run_dir)
-    if d is None:
-        return None
+def _step_of(d: Path) -> int | None:
     try:
         return int(json.loads((d / INFO).read_text())["step"])
     except Exception:
         return None
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """The run's complete sharded checkpoints (lcsm.json and DCP's .metadata present), newest step
+    first: dcp/, dcp.prev/ (and an earlier version's dcp.old/ left by a crash mid-swap)."""
+    folder = Path(run_dir) / "checkpoint"
+    found = [(step, folder / name) for name in (FOLDER, OLD, PREV)
+             if (folder / name / ".metadata").exists() and (step := _step_of(folder / name)) is not None]
+    return [d for _, d in sorted(found, key=lambda sd: -sd[0])]
+
+
+def sharded_dir(run_dir: Path) -> Path | None:
+    """The newest complete sharded checkpoint of a run, or None."""
+    found = candidates(run_dir)
+    return found[0] if found else None
+
+
+def sharded_step(run_dir: Path) -> int | None:
+    """The step of the run's newest sharded checkpoint, or None when there is none."""
+    d = sharded_dir(run_dir)
+    return None if d is None else _step_of(d)
 
 
 def newest_step(run_dir: Path) -> int | None:
@@ -88,8 +99,9 @@ def find(path: Path) -> tuple[Path, Path] | None:
 
 
 def remove(run_dir: Path) -> None:
-    """Remove the run's sharded checkpoint (rank 0, after a replicated one has been written)."""
-    for name in (FOLDER, OLD, TMP):
+    """Remove the run's sharded checkpoints (rank 0, after a replicated one has been written;
+    a set-aside dcp.unreadable stays)."""
+    for name in (FOLDER, OLD, TMP, PREV):
         d = Path(run_dir) / "checkpoint" / name
         if d.is_dir():
             shutil.rmtree(d)
@@ -105,9 +117,10 @@ def _rng() -> dict:
     return rng
 
 
-def save(run_dir: Path, model, optimizer, scheduler, state: dict, strategy: str | None = None) -> None:
+def save(run_dir: Path, model, optimizer, scheduler, state: dict, strategy: str | None = None, keep: int = 2) -> None:
     """Every rank: write the checkpoint of a sharded run (collective). state: the trainer's plain
-    data (step, data position, ...), JSON-serialisable; strategy: for lcsm.json."""
+    data (step, data position, ...), JSON-serialisable; strategy: for lcsm.json; keep: 1 keeps
+    only the new checkpoint, 2 or more also the previous one (dcp.prev, the fallback)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -115,7 +128,7 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, strategy: str 
     tmp = folder / TMP
     main = dist.get_rank() == 0
     if main:
-        files.claim(Path(run_dir), "checkpoint", *(f"checkpoint/{n}" for n in (FOLDER, TMP, OLD)))
+        files.claim(Path(run_dir), "checkpoint", *(f"checkpoint/{n}" for n in (FOLDER, TMP, OLD, PREV)))
         folder.mkdir(exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # a write that did not finish
@@ -127,14 +140,16 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, strategy: str 
     if main:
         (tmp / INFO).write_text(json.dumps({"step": state["step"], "world": dist.get_world_size(), "strategy": strategy,
                                             "format": "torch.distributed.checkpoint"}) + "\n")
-        final, old = folder / FOLDER, folder / OLD
+        final, prev, old = folder / FOLDER, folder / PREV, folder / OLD
+        # at every moment a complete checkpoint is in place: dcp/, or (between the renames) dcp.prev/
         if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
+            if prev.exists():
+                shutil.rmtree(prev)
+            final.rename(prev)
         tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
+        for spare in ([old] if keep >= 2 else [old, prev]):
+            if spare.exists():
+                shutil.rmtree(spare)
         remove_replicated(run_dir)  # the replicated checkpoints of an earlier part of the run
     dist.barrier()  # no rank goes on (or stops) before the checkpoint is in place
 
@@ -142,29 +157,102 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, strategy: str 
 # --------------------------------------------------------------------------- reading
 
 
+class Unreadable(Exception):
+    """A sharded checkpoint that DCP cannot read; str() says which folder and why."""
+
+
 def _read(d: Path, state: dict) -> None:
+    """dcp.load of folder d into `state` (collective under torch.distributed: DCP gathers every
+    rank's read errors, so all ranks raise together)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dcp.load(state, checkpoint_id=str(d))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RecipeError(f"{d}: cannot read the checkpoint ({first}); pass --overwrite to start over") from None
+    except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
+        raise Unreadable(f"{d}: cannot read the checkpoint ({_cause(e)})") from None
 
 
-def load(run_dir: Path, model, optimizer, scheduler) -> dict:
-    """Every rank (collective when torch.distributed is up): read the run's sharded checkpoint into
-    `model` and `optimizer` — sharded on any mesh, or whole (one process, ddp) — and the scheduler
-    and RNG. Returns the trainer state."""
+def _cause(e: BaseException) -> str:
+    """The first line of what went wrong; for DCP's CheckpointException, of the first rank's error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))
+        e = e[0] if isinstance(e, tuple) else e  # (exception, its stack)
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _agreed(failed: bool) -> bool:
+    """True on every rank when any rank failed (one decision for all; a no-op in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def _first_readable(run_dir: Path, read, log=None, set_aside: bool = True, doing: str = "resuming from"):
+    """read(folder) on the run's sharded checkpoints, newest first, until one succeeds on every
+    rank; those that failed are reported through log ("<why>; <doing> the previous checkpoint")
+    and (set_aside: rank 0) renamed dcp.unreadable, kept and out of the way. Returns (folder,
+    what read returned); raises RecipeError when none can be read (nothing renamed then)."""
+    problems = []
+    for d in candidates(run_dir):
+        try:
+            result, why = read(d), None
+        except Unreadable as e:
+            result, why = None, str(e)
+        if _agreed(why is not None):
+            problems.append((d, why or f"{d}: cannot be read on another rank"))
+            continue
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        for bad, why in problems:
+            kept = bad
+            if set_aside and main:
+                target = bad.with_name(f"{FOLDER}.unreadable")
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = bad.with_name(f"{FOLDER}.unreadable-{n}")
+                try:
+                    files.claim(Path(run_dir), f"checkpoint/{target.name}")
+                    bad.rename(target)
+                    kept = target
+                except OSError:
+                    kept = bad  # a read-only run: it stays, and is skipped again next time
+            if log is not None and main:
+                log(f"{why}; {doing} the previous checkpoint, step {_step_of(d)} (the unreadable one is kept as {kept})")
+        if set_aside and dist.is_initialized():
+            dist.barrier()  # the renames are done before any rank goes on
+        return d, result
+    detail = "; ".join(why for _, why in problems) or f"{Path(run_dir) / 'checkpoint'}: no sharded checkpoint"
+    raise RecipeError(f"{run_dir}: no sharded checkpoint can be read: {detail}. Nothing was changed or deleted; "
+                      "restore the files, or pass --overwrite to start over")
+
+
+def load(run_dir: Path, model, optimizer, scheduler, log=None, set_aside: bool = True) -> dict:
+    """Every rank (collective when torch.distributed is up): read the run's newest readable sharded
+    checkpoint into `model` and `optimizer` — sharded on any mesh, or whole (one process, ddp) —
+    and the scheduler and RNG. A newer one that cannot be read is reported through log and set
+    aside (see _first_readable). Returns the trainer state."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    d = sharded_dir(run_dir)
-    saved = FileSystemReader(str(d)).read_metadata().state_dict_metadata
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # the templates DCP fills in, in this run's layout
-    rng = {k: v for k, v in _rng().items() if f"rng.{k}" in saved}  # a CPU run's checkpoint has no CUDA RNG
-    state = {"model": model_sd, "optimizer": optim_sd, "rng": rng, "trainer": ""}
-    _read(d, state)
+    def read(d: Path) -> dict:
+        try:
+            saved = FileSystemReader(str(d)).read_metadata().state_dict_metadata
+        except Exception as e:
+            raise Unreadable(f"{d}: cannot read the checkpoint's metadata ({type(e).__name__})") from None
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # the templates DCP fills in, in this run's layout
+        rng = {k: v for k, v in _rng().items() if f"rng.{k}" in saved}  # a CPU run's checkpoint has no CUDA RNG
+        state = {"model": model_sd, "optimizer": optim_sd, "rng": rng, "trainer": ""}
+        _read(d, state)
+        return state
+
+    _, state = _first_readable(run_dir, read, log, set_aside)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     trainer = json.loads(state["trainer"])
     scheduler.load_state_dict(trainer["scheduler"])
@@ -174,17 +262,31 @@ def load(run_dir: Path, model, optimizer, scheduler) -> dict:
     return trainer["state"]
 
 
-def load_weights(d: Path, model) -> int:
-    """One process: the weights of the sharded checkpoint in folder d into a whole `model`; returns the step."""
+def load_weights(d: Path, model, log=None) -> int:
+    """One process: the weights of a sharded checkpoint into a whole `model`; returns the step.
+    d: one checkpoint folder (read as it is), or a run directory (its newest readable sharded
+    checkpoint; a newer unreadable one is reported through log and left where it is)."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         set_model_state_dict,
     )
 
-    state = {"model": get_model_state_dict(model)}
-    _read(d, state)
+    def read(folder: Path) -> dict:
+        state = {"model": get_model_state_dict(model)}
+        _read(folder, state)
+        return state
+
+    d = Path(d)
+    if (d / INFO).exists():
+        try:
+            state = read(d)
+        except Unreadable as e:
+            raise RecipeError(f"{e}; pass the run directory to use its previous checkpoint") from None
+        folder = d
+    else:
+        folder, state = _first_readable(d, read, log, set_aside=False, doing="using")
     set_model_state_dict(model, state["model"])
-    return int(json.loads((d / INFO).read_text())["step"])
+    return int(json.loads((folder / INFO).read_text())["step"])
 
 
 def copy_full(source, source_optimizer, model, optimizer) -> None:

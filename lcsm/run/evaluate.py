@@ -165,7 +165,9 @@ def load_run(path: str | Path, device: torch.device | None = None, log: Callable
         run_dir, folder = sharded
         recipe = load_recipe(run_dir / "config.yaml")
         model = Model(recipe.model)
-        step = dcp.load_weights(folder, model)
+        # the folder itself when the user named it; from the run (or checkpoint/) folder, the newest
+        # that can be read
+        step = dcp.load_weights(folder if Path(path) == folder else run_dir, model, log)
         model.set_backend(recipe.backend)
         return recipe, model.to(device or "cpu"), run_dir, step
     weights, step = find_weights(path, log)

@@ -4,7 +4,8 @@
     RUN/metrics.jsonl               one JSON object a line: {"split": "train" | "eval", "step", ...}
     RUN/checkpoint/step-NNNNNN/     the newest checkpoints (lcsm/run/checkpoint.py): model.safetensors,
                                     trainer.pt, manifest.json (sizes and SHA-256 of both)
-    RUN/checkpoint/dcp/             instead, in a sharded run (fsdp, hsdp): one DCP checkpoint (lcsm/run/dcp.py)
+    RUN/checkpoint/dcp/             instead, in a sharded run (fsdp, hsdp): the newest DCP checkpoint, and
+                                    dcp.prev/ the one before (lcsm/run/dcp.py)
     RUN/checkpoint/init/            an init checkpoint (lcsm upcycle): model.safetensors and its manifest,
                                     no trainer state; a run starts from it with a fresh optimizer
     RUN/eval.json                   the final evaluation of the training run (lcsm/run/evaluate.py's schema)

@@ -257,11 +257,12 @@ class Trainer:
         return metrics
 
     def save(self, run_dir: Path, state: dict, keep: int = 2) -> None:
-        """Sharded weights: every rank writes its shards (DCP, one checkpoint). Replicated: rank 0
-        writes the checkpoint (its state loads on any number of processes) and keeps the newest `keep`."""
+        """Sharded weights: every rank writes its shards (DCP; the previous checkpoint kept too when
+        keep >= 2). Replicated: rank 0 writes the checkpoint (its state loads on any number of
+        processes) and keeps the newest `keep`."""
         state = {"step": self.steps_done, **state}
         if self.sharded:
-            dcp.save(run_dir, self.model, self.optimizer, self.scheduler, state, self.grid.strategy)
+            dcp.save(run_dir, self.model, self.optimizer, self.scheduler, state, self.grid.strategy, keep=keep)
         elif self.is_main:
             save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, state, keep=keep)
             dcp.remove(run_dir)  # a sharded checkpoint of an earlier part of the run is now stale
@@ -271,7 +272,7 @@ class Trainer:
         newest readable replicated checkpoint (an unreadable newer one is reported through log),
         or the sharded one when it is the newer; returns the trainer state saved with it."""
         if dcp.newest_is_sharded(run_dir):
-            state = dcp.load(run_dir, self.model, self.optimizer, self.scheduler)
+            state = dcp.load(run_dir, self.model, self.optimizer, self.scheduler, log=log, set_aside=True)
         elif self.sharded:  # a replicated checkpoint (one process, ddp) resumed with sharded weights: read whole, then shard
             whole = Model(self.model.spec)
             whole_optimizer = self.new_optimizer(whole)

@@ -381,3 +381,38 @@ def test_grid_shards_rows_and_slices_and_rejects_uneven_slices():
     assert mesh_shape(2, 4, "ddp", None) == (4, 1, 2)
     assert mesh_shape(2, 4, "fsdp", None) == (1, 4, 2)
     assert mesh_shape(2, 4, "hsdp", 2) == (2, 2, 2)
+
+
+def test_an_unreadable_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    # a 2-process FSDP2 run checkpointing every 2 steps, killed after its step-4 checkpoint: dcp/
+    # (step 4) and dcp.prev/ (step 2). With dcp/'s shard files cut short, --resume auto reports
+    # it, keeps it as dcp.unreadable/ and resumes from step 2 with the same losses as one process
+    from lcsm.config.recipe import load_recipe
+    from lcsm.run.dcp import newest_step
+    from lcsm.run.trainer import train
+    from helpers import tiny as tiny_recipe, train_losses
+
+    def recipe(out, **fields):
+        return tiny_recipe(tmp_path, steps=6, eval_every=6, checkpoint_every=2, threads=1, out_dir=str(out), **fields)
+
+    reference = train_losses(train(load_recipe(recipe(tmp_path / "one")), quiet=True).run_dir)
+    run = tmp_path / "run"
+    with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):
+        spawn(parallel_workers.train_worker, 2, recipe(run, parallel={"data": 2, "strategy": "fsdp"}), 4, False)
+    checkpoint = run / "checkpoint"
+    assert newest_step(run) == 4 and json.loads((checkpoint / "dcp.prev" / "lcsm.json").read_text())["step"] == 2
+    shards = list((checkpoint / "dcp").glob("*.distcp"))
+    assert shards
+    for f in shards:
+        f.write_bytes(f.read_bytes()[:64])  # the shards cut short (their first bytes only)
+    from lcsm.cli.main import main
+
+    assert main(["eval", str(run), "--device", "cpu", "-o", str(tmp_path / "e.json")]) == 0  # read whole, one process
+    assert json.loads((tmp_path / "e.json").read_text())["step"] == 2 and (checkpoint / "dcp").is_dir()  # (left in place)
+    result = train(load_recipe(recipe(run)), resume=True, quiet=True)
+    assert result.status == "done" and result.resumed_from == 2
+    note = next(n for n in result.notes if "cannot read the checkpoint" in n)
+    assert "resuming from the previous checkpoint, step 2" in note, note
+    assert (checkpoint / "dcp.unreadable" / "lcsm.json").exists()  # kept, not deleted
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, 7)) and _close(reference, losses), (reference, losses)
