@@ -1,5 +1,6 @@
 """The fused functions of the model path (lcsm/nn/fused.py) equal the plain torch expressions,
-outputs and every gradient, in fp64 and in bf16 within bf16 rounding."""
+outputs and every gradient, in fp64 and in bf16 within bf16 rounding; the model's loss over every
+row (as on the GPU) equals its loss over the labelled rows (as on the CPU)."""
 
 import pytest
 import torch
@@ -36,3 +37,32 @@ def test_gated_rms_norm_equals_the_plain_expression(act, gate_first):
     out = gated_rms_norm(yb, w.detach().float(), gb, 1e-5, act, gate_first)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), plain(yb.double(), w.detach(), gb.double()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_the_loss_over_every_row_equals_the_loss_over_the_labelled_rows(reduction, monkeypatch):
+    # on the GPU the loss runs over every position with the unlabelled ones ignored (no wait for
+    # the count of labelled rows); on the CPU over the labelled rows only: the same loss and gradients
+    import lcsm.nn.model as model_module
+    from lcsm.config.spec import load_model_spec
+    from lcsm.nn.model import Model
+
+    torch.manual_seed(0)
+    spec = load_model_spec("gla").model_copy(update={"d_model": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64})
+    model = Model(spec)
+    tokens = torch.randint(0, 64, (2, 24))
+    labels = torch.randint(0, 64, (2, 24))
+    labels[:, ::3] = -100  # MQAR-like: some positions carry no label
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(tokens, labels, reduction=reduction)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    selected, grads_selected = loss_and_grads()
+    monkeypatch.setattr(model_module, "SELECT_LABELLED_ON", ())
+    every, grads_every = loss_and_grads()
+    torch.testing.assert_close(every, selected)
+    for a, b in zip(grads_every, grads_selected):
+        torch.testing.assert_close(a, b)
