@@ -53,4 +53,3 @@ def test_zoo_logits_are_unchanged(name):
             mixer[key] = value
         spec = spec.model_copy(update={"mixer": type(spec.mixer).model_validate(mixer)})
     torch.testing.assert_close(logits(spec), data[name], rtol=0, atol=0)
-

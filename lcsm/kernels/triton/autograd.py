@@ -97,11 +97,6 @@ def state_buffer_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def nh_bucket(nh: int) -> int:
-    """The state kernels' tuning key for nh (sequence, head) pairs: the next power of two, at most 1024."""
-    return min(1024, triton.next_power_of_2(max(1, nh)))
-
-
 def chunk_states(k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
     """h [n_chunks, H, K, V]: the state before every chunk; ht [N, H, K, V] fp32 or None."""
     B, T, H, K = k.shape
@@ -111,7 +106,7 @@ def chunk_states(k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
     grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), lay.N * H)
     tk.chunk_state_fwd_kernel[grid](
         k, v, gates.cum["g"], gates.cum["gk"], gates.cum["gv"], gates.stat["g"], gates.stat["gk"], gates.stat["gv"],
-        h, h0, ht, lay.cu, lay.chunk_off, T, nh_bucket(lay.N * H), H=H, K=K, V=V, BT=BT, HAS_H0=h0 is not None,
+        h, h0, ht, lay.cu, lay.chunk_off, T, H=H, K=K, V=V, BT=BT, HAS_H0=h0 is not None,
         STORE_HT=store_ht, IS_VARLEN=lay.varlen, **gates.kwargs(),
     )
     return h, ht
@@ -178,7 +173,7 @@ def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), lay.N * H)
     tk.chunk_state_bwd_kernel[grid](
-        q, do, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], dh, dht, dh0, lay.cu, lay.chunk_off, T, nh_bucket(lay.N * H),
+        q, do, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], dh, dht, dh0, lay.cu, lay.chunk_off, T,
         H=H, K=K, V=V, BT=BT, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=lay.varlen, **kw,
     )
     dA = None

@@ -138,9 +138,9 @@ def chunk_cumsum_kernel(g, out, cu, chunk_idx, T, H: tl.constexpr, D: tl.constex
 # --------------------------------------------------------------------------- state (forward)
 
 # The state kernels run one program per (sequence, head, K tile, V tile), sequentially over the
-# chunks: with few sequences and heads (2×8192 tokens at 8 heads is 16 of them) large tiles leave
-# most of the GPU idle, so the tiles go down to 32×16 and the tuning is keyed on the number of
-# (sequence, head) pairs, rounded up to a power of two (NH_BUCKET), as well as on the head sizes.
+# chunks. Tiles down to 32×16 and a tuning key on the number of (sequence, head) pairs were tried
+# for the few-pairs case (2×8192 tokens at 8 heads: 16 pairs) and changed nothing on the H200
+# (docs/benchmarks.md, 2026-12-01): the walk over the chunks bounds these kernels, not the tile.
 STATE_CONFIGS = [
     triton.Config({"BK": 64, "BV": 64}, num_warps=4, num_stages=2),
     triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
@@ -148,17 +148,13 @@ STATE_CONFIGS = [
     triton.Config({"BK": 32, "BV": 32}, num_warps=2, num_stages=3),
     triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=3),
     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BK": 64, "BV": 16}, num_warps=2, num_stages=3),
-    triton.Config({"BK": 32, "BV": 16}, num_warps=1, num_stages=4),
-    triton.Config({"BK": 32, "BV": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BK": 64, "BV": 32}, num_warps=2, num_stages=4),
 ]
 
 
-@autotune(STATE_CONFIGS, key=["NH_BUCKET", "H", "K", "V", "USE_G", "USE_GK", "USE_GV"])
+@autotune(STATE_CONFIGS, key=["H", "K", "V", "USE_G", "USE_GK", "USE_GV"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_state_fwd_kernel(
-    k, v, g, gk, gv, gs, gks, gvs, h, h0, ht, cu, chunk_off, T, NH_BUCKET,
+    k, v, g, gk, gv, gs, gks, gvs, h, h0, ht, cu, chunk_off, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
     USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
@@ -467,10 +463,10 @@ def chunk_output_gv_kernel(
 # --------------------------------------------------------------------------- backward
 
 
-@autotune(STATE_CONFIGS, key=["NH_BUCKET", "H", "K", "V", "USE_G", "USE_GK", "USE_GV"])
+@autotune(STATE_CONFIGS, key=["H", "K", "V", "USE_G", "USE_GK", "USE_GV"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_state_bwd_kernel(
-    q, do, g, gk, gv, gs, gks, gvs, dh, dht, dh0, cu, chunk_off, T, NH_BUCKET,
+    q, do, g, gk, gv, gs, gks, gvs, dh, dht, dh0, cu, chunk_off, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
     USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
