@@ -8,14 +8,20 @@ for a decay along K).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from ..decay import LOG_ZERO, Decay
 from . import chunk as tk
 from . import scan as ts
+from . import segments as sg
 
 BT, BC = tk.BT, tk.BC
+# LCSM_STATE_SEGMENTS (read once): split the state kernels' walk over the chunks into segments
+# (segments.py, docs/kernels.md) — None (unset or "off": today's path), "auto", or chunks per segment
+STATE_SEGMENTS = sg.parse_setting(os.environ.get(sg.ENV))
 
 
 class Layout:
@@ -97,8 +103,8 @@ def state_buffer_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def chunk_states(k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
-    """h [n_chunks, H, K, V]: the state before every chunk; ht [N, H, K, V] fp32 or None."""
+def _state_fwd(k, v, gates: Gates, h0, lay, store_ht: bool):
+    """chunk_state_fwd_kernel over `lay` (a Layout, or a SegmentPlan's segments): (h, ht or None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     h = torch.empty(lay.n_chunks, H, K, V, dtype=state_buffer_dtype(k), device=k.device)
@@ -110,6 +116,41 @@ def chunk_states(k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
         STORE_HT=store_ht, IS_VARLEN=lay.varlen, **gates.kwargs(),
     )
     return h, ht
+
+
+def chunk_states(k, v, gates: Gates, h0, lay: Layout, store_ht: bool, seg=None):
+    """h [n_chunks, H, K, V]: the state before every chunk; ht [N, H, K, V] fp32 or None.
+
+    seg: (SegmentPlan, SegmentDecays) to split the walk into segments (segments.py): local states
+    per segment from the same kernel, then a carry over the segments and a correction in torch."""
+    if seg is None:
+        return _state_fwd(k, v, gates, h0, lay, store_ht)
+    plan, dec = seg
+    h, ht_local = _state_fwd(k, v, gates, None, plan, True)
+    h, ht = sg.fix_states(h, ht_local, plan, dec, h0, lay.N)
+    return h, (ht if store_ht else None)
+
+
+def chunk_state_grads(q, do, gates: Gates, dht, with_dh0: bool, lay: Layout, seg=None):
+    """dh [n_chunks, H, K, V] (∂L/∂ the state after every chunk, through the later chunks) and dh0
+    [N, H, K, V] fp32 or None; seg as in chunk_states."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    c, s, kw = gates.cum, gates.stat, gates.kwargs()
+    walk = lay if seg is None else seg[0]
+    dh = torch.empty(walk.n_chunks, H, K, V, dtype=state_buffer_dtype(q), device=q.device)
+    store_dh0 = with_dh0 or seg is not None
+    dh0 = torch.empty(walk.N, H, K, V, dtype=torch.float32, device=q.device) if store_dh0 else None
+    dht_k = dht if seg is None else None
+    grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), walk.N * H)
+    tk.chunk_state_bwd_kernel[grid](
+        q, do, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], dh, dht_k, dh0, walk.cu, walk.chunk_off, T,
+        H=H, K=K, V=V, BT=BT, HAS_DHT=dht_k is not None, STORE_DH0=store_dh0,
+        IS_VARLEN=walk.varlen, **kw,
+    )
+    if seg is not None:
+        dh, dh0 = sg.fix_state_grads(dh, dh0, *seg, dht, lay.N)
+    return dh, (dh0 if with_dh0 else None)
 
 
 def chunk_scores(a, b, L_cum, L_stat, G_cum, G_stat, lay: Layout) -> torch.Tensor:
@@ -130,12 +171,12 @@ def chunk_scores(a, b, L_cum, L_stat, G_cum, G_stat, lay: Layout) -> torch.Tenso
     return S
 
 
-def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
+def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool, seg=None):
     """Returns (o [B,T,H,V] in q.dtype, ht, A or None, o without its s = t terms (fp32)
-    or None). The last exists only with a decay along V, whose gradient needs it."""
+    or None). The last exists only with a decay along V, whose gradient needs it. seg: see chunk_states."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    h, ht = chunk_states(k, v, gates, h0, lay, store_ht)
+    h, ht = chunk_states(k, v, gates, h0, lay, store_ht, seg)
     A = None
     if gates.use["gk"]:
         A = chunk_scores(q, k, gates.cum["gk"], gates.stat["gk"], None, None, lay)
@@ -162,20 +203,15 @@ def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool):
     return o, ht, A, o_strict
 
 
-def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout):
-    """Gradients: (dq, dk, dv in the input dtype, dh0 fp32 or None, {g, gk, gv: per-token fp32 or None})."""
+def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout, seg=None):
+    """Gradients: (dq, dk, dv in the input dtype, dh0 fp32 or None, {g, gk, gv: per-token fp32 or None}).
+    seg: see chunk_states."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     do = do.contiguous()
     c, s, kw = gates.cum, gates.stat, gates.kwargs()
-    h, _ = chunk_states(k, v, gates, h0, lay, False)
-    dh = torch.empty_like(h)
-    dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), lay.N * H)
-    tk.chunk_state_bwd_kernel[grid](
-        q, do, c["g"], c["gk"], c["gv"], s["g"], s["gk"], s["gv"], dh, dht, dh0, lay.cu, lay.chunk_off, T,
-        H=H, K=K, V=V, BT=BT, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=lay.varlen, **kw,
-    )
+    h, _ = chunk_states(k, v, gates, h0, lay, False, seg)
+    dh, dh0 = chunk_state_grads(q, do, gates, dht, h0 is not None, lay, seg)
     dA = None
     if gates.use["gk"] or gates.use["gv"]:
         dA = chunk_scores(do, v, c["gv"], s["gv"], None, None, lay)
@@ -269,6 +305,12 @@ def gate_grad(a, b, c, lay: Layout) -> torch.Tensor:
     return out
 
 
+def segments_of(gates: Gates, lay: Layout, H: int, device):
+    """(SegmentPlan, SegmentDecays) when LCSM_STATE_SEGMENTS splits this call's state passes, else None."""
+    plan = sg.plan(STATE_SEGMENTS, lay.B, lay.T, H, lay.cu, device)
+    return None if plan is None else (plan, sg.SegmentDecays(gates, plan, H, device))
+
+
 def chunk_fwd(q, k, v, g, gk, gv, h0, output_final_state: bool, cu_seqlens):
     """The chunked forward: (o [B,T,H,V] in q.dtype, ht [N,H,K,V] fp32 or None, and what the
     backward reads: the scores A or None, o without its s = t terms (fp32, decays along V) or None).
@@ -276,7 +318,8 @@ def chunk_fwd(q, k, v, g, gk, gv, h0, output_final_state: bool, cu_seqlens):
     h0 = None if h0 is None else h0.float().contiguous()
     lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
     gates = Gates(Decay(g=g, gk=gk, gv=gv), lay)
-    o, ht, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state)
+    seg = segments_of(gates, lay, q.shape[2], q.device)
+    o, ht, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state, seg=seg)
     return o, ht, A, o_strict
 
 
@@ -288,7 +331,8 @@ def chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht):
     gates = Gates(decay, lay)
     h0 = None if h0 is None else h0.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, gates, h0, A, lay)
+    seg = segments_of(gates, lay, q.shape[2], q.device)
+    dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, gates, h0, A, lay, seg)
     grads = []
     for name, x in (("g", g), ("gk", gk), ("gv", gv)):
         d = dG[name]
