@@ -242,10 +242,14 @@ def load(run_dir: Path, model, optimizer, scheduler, log=None, set_aside: bool =
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     def read(d: Path) -> dict:
+        saved, why = None, None
         try:
             saved = FileSystemReader(str(d)).read_metadata().state_dict_metadata
         except Exception as e:
-            raise Unreadable(f"{d}: cannot read the checkpoint's metadata ({type(e).__name__})") from None
+            why = f"{d}: cannot read the checkpoint's metadata ({type(e).__name__})"
+        # agreed before dcp.load's collectives: a rank must not leave for the next candidate alone
+        if _agreed(why is not None):
+            raise Unreadable(why or f"{d}: cannot read the checkpoint's metadata on another rank")
         model_sd, optim_sd = get_state_dict(model, optimizer)  # the templates DCP fills in, in this run's layout
         rng = {k: v for k, v in _rng().items() if f"rng.{k}" in saved}  # a CPU run's checkpoint has no CUDA RNG
         state = {"model": model_sd, "optimizer": optim_sd, "rng": rng, "trainer": ""}
