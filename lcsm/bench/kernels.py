@@ -463,7 +463,7 @@ def check_finite(form: str, T: int, H: int, D: int, device, scale: float, dtype=
     y = op(*x)
     grads = torch.autograd.grad(y, x, torch.randn_like(y))
     finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
-    out = {"form": form, "T": T, "H": H, "D": D, "scale": scale, "finite": finite, "max_abs_y": float(y.abs().max())}
+    out = {"form": form, "T": T, "H": H, "D": D, "scale": scale, "finite": finite, "max_abs_y": float(y.detach().abs().max())}
     del x, y, grads
     torch.cuda.empty_cache()
     return out

@@ -247,7 +247,7 @@ def _write_folder(run_dir: Path, final: Path, writes: list, manifest: dict) -> N
             listed[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
         write_text(partial / MANIFEST, json.dumps({"format": FORMAT, **manifest, "files": listed}, indent=1) + "\n")
         if final.exists():  # the same step saved again (after a fallback): keep the earlier one aside
-            os.replace(final, _aside(final, "replaced"))
+            os.replace(final, aside_path(final, "replaced"))
         os.replace(partial, final)
         _fsync_dir(parent)
     except OSError as e:
@@ -333,7 +333,8 @@ def remove_checkpoint_files(target: Path) -> bool:
     return True
 
 
-def _aside(folder: Path, why: str) -> Path:
+def aside_path(folder: Path, why: str) -> Path:
+    """A free name beside `folder` to keep it aside under: NAME.why, else NAME.why-2, -3, ..."""
     target = folder.with_name(f"{folder.name}.{why}")
     n = 1
     while target.exists():
@@ -419,7 +420,7 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler, device: torch.de
             kept = bad.folder
             if set_aside and not bad.legacy:
                 try:
-                    kept = _aside(bad.folder, "unreadable")
+                    kept = aside_path(bad.folder, "unreadable")
                     os.replace(bad.folder, kept)
                 except OSError:
                     kept = bad.folder  # (a read-only run: it stays where it is, and is still skipped)

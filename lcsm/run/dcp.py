@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from lcsm.config.base import RecipeError
 from lcsm.run import files
-from lcsm.run.checkpoint import latest_step, remove_replicated
+from lcsm.run.checkpoint import aside_path, latest_step, remove_replicated
 
 FOLDER, TMP, PREV = "dcp", "dcp.tmp", "dcp.prev"
 OLD = "dcp.old"  # the swap's spare of earlier lcsm versions: still read
@@ -212,11 +212,7 @@ def _first_readable(run_dir: Path, read, log=None, set_aside: bool = True, doing
         for bad, why in problems:
             kept = bad
             if set_aside and main:
-                target = bad.with_name(f"{FOLDER}.unreadable")
-                n = 1
-                while target.exists():
-                    n += 1
-                    target = bad.with_name(f"{FOLDER}.unreadable-{n}")
+                target = aside_path(bad.with_name(FOLDER), "unreadable")  # dcp.unreadable, whichever failed
                 try:
                     files.claim(Path(run_dir), f"checkpoint/{target.name}")
                     bad.rename(target)
