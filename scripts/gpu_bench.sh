@@ -9,7 +9,11 @@
 #   environment (all optional; a limit of 0 skips its part):
 #     CHECK_S, CHECK_FORMS, CHECK_SHAPE, FINITE   the bf16 check (LCSM_AUTOTUNE=0: it checks values,
 #                                                 not speed), FINITE tokens in one sequence too
-#     TRAIN_S, MODELS, SHAPES, COMPARE, STEPS, PROFILE    lcsm bench train
+#     TRAIN_S, MODELS, SHAPES, COMPARE, STEPS, PROFILE, VARIANTS    lcsm bench train (VARIANTS: its
+#                                                 --variants, e.g. "eager compile segments")
+#     KPROFILE_S, KPROFILE_FORMS                  lcsm bench kernels --profile (per-kernel GPU times of
+#                                                 the forward and fwd+bwd, ours and fla-core's; the
+#                                                 first of KERNEL_SHAPES), before the train part
 #     KERNELS_S, KERNEL_FORMS, KERNEL_SHAPES      lcsm bench kernels (timings)
 #     FLA_S, FLA_MODELS, FLA_SHAPES               a last lcsm bench train --compare fla
 #     TCACHE   the folder holding an earlier call's triton_cache.tgz.part* (copy the parts into an
@@ -42,10 +46,16 @@ if (( ${CHECK_S:-150} > 0 )); then
   tail -n 30 "$LOGS/check.log"
   archive
 fi
+if (( ${KPROFILE_S:-0} > 0 )); then
+  timeout "$KPROFILE_S" python3 -m lcsm.cli bench kernels --profile --forms ${KPROFILE_FORMS:-delta_scalar} \
+      --shapes ${KERNEL_SHAPES:-8,4096,16,128} > "$LOGS/kprofile.log" 2>&1
+  grep -v "Warning\|warn" "$LOGS/kprofile.log" | tail -n 80
+  archive
+fi
 if (( ${TRAIN_S:-330} > 0 )); then
   timeout "${TRAIN_S:-330}" python3 -m lcsm.cli bench train ${COMPARE---compare fla} \
       --models ${MODELS:-gla retnet hgrn2 gated_deltanet transformer mamba2 linear_attention deltanet} \
-      --shapes "${SHAPES:-8x2048,2x8192,1x32768}" --steps "${STEPS:-10}" --profile "${PROFILE:-0}" \
+      --shapes "${SHAPES:-8x2048,2x8192,1x32768}" --steps "${STEPS:-10}" --profile "${PROFILE:-0}" ${VARIANTS:+--variants $VARIANTS} \
       --json "$LOGS/train.json" > "$LOGS/train.log" 2>&1
   grep -v '^{' "$LOGS/train.log" | tail -n 120
   archive

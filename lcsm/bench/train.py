@@ -4,11 +4,16 @@ bf16 autocast on the GPU; with `--compare fla`, fla's own models of the same wid
 heads (built from their Hugging Face configs), stepped with the same optimizer and autocast.
 
 Defaults: d_model 1024, 12 layers, 8 heads, vocabulary 32000, at B×T = 8×2048, 2×8192 and 1×32768.
+`--variants` runs each lcsm model several ways in the same process (eager; `compile`: its blocks
+under torch.compile; `graphs`: compiled with CUDA graphs, mode "reduce-overhead"; `segments`: the
+segment split of the state passes, LCSM_STATE_SEGMENTS=auto; joined with "+"), so that what a
+switch buys is a ratio within one process, not between two.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -28,6 +33,39 @@ OPTIMIZER = Optimizer(lr=1e-4, grad_clip=None)
 SCHEDULE = Schedule(kind="constant", warmup_steps=0)
 DEFAULT_MODELS = ["gla", "retnet", "hgrn2", "mamba2", "linear_attention", "deltanet", "gated_deltanet", "transformer"]
 DEFAULT_SHAPES = "8x2048,2x8192,1x32768"
+# the ways to run one lcsm model (`--variants`; joined with "+", e.g. compile+segments)
+VARIANT_PARTS = {
+    "eager": {},
+    "compile": {"compile": {}},
+    "graphs": {"compile": {"mode": "reduce-overhead"}},
+    "segments": {"state_segments": "auto"},
+}
+
+
+def parse_variant(name: str) -> dict:
+    """'compile+segments' -> {"compile": {...}, "state_segments": "auto"}; BenchError naming what is allowed."""
+    out: dict = {}
+    for part in name.split("+"):
+        if part not in VARIANT_PARTS:
+            raise BenchError(f"--variants: {part!r} is not one of {', '.join(VARIANT_PARTS)} (join them with '+')")
+        out.update(VARIANT_PARTS[part])
+    return out
+
+
+@contextlib.contextmanager
+def state_segments(setting):
+    """LCSM_STATE_SEGMENTS for the calls inside (None: leave it as the environment set it)."""
+    if setting is None:
+        yield
+        return
+    from lcsm.kernels.triton import autograd, segments
+
+    before = autograd.STATE_SEGMENTS
+    autograd.STATE_SEGMENTS = segments.parse_setting(setting)
+    try:
+        yield
+    finally:
+        autograd.STATE_SEGMENTS = before
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -80,13 +118,19 @@ def _timed(step, steps: int, warmup: int, device: torch.device, profile: int) ->
 
 
 def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-            compile: bool = False, profile: int = 0) -> dict:
+            compile: bool | dict = False, profile: int = 0, state_segments_setting: str | None = None) -> dict:
     """Mean time of `steps` Trainer steps on random tokens [batch, seq] after `warmup` steps (and
-    with profile > 0 the per-kernel profile of that many more)."""
+    with profile > 0 the per-kernel profile of that many more). compile: True or torch.compile's
+    options for Model.compile_blocks; state_segments_setting: LCSM_STATE_SEGMENTS for this run."""
+    with state_segments(state_segments_setting):
+        return _measure(spec, batch, seq, steps, warmup, device, compile, profile)
+
+
+def _measure(spec, batch, seq, steps, warmup, device, compile, profile) -> dict:
     torch.manual_seed(0)
     model = Model(spec).to(device)
-    if compile:
-        model.compile_blocks(dynamic=False)
+    if compile is not False:
+        model.compile_blocks(dynamic=False, **({} if compile is True else compile))
     precision = "bf16" if device.type == "cuda" else "fp32"
     trainer = Trainer(model, OPTIMIZER, SCHEDULE, warmup + steps, device=device, precision=precision)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
@@ -137,7 +181,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compare", choices=["fla"], help="fla: also fla's models of the same size, with ratios")
-    p.add_argument("--compile", action="store_true", help="torch.compile lcsm's blocks (Model.compile_blocks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile lcsm's blocks (Model.compile_blocks); "
+                                                           "the same as --variants compile")
+    p.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="run each lcsm model these ways in the same process: " + ", ".join(VARIANT_PARTS)
+                        + ", or several joined with '+' (default: eager, or compile with --compile)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N more steps of every model with torch.profiler: device time per kind of "
                         "kernel (GEMM, recurrence, norms, ...) side by side, and each model's longest kernels")
@@ -157,21 +205,27 @@ def run(args) -> int:
     if args.json:
         common.check_json_path(args.json)
     specs = [resized(name, args.d_model, args.layers, args.heads, args.vocab) for name in args.models]  # all checked first
+    if args.variants and args.compile:
+        raise BenchError("--compile and --variants: give one (--variants compile is --compile)")
+    variants = args.variants or (["compile"] if args.compile else ["eager"])
+    settings = {v: parse_variant(v) for v in dict.fromkeys(variants)}
     device = common.require_cuda("lcsm bench train", "on the CPU, `lcsm train` reports tokens/s")
     env = common.environment(device)
     print(json.dumps(env), flush=True)
     rows = []
     for batch, seq in shapes:
         for spec in specs:
-            row = {"model": spec.name, "impl": "lcsm", "B": batch, "T": seq,
-                   **common.guard(lambda spec=spec: measure(spec, batch, seq, args.steps, args.warmup, device, args.compile,
-                                                                 args.profile),
-                                  catch_all=True)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            common.free_cache(device)
-            if args.json:  # after every row: a run stopped at its time limit keeps what it measured
-                common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
+            for variant, setting in settings.items():
+                run_one = (lambda spec=spec, setting=setting: measure(
+                    spec, batch, seq, args.steps, args.warmup, device, setting.get("compile", False), args.profile,
+                    setting.get("state_segments")))
+                row = {"model": spec.name, "impl": "lcsm", "variant": variant, "B": batch, "T": seq,
+                       **common.guard(run_one, catch_all=True)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                common.free_cache(device)
+                if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+                    common.write_json(args.json, {"env": env, "args": common.arguments(args), "rows": rows})
             config = fla_config(spec.name, args.d_model, args.layers, args.heads, args.vocab) if args.compare else None
             if config is not None:
                 row = {"model": spec.name, "impl": "fla", "B": batch, "T": seq,
@@ -189,18 +243,27 @@ def run(args) -> int:
     return 0
 
 
+def label(row: dict) -> str:
+    """The model's name, with its variant when it is not the eager one: 'gla', 'gla [compile]'."""
+    variant = row.get("variant", "eager")
+    return row["model"] if variant == "eager" else f"{row['model']} [{variant}]"
+
+
 def table(rows: list[dict]) -> str:
-    """One line per (shape, model): lcsm's numbers, fla's, and the ratios fla/lcsm tokens/s and lcsm/fla memory."""
+    """One line per (shape, model, variant): lcsm's numbers, fla's, the ratios lcsm/fla tokens/s
+    and memory, and tokens/s against lcsm's transformer of the same variant (else the eager one)."""
     out = []
     for r in (r for r in rows if r["impl"] == "lcsm"):
-        same = [x for x in rows if x["B"] == r["B"] and x["T"] == r["T"]]
-        fla = next((x for x in same if x["model"] == r["model"] and x["impl"] == "fla" and "tokens_per_s" in x), None)
-        base = next((x for x in same if x["model"] == "transformer" and x["impl"] == "lcsm" and "tokens_per_s" in x), None)
+        same = [x for x in rows if x["B"] == r["B"] and x["T"] == r["T"] and "tokens_per_s" in x]
+        fla = next((x for x in same if x["model"] == r["model"] and x["impl"] == "fla"), None)
+        bases = [x for x in same if x["model"] == "transformer" and x["impl"] == "lcsm"]
+        base = next((x for x in bases if x.get("variant", "eager") == r.get("variant", "eager")),
+                    next((x for x in bases if x.get("variant", "eager") == "eager"), None))
         if "tokens_per_s" not in r:
-            out.append([f"{r['B']}×{r['T']}", r["model"], "—", r.get("error", "—"), "—", "—", "—", "—", "—", "—"])
+            out.append([f"{r['B']}×{r['T']}", label(r), "—", r.get("error", "—"), "—", "—", "—", "—", "—", "—"])
             continue
         out.append([
-            f"{r['B']}×{r['T']}", r["model"], f"{r['params_M']:.1f}", f"{r['tokens_per_s']:,.0f}", common.cell(r.get("peak_GiB"), ".1f"),
+            f"{r['B']}×{r['T']}", label(r), f"{r['params_M']:.1f}", f"{r['tokens_per_s']:,.0f}", common.cell(r.get("peak_GiB"), ".1f"),
             "—" if fla is None else f"{fla['tokens_per_s']:,.0f}", "—" if fla is None else common.cell(fla.get("peak_GiB"), ".1f"),
             _ratio(r, fla, "tokens_per_s"), _ratio(r, fla, "peak_GiB"), _ratio(r, base, "tokens_per_s"),
         ])
@@ -213,12 +276,12 @@ def profiles(rows: list[dict], top: int = 12) -> str:
     each model's `top` longest kernels."""
     out = []
     for shape in dict.fromkeys((r["B"], r["T"]) for r in rows):
-        done = {f"{r['impl']} {r['model']}": r["profile"] for r in rows if (r["B"], r["T"]) == shape and "profile" in r}
+        done = {f"{r['impl']} {label(r)}": r["profile"] for r in rows if (r["B"], r["T"]) == shape and "profile" in r}
         if not done:
             continue
         out += [f"### {shape[0]}×{shape[1]}: device time per step", "", common.profile_table(done), ""]
-        for label, prof in done.items():
-            out += [f"{label}, longest kernels (ms per step, launches per step):"]
+        for name_of, prof in done.items():
+            out += [f"{name_of}, longest kernels (ms per step, launches per step):"]
             out += [f"  {ms:8.3f}  {calls:5.0f}×  [{kind}] {name[:100]}" for name, kind, ms, calls in prof["kernels"][:top]]
             out.append("")
     return "\n".join(out)

@@ -11,6 +11,8 @@ from helpers import cli_error  # tests/ is on sys.path (tests/conftest.py's fold
     (["bench", "train", "--warmup", "-1"], "--warmup must be at least 0 (got -1)"),
     (["bench", "train", "--heads", "5"], "n_heads = 5 must divide d_model = 1024"),
     (["bench", "train", "--shapes", "8x2048,2by8192"], "--shapes: '2by8192' is not BxT"),
+    (["bench", "train", "--variants", "eager", "compile+fast"], "--variants: 'fast' is not one of eager, compile"),
+    (["bench", "train", "--variants", "eager", "--compile"], "--compile and --variants: give one"),
     (["bench", "mom", "--small", "--top-k", "0"], "--top-k must be at least 1 (got 0)"),
     (["bench", "decode", "--small", "--contexts", "64", "0"], "--contexts: every value must be at least 1 (got 64 0)"),
     (["bench", "decode", "--step-iters", "0"], "--step-iters must be at least 1 (got 0)"),

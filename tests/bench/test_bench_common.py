@@ -117,6 +117,33 @@ def test_bench_train_shapes_and_the_fla_counterparts():
     assert "| 2×8 | gla | 1.0 | 100 | 2.0 | 50 | 4.0 | 2.00 | 0.50 | 1.25 |" in text
 
 
+def test_variants_are_rows_of_their_own_beside_the_same_variant_of_the_transformer():
+    from lcsm.bench.train import parse_variant, table
+
+    assert parse_variant("compile+segments") == {"compile": {}, "state_segments": "auto"}
+    assert parse_variant("graphs") == {"compile": {"mode": "reduce-overhead"}}
+    row = {"B": 1, "T": 8, "params_M": 1.0, "peak_GiB": 1.0, "impl": "lcsm"}
+    rows = [{**row, "model": "gla", "variant": "eager", "tokens_per_s": 100.0},
+            {**row, "model": "gla", "variant": "compile", "tokens_per_s": 300.0},
+            {**row, "model": "transformer", "variant": "eager", "tokens_per_s": 50.0},
+            {**row, "model": "transformer", "variant": "compile", "tokens_per_s": 100.0},
+            {**row, "model": "gla", "variant": "segments", "tokens_per_s": 150.0}]
+    text = table(rows)
+    assert "| 1×8 | gla | 1.0 | 100 | 1.0 | — | — | — | — | 2.00 |" in text
+    assert "| 1×8 | gla [compile] | 1.0 | 300 | 1.0 | — | — | — | — | 3.00 |" in text
+    assert "| 1×8 | gla [segments] | 1.0 | 150 | 1.0 | — | — | — | — | 3.00 |" in text  # no such transformer: the eager one
+
+
+def test_a_variant_sets_the_state_segments_only_for_its_run():
+    from lcsm.bench import train
+    from lcsm.kernels.triton import autograd
+
+    before = autograd.STATE_SEGMENTS
+    with train.state_segments("auto"):
+        assert autograd.STATE_SEGMENTS == "auto"
+    assert autograd.STATE_SEGMENTS == before
+
+
 def test_kernel_kinds_by_name():
     assert common.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert common.kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_NTN") == "gemm"
