@@ -72,11 +72,16 @@ if (( ${FLA_S:-0} > 0 )); then
   tail -n 20 "$LOGS/train_fla.log"
 fi
 archive
-# the cache for the next call (TCACHE), in parts that fit what comes back from the device
+# the cache for the next call (TCACHE), in parts that fit what comes back from the device (at most 3
+# beside results.tgz and driver.log)
 tar czf - -C "$TRITON_CACHE_DIR" . | split -b 15M -d - "$OUT/triton_cache.tgz.part"
 parts=$(ls "$OUT"/triton_cache.tgz.part* | wc -l)
 if (( parts > 3 )); then
-  echo "triton cache: $parts parts of 15 MiB, too many to bring back"; rm -f "$OUT"/triton_cache.tgz.part*
+  # too large to bring back whole: the autotuning results alone (small) still spare the next call
+  # the benchmarking of every configuration, only the chosen one is compiled again
+  rm -f "$OUT"/triton_cache.tgz.part*
+  (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar czf - -T -) | split -b 15M -d - "$OUT/triton_cache.tgz.part"
+  echo "triton cache: too large to bring back; its autotuning results in $(ls "$OUT"/triton_cache.tgz.part* | wc -l) part(s)"
 else
   echo "triton cache: $parts part(s) in $OUT (carry them back as TCACHE)"
 fi
