@@ -103,12 +103,16 @@ def fla_config(name: str, d: int, layers: int, heads: int, vocab: int):
     return None if make is None else make()
 
 
-def _timed(step, steps: int, warmup: int, device: torch.device, profile: int) -> dict:
-    """Mean ms of `steps` calls of step() after `warmup`, the peak memory of the timed calls, and
-    with profile > 0 the per-kernel profile of that many further calls (common.kernel_profile)."""
+def _timed(step, steps: int, warmup: int, device: torch.device, profile: int, peak_from_start: bool = False) -> dict:
+    """Mean ms of `steps` calls of step() after `warmup`, the peak memory of the timed calls (with
+    peak_from_start: of the warm-up calls too), and with profile > 0 the per-kernel profile of that
+    many further calls (common.kernel_profile)."""
+    if peak_from_start:
+        common.reset_peak(device)
     for _ in range(warmup):
         step()
-    common.reset_peak(device)
+    if not peak_from_start:
+        common.reset_peak(device)
     out = {"ms_per_step": common.mean_ms(step, steps, device)}
     if device.type == "cuda":
         out["peak_GiB"] = common.peak_gib(device)
@@ -128,9 +132,14 @@ def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, devi
 
 def _measure(spec, batch, seq, steps, warmup, device, compile, profile) -> dict:
     torch.manual_seed(0)
+    options = {} if compile is True else compile
+    if compile is not False:
+        # every model's blocks share Block.forward's code, and dynamo's recompile limit is per code
+        # object: without a reset the ninth compiled (model, shape) of a process fails
+        torch._dynamo.reset()
     model = Model(spec).to(device)
     if compile is not False:
-        model.compile_blocks(dynamic=False, **({} if compile is True else compile))
+        model.compile_blocks(dynamic=False, **options)
     precision = "bf16" if device.type == "cuda" else "fp32"
     trainer = Trainer(model, OPTIMIZER, SCHEDULE, warmup + steps, device=device, precision=precision)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
@@ -140,7 +149,10 @@ def _measure(spec, batch, seq, steps, warmup, device, compile, profile) -> dict:
     def step():
         losses.append(trainer.step(inputs, labels).loss)
 
-    out = _timed(step, steps, warmup, device, profile)
+    # CUDA graphs keep their memory in a pool taken while recording (in the warm-up): a peak of
+    # the timed steps alone would leave it out
+    graphs = compile is not False and options.get("mode") == "reduce-overhead"
+    out = _timed(step, steps, warmup, device, profile, peak_from_start=graphs)
     return {"params_M": model.num_parameters() / 1e6, "tokens_per_s": batch * seq / (out["ms_per_step"] / 1e3),
             "loss": losses[-1], **out}
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lcsm.nn.context import LayerContext
-from lcsm.nn.stages.common import gate_dtype, on_device
+from lcsm.nn.stages.common import gate_dtype, keep_constant, on_device
 
 
 def alibi_slopes(H: int) -> torch.Tensor:
@@ -78,8 +78,7 @@ class Gate(nn.Module):
         target = fixed_log_decay(getattr(spec, "slopes", "alibi") if spec.source == "fixed" else "alibi", H, layer_idx, n_layers)
         target = target.view(H, *[1] * (len(dims) - 1)).expand(dims).clone()
         if spec.source == "fixed":
-            # kept in fp64 outside the module's buffers, so that model.half() cannot round it
-            self._fixed = target
+            keep_constant(self, "_fixed", target)
             return
         if spec.source == "param":
             self.z = nn.Parameter(param_for_log_decay(target, self.parametrization, spec.tau, spec.lower_bound).float())

@@ -22,7 +22,7 @@ from lcsm.nn.cache import store
 from lcsm.nn.context import LayerContext
 from lcsm.nn.gates import Gate, fixed_log_decay, param_for_log_decay
 from lcsm.nn.packing import current as packing
-from lcsm.nn.stages.common import gate_dtype, on_device
+from lcsm.nn.stages.common import gate_dtype, keep_constant, on_device
 from lcsm.parallel.context import all_gather
 
 
@@ -59,7 +59,7 @@ class Ones(Oscillation):
         super().__init__()
 
     def forward(self, x, positions, cache=None):
-        return OscillationOut()
+        return OscillationOut(Decay())
 
 
 class Scalar(Oscillation):
@@ -160,12 +160,12 @@ class Rotation(Oscillation):
         if spec.theta == "learned":
             self.theta = nn.Parameter(theta.float())
         else:
-            self._theta = theta  # fp64, outside the buffers: model.half() must not round angles
+            keep_constant(self, "_theta", theta)  # fp64: model.half() must not round angles
 
     def forward(self, x, positions, cache=None):
         dtype = gate_dtype(x)
         theta = self.theta if hasattr(self, "theta") else on_device(self, "_theta", x, torch.float64)
-        return OscillationOut(angles=positions.to(dtype)[:, None] * theta.to(dtype))
+        return OscillationOut(Decay(), angles=positions.to(dtype)[:, None] * theta.to(dtype))
 
 
 class CumSoftmax(Oscillation):

@@ -11,23 +11,39 @@ from lcsm.nn.cache import store
 from lcsm.nn.packing import current as packing
 from lcsm.parallel.context import previous_tail
 
+def _elu(x: torch.Tensor) -> torch.Tensor:
+    """F.elu; under torch.compile written out, since AOTAutograd's backward graph views elu's
+    gradient as contiguous when it is not (a stride error at run time, torch 2.13 on the CPU).
+    The exponent is clamped so that the branch not taken cannot overflow (inf·0 in the backward)."""
+    if torch.compiler.is_compiling():
+        return torch.where(x > 0, x, torch.expm1(x.clamp(max=0)))
+    return F.elu(x)
+
+
 FEATURE_MAPS = {
     "identity": lambda x: x,
     "relu": F.relu,
     "sigmoid": torch.sigmoid,
-    "elu_plus_one": lambda x: 1.0 + F.elu(x),
+    "elu_plus_one": lambda x: 1.0 + _elu(x),
     "silu": F.silu,
-    "elu": F.elu,
+    "elu": _elu,
     "relu_squared": lambda x: F.relu(x) ** 2,
     "square": lambda x: x * x,
 }
 
 
+def keep_constant(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    """owner.<name> = value, an fp64 constant kept outside the module's buffers (model.half() must
+    not round it); on_device hands out its copies."""
+    setattr(owner, name, value)
+    owner._on_device = {}  # a plain attribute made here: torch.compile traces reads and writes of it
+
+
 def on_device(owner: nn.Module, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """owner.<name> (an fp64 constant kept outside the buffers) on x's device in `dtype`, copied
-    once per device and dtype: no host-to-device copy per call (a captured decoding step has none)."""
-    memo = owner.__dict__.setdefault("_on_device", {})
-    key = (name, x.device, dtype)
+    """owner.<name> (kept by keep_constant) on x's device in `dtype`, copied once per device and
+    dtype: no host-to-device copy per call (a captured decoding step has none)."""
+    memo = owner._on_device
+    key = (name, str(x.device), dtype)
     if key not in memo:
         memo[key] = getattr(owner, name).to(device=x.device, dtype=dtype)
     return memo[key]
