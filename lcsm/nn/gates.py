@@ -74,6 +74,9 @@ class Gate(nn.Module):
             # HGRN2: Γ ∈ R^{L×n} shared by the layers, β_l = cumsum(softmax(Γ, 0))_l - β_0, so
             # β_0 = 0 and β grows with depth (the Model holds Γ as `lower_bounds`)
             self.bounds = ctx.shared_parameter("lower_bounds", lambda: nn.Parameter(torch.ones(n_layers, n)))
+            # the layer's row as a tensor, not an int: compiled blocks (Model.compile_blocks) then share
+            # one graph instead of one per layer (dynamo guards on int attributes)
+            self.register_buffer("layer_row", torch.tensor([layer_idx]), persistent=False)
         # data-independent gates start from the ALiBi decays (LCSM's note); per head, same along K/V
         target = fixed_log_decay(getattr(spec, "slopes", "alibi") if spec.source == "fixed" else "alibi", H, layer_idx, n_layers)
         target = target.view(H, *[1] * (len(dims) - 1)).expand(dims).clone()
@@ -110,7 +113,7 @@ class Gate(nn.Module):
         """β of this layer, [*dims] (the layer-wise lower bound)."""
         gamma = self.bounds.get()
         beta = torch.cumsum(F.softmax(gamma, dim=0), dim=0)
-        return (beta[self.layer_idx] - beta[0]).view(self.dims)
+        return (beta.index_select(0, self.layer_row) - beta[0]).view(self.dims)
 
     def activate(self, z: torch.Tensor):
         if self.parametrization == "sigmoid_tau":

@@ -81,3 +81,24 @@ def test_compile_blocks_compiles_every_block_in_place():
     loss = model(tokens, tokens)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["hgrn2", "retnet", "gla"])
+def test_compiled_blocks_share_one_graph_across_many_layers(name):
+    # Model.compile_blocks (`compile: true`) compiles Block.forward once for every layer: a block
+    # that specialised on its layer (HGRN2's layer-wise bound once did) would recompile per layer
+    # and fail past dynamo's recompile limit (8) with fullgraph
+    torch._dynamo.reset()
+    model = tiny(name, "torch", n_layers=10)
+    tokens = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(2))
+    loss = model(tokens, tokens)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.compile_blocks(backend="aot_eager", dynamic=False)
+    got = model(tokens, tokens)
+    got.backward()
+    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
