@@ -13,7 +13,6 @@ switch buys is a ratio within one process, not between two.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 import torch
@@ -22,6 +21,7 @@ from lcsm.bench import common
 from lcsm.bench.common import BenchError, resized
 from lcsm.config.recipe import Optimizer, Schedule
 from lcsm.config.spec import ModelSpec
+from lcsm.kernels import state_segments
 from lcsm.nn.model import Model
 from lcsm.run.trainer import Trainer, make_optimizer
 
@@ -50,22 +50,6 @@ def parse_variant(name: str) -> dict:
             raise BenchError(f"--variants: {part!r} is not one of {', '.join(VARIANT_PARTS)} (join them with '+')")
         out.update(VARIANT_PARTS[part])
     return out
-
-
-@contextlib.contextmanager
-def state_segments(setting):
-    """LCSM_STATE_SEGMENTS for the calls inside (None: leave it as the environment set it)."""
-    if setting is None:
-        yield
-        return
-    from lcsm.kernels.triton import autograd, segments
-
-    before = autograd.STATE_SEGMENTS
-    autograd.STATE_SEGMENTS = segments.parse_setting(setting)
-    try:
-        yield
-    finally:
-        autograd.STATE_SEGMENTS = before
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

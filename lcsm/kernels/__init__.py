@@ -6,8 +6,8 @@ functions `eos_recurrence` / `eos_step` take the decays as keywords (the delta r
 reads a spec.
 """
 
-from .api import BACKENDS, delta_transition, eos_recurrence, eos_step, recurrence, step
+from .api import BACKENDS, delta_transition, eos_recurrence, eos_step, recurrence, state_segments, step
 from .decay import LOG_ZERO, Decay
 from .reference import eos_reference
 
-__all__ = ["BACKENDS", "Decay", "LOG_ZERO", "delta_transition", "eos_recurrence", "eos_reference", "eos_step", "recurrence", "step"]
+__all__ = ["BACKENDS", "Decay", "LOG_ZERO", "delta_transition", "eos_recurrence", "eos_reference", "eos_step", "recurrence", "state_segments", "step"]

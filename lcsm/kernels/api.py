@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -233,3 +234,21 @@ def delta_transition(e: torch.Tensor, decay: Decay, *, cu_seqlens: torch.Tensor 
     _, P = recurrence(zeros, e, zeros, decay, h0=eye, output_final_state=True, cu_seqlens=cu_seqlens,
                       chunk_size=chunk_size, backend=backend)
     return P
+
+
+@contextlib.contextmanager
+def state_segments(setting: str | int | None):
+    """LCSM_STATE_SEGMENTS ("off", "auto" or S chunks per segment, docs/kernels.md) for the Triton
+    calls inside, then back to what it was; None leaves it as the environment set it. For A/B
+    runs in one process (`lcsm bench train --variants segments`)."""
+    if setting is None:
+        yield
+        return
+    from .triton import autograd, segments  # imported late: triton is only needed here
+
+    before = autograd.STATE_SEGMENTS
+    autograd.STATE_SEGMENTS = segments.parse_setting(str(setting))
+    try:
+        yield
+    finally:
+        autograd.STATE_SEGMENTS = before

@@ -135,11 +135,14 @@ def test_variants_are_rows_of_their_own_beside_the_same_variant_of_the_transform
 
 
 def test_a_variant_sets_the_state_segments_only_for_its_run():
-    from lcsm.bench import train
+    from lcsm.kernels import state_segments
     from lcsm.kernels.triton import autograd
 
     before = autograd.STATE_SEGMENTS
-    with train.state_segments("auto"):
+    with state_segments("auto"):
+        assert autograd.STATE_SEGMENTS == "auto"
+        with state_segments(4):
+            assert autograd.STATE_SEGMENTS == 4
         assert autograd.STATE_SEGMENTS == "auto"
     assert autograd.STATE_SEGMENTS == before
 

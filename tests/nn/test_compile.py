@@ -34,6 +34,20 @@ def tiny(name: str, backend: str, n_layers: int = 1) -> Model:
     return Model.from_spec(data).set_backend(backend)
 
 
+def assert_trains_alike(model, eager, compiled) -> None:
+    """eager() and compiled() -> the loss of `model`: equal losses and parameter gradients."""
+    loss = eager()
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got = compiled()
+    got.backward()
+    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("name,backend", CASES)
 def test_the_compiled_model_trains_like_the_eager_one(name, backend):
     torch._dynamo.reset()
@@ -45,16 +59,7 @@ def test_the_compiled_model_trains_like_the_eager_one(name, backend):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():  # compiled before any eager call (as `compile: true` runs): nothing is cached yet
         first = compiled(tokens)
-    loss = model(tokens, labels)
-    loss.backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    got = compiled(tokens, labels)
-    got.backward()
-    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        if n in ref:
-            torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_trains_alike(model, lambda: model(tokens, labels), lambda: compiled(tokens, labels))
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(first, model(tokens), rtol=1e-5, atol=1e-5)
@@ -91,14 +96,9 @@ def test_compiled_blocks_share_one_graph_across_many_layers(name):
     torch._dynamo.reset()
     model = tiny(name, "torch", n_layers=10)
     tokens = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(2))
-    loss = model(tokens, tokens)
-    loss.backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    model.compile_blocks(backend="aot_eager", dynamic=False)
-    got = model(tokens, tokens)
-    got.backward()
-    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        if n in ref:
-            torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    def compiled():
+        model.compile_blocks(backend="aot_eager", dynamic=False)
+        return model(tokens, tokens)
+
+    assert_trains_alike(model, lambda: model(tokens, tokens), compiled)
