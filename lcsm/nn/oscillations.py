@@ -28,7 +28,7 @@ from lcsm.parallel.context import all_gather
 
 @dataclass
 class OscillationOut:
-    decay: Decay = field(default_factory=Decay)
+    decay: Decay = field(default_factory=Decay)  # the stages pass Decay() themselves: dynamo cannot call this factory
     delta: torch.Tensor | None = None  # Δ: [B,T,H] / [B,T,H,V] / [H] / [H,V]
     expand_scale: torch.Tensor | None = None  # multiplies e: [B,T,H,1] or [B,T,H,K]
     angles: torch.Tensor | None = None  # rotation: [T,K/2]
