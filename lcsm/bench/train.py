@@ -117,10 +117,6 @@ def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, devi
 def _measure(spec, batch, seq, steps, warmup, device, compile, profile) -> dict:
     torch.manual_seed(0)
     options = {} if compile is True else compile
-    if compile is not False:
-        # every model's blocks share Block.forward's code, and dynamo's recompile limit is per code
-        # object: without a reset the ninth compiled (model, shape) of a process fails
-        torch._dynamo.reset()
     model = Model(spec).to(device)
     if compile is not False:
         model.compile_blocks(dynamic=False, **options)

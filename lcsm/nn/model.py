@@ -187,7 +187,13 @@ class Model(nn.Module):
     def compile_blocks(self, **options) -> "Model":
         """torch.compile every block in place (regional compilation: one compiled graph serves all
         blocks of the same structure, so compiling costs about one block's worth). The recurrence
-        runs as one custom op inside (lcsm/kernels/ops.py). options: torch.compile's."""
+        runs as one custom op inside (lcsm/kernels/ops.py). options: torch.compile's.
+
+        What this process compiled before is dropped first: every model's blocks share
+        Block.forward's code and dynamo's recompile limit counts per code object, so without the
+        reset the ninth compiled model or shape of a process (an ablation worker, a benchmark)
+        fails under fullgraph; an earlier model still alive recompiles on its next call."""
+        torch._dynamo.reset()
         for block in self.blocks:
             block.compile(**{"fullgraph": True, **options})
         return self

@@ -518,9 +518,6 @@ def train(
         if recipe.checkpointing is not None:
             model.checkpoint_every = recipe.checkpointing.every
         if recipe.compile:
-            # one run trains one model: what an earlier run of this process (an ablation worker)
-            # compiled is dropped, so that dynamo's per-code recompile limit counts this model alone
-            torch._dynamo.reset()
             model.compile_blocks()
         try:
             spe = Batches(data, recipe.batch_size, recipe.seed).steps_per_epoch

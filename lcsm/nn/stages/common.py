@@ -11,6 +11,7 @@ from lcsm.nn.cache import store
 from lcsm.nn.packing import current as packing
 from lcsm.parallel.context import previous_tail
 
+
 def _elu(x: torch.Tensor) -> torch.Tensor:
     """F.elu; under torch.compile written out, since AOTAutograd's backward graph views elu's
     gradient as contiguous when it is not (a stride error at run time, torch 2.13 on the CPU).
