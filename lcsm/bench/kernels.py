@@ -374,7 +374,7 @@ def delta_case(form: str, B: int, T: int, H: int, D: int, dtype, device, scale: 
     def ours(backend):
         def op(q, k, v, beta, *gate):
             decay = {} if name is None else {name: gate[0]}
-            return eos_recurrence(q, beta[..., None] * k, v, w=k, backend=backend, **decay)[0]
+            return eos_recurrence(q, k, v, w=k, beta=beta, backend=backend, **decay)[0]  # fla's form: β not folded into k
 
         return op
 

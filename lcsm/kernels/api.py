@@ -83,6 +83,7 @@ def eos_recurrence(
     dt: torch.Tensor | None = None,
     A: torch.Tensor | None = None,
     w: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
@@ -94,7 +95,10 @@ def eos_recurrence(
 
     Args (canonical tensors, see lcsm/kernels/decay.py): s, e [B,T,H,K]; i [B,T,H,V]; the log
     decays g, gk, gv, dt, A (all <= 0, any combination; none means o = 1; -inf is a hard reset);
-    w [B,T,H,K] the removal key of the delta rule (with g and/or gk only); h0 [N,H,K,V];
+    w [B,T,H,K] the removal key of the delta rule (with g and/or gk only); beta [B,T,H] or [H]
+    (with w) the write strength: the recurrence with e replaced by beta ⊙ e (DeltaNet's
+    eos_recurrence(q, k, v, w=k, beta=β); with w the same tensor as e the Triton kernels take
+    fla's form and never form beta ⊙ e); h0 [N,H,K,V];
     cu_seqlens [N+1] for N packed sequences in a batch of one.
     backend: "triton" (chunked kernels for separable decays and the delta rule, scan kernels for
     dt/A; on the CPU only under TRITON_INTERPRET=1), "torch" (chunked for separable decays and the
@@ -104,7 +108,7 @@ def eos_recurrence(
     Returns y [B,T,H,V] in the dtype of s, and ht [N,H,K,V] (fp32, fp64 for fp64 inputs) if
     output_final_state else None.
     """
-    decay = Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w)
+    decay = Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w, beta=beta)
     return recurrence(s, e, i, decay, h0=h0, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                       chunk_size=chunk_size, backend=backend)
 
@@ -116,6 +120,11 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"eos_recurrence: chunk_size must be >= 1 (got {chunk_size})")
     shapes = check_inputs(s, e, i, decay, h0, cu_seqlens)
+    # beta with w = e is the Triton delta kernels' own form (delta_autograd.py); elsewhere it is
+    # the same recurrence with the write key beta ⊙ e formed here
+    same_key = decay.beta is not None and decay.w is e
+    if not (backend == "triton" and same_key):
+        e, decay = decay.fold_beta(e)
     if backend == "triton":
         if chunk_size not in (None, 64):
             raise ValueError(f"eos_recurrence: the triton backend uses chunks of 64 (got chunk_size={chunk_size})")
@@ -128,10 +137,11 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
         common = torch.promote_types(torch.promote_types(s.dtype, e.dtype), i.dtype)
         if decay.delta:
             common = torch.promote_types(common, decay.w.dtype)
-            decay = replace(decay, w=decay.w.to(common))
         s, e, i = s.to(common), e.to(common), i.to(common)
+        if decay.delta:
+            decay = replace(decay, w=e if same_key else decay.w.to(common))
         if torch.compiler.is_compiling():  # one opaque op for the compiler (lcsm/kernels/ops.py)
-            y, ht = _compiled_triton(s, e, i, decay, h0, output_final_state, cu_seqlens)
+            y, ht = _compiled_triton(s, e, i, decay, h0, output_final_state, cu_seqlens, same_key)
         else:
             run = delta_eos if decay.delta else chunk_eos if decay.separable else scan_eos
             y, ht = run(s, e, i, decay, h0, output_final_state, cu_seqlens)
@@ -168,12 +178,17 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
     return torch.cat(ys, dim=1), (torch.cat(hts, dim=0) if output_final_state else None)
 
 
-def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seqlens):
-    """The Triton backend through the custom ops of lcsm/kernels/ops.py (under torch.compile)."""
+def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seqlens, same_key: bool = False):
+    """The Triton backend through the custom ops of lcsm/kernels/ops.py (under torch.compile);
+    same_key: the decay's beta with w = e (fla's form)."""
     from . import ops
 
     s, e, i = s.contiguous(), e.contiguous(), i.contiguous()
-    if decay.delta:
+    if decay.delta and same_key:
+        B, T, H = e.shape[:3]
+        beta = decay.beta.expand(B, T, H) if decay.is_static("beta") else decay.beta
+        y, ht = ops.delta(s, e, i, None, decay.g, decay.gk, h0, cu_seqlens, output_final_state, beta=beta)
+    elif decay.delta:
         y, ht = ops.delta(s, e, i, decay.w, decay.g, decay.gk, h0, cu_seqlens, output_final_state)
     elif decay.separable:
         d = decay.fold_scalar()
@@ -183,20 +198,21 @@ def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seq
     return y, ht
 
 
-def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, w=None, backend: str = "auto"):
+def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, w=None, beta=None, backend: str = "auto"):
     """One token: state <- o ⊙ state + e iᵀ (with a removal key w: state <- (I - w eᵀ)(o ⊙ state)
     + e iᵀ), y = stateᵀ s. Shapes: s, e, w [B,H,K], i [B,H,V], state [B,H,K,V] fp32, and the
     decays of one token (lcsm/kernels/decay.py, `step`).
 
     Returns (y [B,H,V], new state [B,H,K,V] fp32). The triton backend updates a contiguous fp32
     `state` in place (and returns it); the others return a new tensor."""
-    return step(s, e, i, state, Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w, step=True), backend=backend)
+    return step(s, e, i, state, Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w, beta=beta, step=True), backend=backend)
 
 
 def step(s, e, i, state, decay: Decay, backend: str = "auto"):
     """eos_step with a one-token Decay (what model code calls)."""
     backend = resolve_backend(backend, s)
     decay.check_delta()
+    e, decay = decay.fold_beta(e)
     if backend == "triton" and torch.compiler.is_compiling():
         from . import ops
 

@@ -9,11 +9,17 @@ which tensor is static, which is per token, or how they combine. The tensors (la
     dt   [B,T,H,V]   with A [H,K,V]: log o = dt ⊗ A (the selective-SSM form)
     A    [B,T,H,K,V] | [H,K,V]    with dt absent: the full log decay itself
     w    [B,T,H,K]                the removal key of a delta-rule transition (I - w eᵀ) D
+    beta [B,T,H]     | [H]        with w only: the delta rule's write strength, e -> beta·e
 
 All log decays are <= 0 and any combination may be given (their sum is the log decay); none means
 o = 1. With w the transition of a token is the K×K matrix (I - w_t e_tᵀ) D_t applied to the state
 from the left, D_t the element-wise decay (g and/or gk only: w with gv, dt or A is refused), e_t
 the token's expand; `transition` applies it, and the delta backends read w from here.
+
+beta lets a caller give the write key as beta·e without forming it (DeltaNet: e = w = k): the
+recurrence is the same as with e replaced by beta ⊙ e. `fold_beta` forms that product; the entry
+points (lcsm/kernels/api.py) fold it for every backend but the Triton delta kernels, which take
+beta with w = e (the same tensor) in fla's form: one state product per chunk instead of three.
 
 The second form of g, gk, gv and A is static: the same at every token. A one-token decay
 (`step=True`, for decoding) holds the same tensors without the time axis: g [B,H], gk [B,H,K],
@@ -31,9 +37,9 @@ from typing import Callable
 
 import torch
 
-NAMES = ("g", "gk", "gv", "dt", "A", "w")
-STATIC_RANK = {"g": 1, "gk": 2, "gv": 2, "A": 3}  # dt and w exist per token only
-FEATURE_DIMS = {"g": 0, "gk": 1, "gv": 1, "dt": 1, "A": 2, "w": 1}  # dims after the head axis
+NAMES = ("g", "gk", "gv", "dt", "A", "w", "beta")
+STATIC_RANK = {"g": 1, "gk": 2, "gv": 2, "A": 3, "beta": 1}  # dt and w exist per token only
+FEATURE_DIMS = {"g": 0, "gk": 1, "gv": 1, "dt": 1, "A": 2, "w": 1, "beta": 0}  # dims after the head axis
 LOG_ZERO = -1000.0
 
 
@@ -51,6 +57,7 @@ class Decay:
     dt: torch.Tensor | None = None
     A: torch.Tensor | None = None
     w: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
     step: bool = False  # one token: per-token tensors have no time axis
 
     @classmethod
@@ -102,8 +109,8 @@ class Decay:
         """Raise ValueError naming the tensor whose shape does not fit [B,T,H,K,V]."""
         lead = (B,) if self.step else (B, T)
         where = "[B,H" if self.step else "[B,T,H"
-        feats = {"g": (), "gk": (K,), "gv": (V,), "dt": (V,), "A": (K, V), "w": (K,)}
-        letters = {"g": "", "gk": ",K", "gv": ",V", "dt": ",V", "A": ",K,V", "w": ",K"}
+        feats = {"g": (), "gk": (K,), "gv": (V,), "dt": (V,), "A": (K, V), "w": (K,), "beta": ()}
+        letters = {"g": "", "gk": ",K", "gv": ",V", "dt": ",V", "A": ",K,V", "w": ",K", "beta": ""}
         for name, x in self.items():
             per_token = (*lead, H, *feats[name])
             static = (H, *feats[name])
@@ -118,7 +125,9 @@ class Decay:
         self.check_delta()
 
     def check_delta(self) -> None:
-        """Raise ValueError if w comes with a decay it does not compose with (gv, dt, A)."""
+        """Raise ValueError if w comes with a decay it does not compose with (gv, dt, A), or beta without w."""
+        if self.beta is not None and self.w is None:
+            raise ValueError("eos_recurrence: 'beta' (the delta rule's write strength) needs the removal key 'w'")
         if self.w is not None:
             other = [n for n in ("gv", "dt", "A") if getattr(self, n) is not None]
             if other:
@@ -171,6 +180,13 @@ class Decay:
             g = g.expand(*lead, -1)
         return replace(self, g=None, gk=gk + g[..., None])
 
+    def fold_beta(self, e: torch.Tensor) -> tuple[torch.Tensor, "Decay"]:
+        """(beta ⊙ e, this decay without beta): the same recurrence with the write key formed
+        (e [B,T,H,K], or [B,H,K] for one token). Without beta: (e, self)."""
+        if self.beta is None:
+            return e, self
+        return e * self.beta.to(e.dtype)[..., None], replace(self, beta=None)
+
     def floored(self) -> "Decay":
         """Every log decay clamped at LOG_ZERO (dt and w untouched: dt ⊗ A is floored where formed)."""
         return replace(self, **{n: x.clamp_min(LOG_ZERO) for n, x in self.items() if n in ("g", "gk", "gv", "A")})
@@ -209,7 +225,10 @@ class Decay:
     def transition(self, m: torch.Tensor, t: int | None, e: torch.Tensor) -> torch.Tensor:
         """One token's transition applied to the state m [B,H,K,V]: (I - w_t e_tᵀ)(o_t ⊙ m), i.e.
         o ⊙ m - w (eᵀ (o ⊙ m)) with eᵀ contracting over K (e [B,H,K] the token's expand; t
-        ignored for a one-token decay). Without w it is o_t ⊙ m. In m's dtype; -inf stays exact."""
+        ignored for a one-token decay). Without w it is o_t ⊙ m. In m's dtype; -inf stays exact.
+        A decay with beta is folded first (fold_beta): e here is the write key itself."""
+        if self.beta is not None:
+            raise ValueError("Decay.transition: fold beta into e first (Decay.fold_beta)")
         log_o = self.log_step(t, m.dtype)
         if log_o is not None:
             m = torch.exp(log_o) * m
@@ -275,7 +294,7 @@ class Decay:
                 return (steps.view(T, *[1] * x.dim()) * x.clamp_min(LOG_ZERO)).expand(B, T, *x.shape)
             return torch.cumsum(x.clamp_min(LOG_ZERO), dim=1)
 
-        out = {n: cum(x, self.is_static(n)) for n, x in self.items() if n not in ("A", "w")}
+        out = {n: cum(x, self.is_static(n)) for n, x in self.items() if n not in ("A", "w", "beta")}
         if self.A is not None:
             out["A"] = self.A.to(dtype) if self.dt is not None else cum(self.A, self.is_static("A"))
         return Decay(**out)

@@ -173,19 +173,21 @@ def _delta_setup_layout(q, cu_seqlens, g, gk):
 
 
 @custom_op("lcsm::delta_fwd", mutates_args=())
-def delta_fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, g: Optional[Tensor], gk: Optional[Tensor], h0: Optional[Tensor],
-              cu_seqlens: Optional[Tensor], output_final_state: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, ht or empty, T = (I + A)⁻¹ per chunk, fp32, which the backward reads); g not with gk."""
+def delta_fwd(q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], g: Optional[Tensor], gk: Optional[Tensor],
+              beta: Optional[Tensor], h0: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, ht or empty, T = (I + A)⁻¹ per chunk, fp32, which the backward reads); g not with gk.
+    With beta [B,T,H] (w None): write key β k, removal key k (fla's form, delta_autograd.py)."""
     from .triton.delta_autograd import delta_forward
 
     lay, _, gates = _delta_setup_layout(q, cu_seqlens, g, gk)
     h0 = None if h0 is None else h0.float().contiguous()
-    o, ht, Tm = delta_forward(q, k, v, w, gates, h0, lay, store_ht=output_final_state)
+    o, ht, Tm = delta_forward(q, k, v, w, gates, h0, lay, store_ht=output_final_state, beta=beta)
     return o, _empty(ht, q), Tm
 
 
 @delta_fwd.register_fake
-def _(q, k, v, w, g, gk, h0, cu_seqlens, output_final_state):
+def _(q, k, v, w, g, gk, beta, h0, cu_seqlens, output_final_state):
     B, T, H, K = q.shape
     V = v.shape[-1]
     ht = q.new_empty(_n(q, cu_seqlens), H, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0)
@@ -193,55 +195,65 @@ def _(q, k, v, w, g, gk, h0, cu_seqlens, output_final_state):
 
 
 @custom_op("lcsm::delta_bwd", mutates_args=())
-def delta_bwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, g: Optional[Tensor], gk: Optional[Tensor], h0: Optional[Tensor],
-              Tm: Tensor, cu_seqlens: Optional[Tensor], do: Tensor, dht: Optional[Tensor]
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dw, dg, dgk, dh0), empty where the input is None."""
-    from .triton.delta_autograd import delta_backward
+def delta_bwd(q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], g: Optional[Tensor], gk: Optional[Tensor],
+              beta: Optional[Tensor], h0: Optional[Tensor], Tm: Tensor, cu_seqlens: Optional[Tensor], do: Tensor,
+              dht: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dw, dg, dgk, dbeta, dh0), empty where the input is None."""
+    from .triton.delta_autograd import delta_backward, keyed_backward
 
     lay, decay, gates = _delta_setup_layout(q, cu_seqlens, g, gk)
     h0f = None if h0 is None else h0.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    dq, dk, dv, dw, dh0, dG = delta_backward(q, k, v, w, do.contiguous(), dht, gates, h0f, Tm, lay)
+    if beta is None:
+        dq, dk, dv, dw, dh0, dG, _ = delta_backward(q, k, v, w, do.contiguous(), dht, gates, h0f, Tm, lay)
+        dbeta = q.new_empty(0)
+    else:
+        dq, dk, dv, dbeta, dh0, dG = keyed_backward(q, k, v, beta, do.contiguous(), dht, gates, h0f, Tm, lay)
+        dbeta, dw = dbeta.to(beta.dtype), q.new_empty(0)
     dgs = []
     for name, x in (("g", g), ("gk", gk)):
         if x is None:
             dgs.append(q.new_empty(0))
         else:
             dgs.append((dG.sum((0, 1)) if decay.is_static(name) else dG).to(x.dtype))
-    return dq, dk, dv, dw, dgs[0], dgs[1], _empty(dh0, q)
+    return dq, dk, dv, dw, dgs[0], dgs[1], dbeta, _empty(dh0, q)
 
 
 @delta_bwd.register_fake
-def _(q, k, v, w, g, gk, h0, Tm, cu_seqlens, do, dht):
+def _(q, k, v, w, g, gk, beta, h0, Tm, cu_seqlens, do, dht):
     def like(x):
         return q.new_empty(0) if x is None else torch.empty_like(x)
 
     dh0 = q.new_empty(0) if h0 is None else torch.empty_like(h0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w), like(g), like(gk), dh0
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(w), like(g), like(gk), like(beta), dh0
 
 
 def _delta_setup(ctx, inputs, output):
-    q, k, v, w, g, gk, h0, cu_seqlens, _ = inputs
-    ctx.save_for_backward(q, k, v, w, g, gk, h0, output[2], cu_seqlens)
+    q, k, v, w, g, gk, beta, h0, cu_seqlens, _ = inputs
+    ctx.save_for_backward(q, k, v, w, g, gk, beta, h0, output[2], cu_seqlens)
     ctx.has_ht = output[1].numel() > 0
 
 
 def _delta_backward(ctx, do, dht, dTm):
-    q, k, v, w, g, gk, h0, Tm, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv, dw, dg, dgk, dh0 = delta_bwd(q, k, v, w, g, gk, h0, Tm, cu_seqlens, do, dht if ctx.has_ht else None)
-    return (dq, dk, dv, dw, _none_like(dg, g), _none_like(dgk, gk), None if h0 is None else dh0.to(h0.dtype), None, None)
+    q, k, v, w, g, gk, beta, h0, Tm, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dw, dg, dgk, dbeta, dh0 = delta_bwd(q, k, v, w, g, gk, beta, h0, Tm, cu_seqlens, do,
+                                                    dht if ctx.has_ht else None)
+    return (dq, dk, dv, _none_like(dw, w), _none_like(dg, g), _none_like(dgk, gk), _none_like(dbeta, beta),
+            None if h0 is None else dh0.to(h0.dtype), None, None)
 
 
 register_autograd("lcsm::delta_fwd", _delta_backward, setup_context=_delta_setup)
 
 
-def delta(q, k, v, w, g, gk, h0, cu_seqlens, output_final_state: bool):
-    """The delta-rule op with g folded into gk when both are given: (y, ht or empty)."""
+def delta(q, k, v, w, g, gk, h0, cu_seqlens, output_final_state: bool, beta=None):
+    """The delta-rule op with g folded into gk when both are given: (y, ht or empty). With beta
+    [B,T,H] w must be None: fla's form (write key β k, removal key k)."""
     from .decay import Decay
 
-    d = Decay(g=g, gk=gk, w=w).fold_scalar()
-    y, ht, _ = delta_fwd(q, k, v, w.contiguous(), d.g, d.gk, h0, cu_seqlens, output_final_state)
+    d = Decay(g=g, gk=gk).fold_scalar()
+    w = None if w is None else w.contiguous()
+    beta = None if beta is None else beta.contiguous()
+    y, ht, _ = delta_fwd(q, k, v, w, d.g, d.gk, beta, h0, cu_seqlens, output_final_state)
     return y, ht
 
 

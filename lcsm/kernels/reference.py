@@ -20,9 +20,9 @@ import torch
 from .decay import Decay
 
 
-def eos_reference(s, e, i, g=None, gk=None, gv=None, dt=None, A=None, w=None, h0=None, dtype=torch.float64):
+def eos_reference(s, e, i, g=None, gk=None, gv=None, dt=None, A=None, w=None, beta=None, h0=None, dtype=torch.float64):
     """One batch of sequences (no cu_seqlens). Returns (y [B,T,H,V], ht [B,H,K,V]) in `dtype`."""
-    decay = Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w)
+    e, decay = Decay.of(g=g, gk=gk, gv=gv, dt=dt, A=A, w=w, beta=beta).fold_beta(e)
     B, T, H, K = s.shape
     V = i.shape[-1]
     s, e, i = s.to(dtype), e.to(dtype), i.to(dtype)

@@ -37,11 +37,11 @@ class OscillationOut:
 
     def with_expand(self, e: torch.Tensor) -> tuple[torch.Tensor, Decay]:
         """(e, the decay) once the expand key e [B,T,H,K] is known: a delta oscillation takes it as
-        the removal key w (normalised by the expand stage) and writes with e = β·w."""
+        the removal key w (normalised by the expand stage) and writes with β·w, given to the
+        recurrence as beta with w = e (the Triton kernels' own form; see lcsm/kernels/decay.py)."""
         if self.beta is None:
             return e, self.decay
-        beta = self.beta.to(e.dtype)
-        return e * beta[..., None], replace(self.decay, w=e)
+        return e, replace(self.decay, w=e, beta=self.beta.to(e.dtype))
 
 
 class Oscillation(nn.Module):

@@ -31,8 +31,10 @@ rel = rel_error
 
 
 def compare(form, scale, *, beta=(0.5, 1.0), tilt=0.3, dtype=torch.float32, tol=TOL, cu_seqlens=None, batch=B,
-            length=T, kv=(K, V), seed=0, with_h0=True, with_dht=True, decay=None, heads=H):
-    """Ours (triton) against the reference in fp64, forward and every gradient."""
+            length=T, kv=(K, V), seed=0, with_h0=True, with_dht=True, decay=None, heads=H, keyed=False):
+    """Ours (triton) against the reference in fp64, forward and every gradient. keyed: fla's form,
+    eos_recurrence(s, w, i, w=w, beta=β) (the key passed as both e and w, β uniform in `beta`
+    [B,T,H] and differentiated), which the kernels run without forming β·w."""
     Kd, Vd, H = *kv, heads
     gen = torch.Generator().manual_seed(seed)
     N = batch if cu_seqlens is None else len(cu_seqlens) - 1
@@ -43,14 +45,19 @@ def compare(form, scale, *, beta=(0.5, 1.0), tilt=0.3, dtype=torch.float32, tol=
         "i": torch.randn(batch, length, H, Vd, generator=gen),
         **dec,
     }
+    if keyed:
+        del leaves["e"]
+        leaves["beta"] = beta[0] + (beta[1] - beta[0]) * torch.rand(batch, length, H, generator=gen)
     if with_h0:
         leaves["h0"] = torch.randn(N, H, Kd, Vd, generator=gen)
     ours = {n: x.to(DEVICE, dtype if n in "seiw" else torch.float32).clone().requires_grad_() for n, x in leaves.items()}
     ref = {n: x.double().clone().requires_grad_() for n, x in leaves.items()}
     cu_ours = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
-    args = lambda L, cu: dict(h0=L.get("h0"), output_final_state=True, cu_seqlens=cu, **{n: L[n] for n in dec})  # noqa: E731
-    y, ht = eos_recurrence(ours["s"], ours["e"], ours["i"], backend="triton", **args(ours, cu_ours))
-    y_ref, ht_ref = eos_recurrence(ref["s"], ref["e"], ref["i"], backend="reference", **args(ref, cu_seqlens))
+    names = [*dec, "beta"] if keyed else list(dec)
+    args = lambda L, cu: dict(h0=L.get("h0"), output_final_state=True, cu_seqlens=cu, **{n: L[n] for n in names})  # noqa: E731
+    e_of = lambda L: L["w"] if keyed else L["e"]  # noqa: E731
+    y, ht = eos_recurrence(ours["s"], e_of(ours), ours["i"], backend="triton", **args(ours, cu_ours))
+    y_ref, ht_ref = eos_recurrence(ref["s"], e_of(ref), ref["i"], backend="reference", **args(ref, cu_seqlens))
     assert y.dtype == dtype and ht.dtype == torch.float32
     assert torch.isfinite(y).all() and torch.isfinite(ht).all()
     wy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
@@ -78,6 +85,44 @@ def test_strong_gates(form):
 @pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
 def test_weak_gates(form):
     compare(form, 1e-3, seed=2, heads=1)
+
+
+@pytest.mark.parametrize("form", DELTA)
+def test_keyed_form_moderate_gates(form):
+    # fla's form (w = e, β given): its own forward kernels, the general backward through β·w
+    compare(form, 0.1, keyed=True, seed=13)
+
+
+@pytest.mark.parametrize("form", ["delta_scalar", "delta_vector_k"])
+def test_keyed_form_strong_and_weak_gates_beta_one_packed(form):
+    compare(form, 5.0, keyed=True, beta=(0.9, 1.0), seed=14, heads=1)
+    compare(form, 1e-3, keyed=True, beta=(1.0, 1.0), seed=15, heads=1)
+    cu = torch.tensor([0, 5, 5, 75, 90])
+    compare(form, 0.3, keyed=True, cu_seqlens=cu, length=90, seed=16, heads=1)
+
+
+def test_keyed_form_several_tiles_and_a_static_beta():
+    compare("delta_scalar", 0.3, keyed=True, kv=(80, 72), seed=17, heads=1)
+    gen = torch.Generator().manual_seed(18)
+    dec = gates("delta_scalar", 1, T, H, K, V, scale=0.3, gen=gen)
+    s, i = torch.randn(1, T, H, K, generator=gen), torch.randn(1, T, H, V, generator=gen)
+    beta = torch.tensor([0.3, 0.9], requires_grad=True)  # [H]: one write strength per head
+    beta_ref = beta.detach().double().requires_grad_()
+    y = eos_recurrence(s.to(DEVICE), dec["w"].to(DEVICE), i.to(DEVICE), w=dec["w"].to(DEVICE), g=dec["g"].to(DEVICE),
+                       beta=beta.to(DEVICE), backend="triton")[0]
+    w64 = dec["w"].double()
+    y_ref = eos_recurrence(s.double(), w64, i.double(), w=w64, g=dec["g"].double(), beta=beta_ref, backend="reference")[0]
+    assert rel(y, y_ref) < TOL
+    wy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    (y.double().cpu() * wy).sum().backward()
+    (y_ref * wy).sum().backward()
+    assert beta.grad.shape == (H,) and rel(beta.grad, beta_ref.grad) < TOL
+
+
+def test_beta_without_a_removal_key_is_refused():
+    x = torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="'beta'.*needs the removal key 'w'"):
+        eos_recurrence(x, x, x, beta=torch.ones(1, 4, 1), backend="torch")
 
 
 @pytest.mark.parametrize("form", ["delta", "delta_scalar"])

@@ -20,7 +20,7 @@ TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 CASES = [("gla", "torch"), ("mamba2", "torch"), ("mom_gla", "torch"), ("hybrid_gla", "torch"), ("gated_deltanet", "torch"),
          ("retnet", "torch"), ("cosformer", "torch"), ("linear_attention", "torch")]  # fixed decays and fixed angles: constants outside the buffers
 if TRITON:
-    CASES += [("gla", "triton")]
+    CASES += [("gla", "triton"), ("gated_deltanet", "triton")]  # the delta rule's op in fla's form (beta, w = e)
 
 
 def tiny(name: str, backend: str, n_layers: int = 1) -> Model:

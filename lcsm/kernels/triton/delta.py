@@ -17,7 +17,14 @@ L the chunk's last row, and M^{xy}_{tj} = Σ_k x_tk y_jk exp(G_tk - G_jk) the de
 
 The scores come from the separable kernels' chunk_scores (chunk.py): with a decay along K they
 are factored at a reference row inside the chunk, the 16×16 diagonal blocks element by element,
-so no exponent is positive; with a scalar decay exp(G_t - G_j) is masked before exp.
+so no exponent is positive; with a scalar decay exp(G_t - G_j) is masked before exp. Without a
+decay along K, A is formed inside the solve (delta_kkt_solve_kernel).
+
+fla's form (BETA flags: e = β w with k the key w itself; docs/kernels.md): A = diag(β) M^{kk},
+W̃ = T (β k ⊙ Γ), U = T (β v), R holds the new values Ũ = U - W̃ H, H_next = exp(G_L) ⊙ H +
+(k ⊙ Γ_out)ᵀ Ũ and O = (Q_in ⊙ Γ) H + Q Ũ: no B, no P, one state product. The backward runs the
+general form on e = β k, with R = β v - Ũ recomputed in this form (BETA_R) and the key's gradients
+and dβ summed in the dq dk kernels (KEYED).
 
 Backward (hand written; dR the gradient of R, dX = Tᵀ dR that of the right-hand side
 X = (K ⊙ Γ) H + B V, dH' that of the state after the chunk):
@@ -90,58 +97,44 @@ def _scalar_pairs(g, gs, row0, r, last, i_h, H: tl.constexpr, G_STATIC: tl.const
 
 
 @triton.jit
-def _inv_diag16(A, row0, r0, last, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """(I + A_bb)⁻¹ of the 16×16 diagonal block at rows/columns r0.. of a strictly lower A, by
-    forward substitution in fp32: row i of N = T - I is -A_i - Σ_{j<i} A_ij N_j. Rows past the end
-    of the sequence read A = 0, so their rows of T are those of I."""
+def _row_beta(beta, row0, r, m_r, i_h, H: tl.constexpr):
+    """β at rows r of a chunk (beta [.., T, H]), fp32, 0 outside."""
+    return tl.load(beta + (row0 + r) * H + i_h, mask=m_r, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _inv16x4(N1, N2, N3, N4):
+    """(I + A_bb)⁻¹ of the four 16×16 diagonal blocks of a chunk given N_b = -A_bb (strictly
+    lower, fp32, in registers), by forward substitution: row i of N = T - I is
+    -A_i - Σ_{j<i} A_ij N_j. The four blocks are independent: one loop carries all four so that
+    their dependent steps overlap. Rows that are zero (past the end of the sequence) give rows of I."""
     o = tl.arange(0, 16)
-    m = ((r0 + o)[:, None] <= last) & (o[:, None] > o[None, :])
-    b = -tl.load(A + ((row0 + r0 + o)[:, None] * H + i_h) * BT + (r0 + o)[None, :], mask=m, other=0.0)
+    b1, b2, b3, b4 = N1, N2, N3, N4
     for i in range(1, 16):
-        b_a = -tl.load(A + ((row0 + r0 + i) * H + i_h) * BT + r0 + o, mask=(o < i) & (r0 + i + 0 * o <= last), other=0.0)
-        b_a = b_a + tl.sum(b_a[:, None] * b, 0)  # rows j < i of b hold N_j; b_a[j] = 0 for j >= i
-        b = tl.where((o == i)[:, None], b_a[None, :], b)
-    return b + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+        row = (o == i)[:, None]
+        a1 = tl.sum(tl.where(row, N1, 0.0), 0)  # row i of -A: zero at j >= i
+        a2 = tl.sum(tl.where(row, N2, 0.0), 0)
+        a3 = tl.sum(tl.where(row, N3, 0.0), 0)
+        a4 = tl.sum(tl.where(row, N4, 0.0), 0)
+        a1 = a1 + tl.sum(a1[:, None] * b1, 0)  # rows j < i of b hold N_j already
+        a2 = a2 + tl.sum(a2[:, None] * b2, 0)
+        a3 = a3 + tl.sum(a3[:, None] * b3, 0)
+        a4 = a4 + tl.sum(a4[:, None] * b4, 0)
+        b1 = tl.where(row, a1[None, :], b1)
+        b2 = tl.where(row, a2[None, :], b2)
+        b3 = tl.where(row, a3[None, :], b3)
+        b4 = tl.where(row, a4[None, :], b4)
+    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    return b1 + eye, b2 + eye, b3 + eye, b4 + eye
 
 
 @triton.jit
-def _block16(A, row0, r0, c0, last, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """The 16×16 block of A at rows r0.., columns c0.. (c0 < r0: below the diagonal), zero past the end."""
-    o = tl.arange(0, 16)
-    return tl.load(A + ((row0 + r0 + o)[:, None] * H + i_h) * BT + (c0 + o)[None, :], mask=((r0 + o) <= last)[:, None], other=0.0)
-
-
-@triton.jit
-def _store16(X, b, row0, r0, c0, last, i_h, H: tl.constexpr, BT: tl.constexpr):
-    o = tl.arange(0, 16)
-    tl.store(X + ((row0 + r0 + o)[:, None] * H + i_h) * BT + (c0 + o)[None, :], b, mask=((r0 + o) <= last)[:, None])
-
-
-# --------------------------------------------------------------------------- forward
-
-
-@autotune([triton.Config({}, num_warps=2), triton.Config({}, num_warps=4), triton.Config({}, num_warps=1)], key=["H"])
-@triton.jit(do_not_specialize=["T"])
-def delta_solve_kernel(A, Tm, cu, chunk_idx, T, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Tm = (I + A)⁻¹ per chunk (BT = 64), A strictly lower [.., T, H, BT] fp32 (the kernel reads
-    only its strict lower part). The four 16×16 diagonal blocks by forward substitution, then the
-    blocks below them from T_ij = -T_ii Σ_{j<=l<i} A_il T_lj, all in fp32 (ieee products: tf32
-    would round the inverse to 10 bits). Stores full rows, zero above the diagonal."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
-    row0 = bos + i_tl * BT
-    last = tl.minimum(BT, Tn - i_tl * BT) - 1
-    T11 = _inv_diag16(A, row0, 0, last, i_h, H, BT)
-    T22 = _inv_diag16(A, row0, 16, last, i_h, H, BT)
-    T33 = _inv_diag16(A, row0, 32, last, i_h, H, BT)
-    T44 = _inv_diag16(A, row0, 48, last, i_h, H, BT)
-    A21 = _block16(A, row0, 16, 0, last, i_h, H, BT)
-    A31 = _block16(A, row0, 32, 0, last, i_h, H, BT)
-    A32 = _block16(A, row0, 32, 16, last, i_h, H, BT)
-    A41 = _block16(A, row0, 48, 0, last, i_h, H, BT)
-    A42 = _block16(A, row0, 48, 16, last, i_h, H, BT)
-    A43 = _block16(A, row0, 48, 32, last, i_h, H, BT)
+def _solve_store(A11, A21, A22, A31, A32, A33, A41, A42, A43, A44, Tm, row0, last, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """Tm = (I + A)⁻¹ of one chunk from the ten 16×16 blocks of its strictly lower A (the diagonal
+    ones strictly lower too, fp32): the diagonal blocks by forward substitution, those below from
+    T_ij = -T_ii Σ_{j<=l<i} A_il T_lj, in fp32 (ieee products: tf32 would round the inverse to 10
+    bits). Stores full rows [.., T, H, BT], zero above the diagonal."""
+    T11, T22, T33, T44 = _inv16x4(-A11, -A22, -A33, -A44)
     T21 = -tl.dot(tl.dot(T22, A21, input_precision="ieee"), T11, input_precision="ieee")
     T32 = -tl.dot(tl.dot(T33, A32, input_precision="ieee"), T22, input_precision="ieee")
     T43 = -tl.dot(tl.dot(T44, A43, input_precision="ieee"), T33, input_precision="ieee")
@@ -170,19 +163,159 @@ def delta_solve_kernel(A, Tm, cu, chunk_idx, T, H: tl.constexpr, BT: tl.constexp
     _store16(Tm, T44, row0, 48, 48, last, i_h, H, BT)
 
 
+@triton.jit
+def _block16(A, beta, row0, r0, c0, last, i_h, H: tl.constexpr, BT: tl.constexpr, BETA: tl.constexpr):
+    """The 16×16 block of A (diag(β) A with BETA) at rows r0.., columns c0.. (c0 <= r0), zero past
+    the end; a diagonal block (c0 = r0) keeps its strictly lower part only."""
+    o = tl.arange(0, 16)
+    m_o = (r0 + o) <= last
+    b = tl.load(A + ((row0 + r0 + o)[:, None] * H + i_h) * BT + (c0 + o)[None, :], mask=m_o[:, None], other=0.0)
+    b = tl.where((o[:, None] > o[None, :]) | (c0 < r0), b, 0.0)
+    if BETA:
+        b *= _row_beta(beta, row0, r0 + o, m_o, i_h, H)[:, None]
+    return b
+
+
+@triton.jit
+def _store16(X, b, row0, r0, c0, last, i_h, H: tl.constexpr, BT: tl.constexpr):
+    o = tl.arange(0, 16)
+    tl.store(X + ((row0 + r0 + o)[:, None] * H + i_h) * BT + (c0 + o)[None, :], b, mask=((r0 + o) <= last)[:, None])
+
+
+@triton.jit
+def _store_key_grads(dk, dw, beta, dbeta, p, m, row0, r, m_r, i_h, i_k, NTOT, b_dk, b_dw, f_w, H: tl.constexpr,
+                     KEYED: tl.constexpr):
+    """Store the gradients of the write key (dk) and the removal key (dw), fp32 [R, BK] each; KEYED
+    (k = β w): the key's whole gradient dw + β dk into dw, and Σ_k w ⊙ dk (this K tile's part of
+    dβ) into dbeta [n_ktiles, .., T, H]."""
+    if KEYED:
+        b_beta = _row_beta(beta, row0, r, m_r, i_h, H)
+        tl.store(dw + p, (b_dw + b_beta[:, None] * b_dk).to(dw.dtype.element_ty), mask=m)
+        tl.store(dbeta + (i_k * NTOT + row0 + r) * H + i_h, tl.sum(f_w * b_dk, axis=1), mask=m_r)
+    else:
+        tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=m)
+        tl.store(dw + p, b_dw.to(dw.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@autotune([triton.Config({}, num_warps=2), triton.Config({}, num_warps=4), triton.Config({}, num_warps=1)], key=["H"])
+@triton.jit(do_not_specialize=["T"])
+def delta_solve_kernel(A, beta, Tm, cu, chunk_idx, T, H: tl.constexpr, BT: tl.constexpr, BETA: tl.constexpr,
+                       IS_VARLEN: tl.constexpr):
+    """Tm = (I + A)⁻¹ per chunk (BT = 64), A strictly lower [.., T, H, BT] fp32 (the kernel reads
+    only its strict lower part; with BETA, A's rows are scaled by β [.., T, H] as read): the solve
+    of _solve_store on scores computed elsewhere (a decay along K: chunk_scores_decay_kernel)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
+    row0 = bos + i_tl * BT
+    last = tl.minimum(BT, Tn - i_tl * BT) - 1
+    _solve_store(
+        _block16(A, beta, row0, 0, 0, last, i_h, H, BT, BETA),
+        _block16(A, beta, row0, 16, 0, last, i_h, H, BT, BETA), _block16(A, beta, row0, 16, 16, last, i_h, H, BT, BETA),
+        _block16(A, beta, row0, 32, 0, last, i_h, H, BT, BETA), _block16(A, beta, row0, 32, 16, last, i_h, H, BT, BETA),
+        _block16(A, beta, row0, 32, 32, last, i_h, H, BT, BETA),
+        _block16(A, beta, row0, 48, 0, last, i_h, H, BT, BETA), _block16(A, beta, row0, 48, 16, last, i_h, H, BT, BETA),
+        _block16(A, beta, row0, 48, 32, last, i_h, H, BT, BETA), _block16(A, beta, row0, 48, 48, last, i_h, H, BT, BETA),
+        Tm, row0, last, i_h, H, BT,
+    )
+
+
+@autotune([triton.Config({"BD": 64}, num_warps=4), triton.Config({"BD": 32}, num_warps=2),
+           triton.Config({"BD": 64}, num_warps=2), triton.Config({"BD": 128}, num_warps=4)],
+          key=["H", "D", "USE_G", "BETA", "SAME"])
+@triton.jit(do_not_specialize=["T"])
+def delta_kkt_solve_kernel(a, b, beta, g, gs, Tm, cu, chunk_idx, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                           BD: tl.constexpr, USE_G: tl.constexpr, G_STATIC: tl.constexpr, BETA: tl.constexpr,
+                           SAME: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Tm = (I + A)⁻¹ with A = strict_lower((a bᵀ) ⊙ exp(G_t - G_j)) (row-scaled by β with BETA)
+    formed here, one chunk per program, for no decay or a scalar one: the scores and the solve in one
+    pass (with a decay along K the scores come from chunk_scores_decay_kernel and delta_solve_kernel).
+    a, b [.., T, H, D] (SAME: b is a, loaded once); the ten 16×16 blocks accumulate over D tiles."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
+    row0 = bos + i_tl * BT
+    last = tl.minimum(BT, Tn - i_tl * BT) - 1
+    o = tl.arange(0, 16)
+    r1, r2, r3, r4 = o, 16 + o, 32 + o, 48 + o
+    m1, m2, m3, m4 = r1 <= last, r2 <= last, r3 <= last, r4 <= last
+    A11 = tl.zeros([16, 16], dtype=tl.float32)
+    A21, A22 = tl.zeros([16, 16], dtype=tl.float32), tl.zeros([16, 16], dtype=tl.float32)
+    A31, A32, A33 = tl.zeros([16, 16], dtype=tl.float32), tl.zeros([16, 16], dtype=tl.float32), tl.zeros([16, 16], dtype=tl.float32)
+    A41, A42 = tl.zeros([16, 16], dtype=tl.float32), tl.zeros([16, 16], dtype=tl.float32)
+    A43, A44 = tl.zeros([16, 16], dtype=tl.float32), tl.zeros([16, 16], dtype=tl.float32)
+    for i_d in range(tl.cdiv(D, BD)):
+        cols = i_d * BD + tl.arange(0, BD)
+        m_c = cols < D
+        a1 = _load_rows(a, row0, r1, m1, i_h, cols, m_c, H, D)
+        a2 = _load_rows(a, row0, r2, m2, i_h, cols, m_c, H, D)
+        a3 = _load_rows(a, row0, r3, m3, i_h, cols, m_c, H, D)
+        a4 = _load_rows(a, row0, r4, m4, i_h, cols, m_c, H, D)
+        if SAME:
+            b1, b2, b3, b4 = tl.trans(a1), tl.trans(a2), tl.trans(a3), tl.trans(a4)
+        else:
+            b1 = tl.trans(_load_rows(b, row0, r1, m1, i_h, cols, m_c, H, D))
+            b2 = tl.trans(_load_rows(b, row0, r2, m2, i_h, cols, m_c, H, D))
+            b3 = tl.trans(_load_rows(b, row0, r3, m3, i_h, cols, m_c, H, D))
+            b4 = tl.trans(_load_rows(b, row0, r4, m4, i_h, cols, m_c, H, D))
+        A11 += tl.dot(a1, b1)
+        A21 += tl.dot(a2, b1)
+        A22 += tl.dot(a2, b2)
+        A31 += tl.dot(a3, b1)
+        A32 += tl.dot(a3, b2)
+        A33 += tl.dot(a3, b3)
+        A41 += tl.dot(a4, b1)
+        A42 += tl.dot(a4, b2)
+        A43 += tl.dot(a4, b3)
+        A44 += tl.dot(a4, b4)
+    strict = o[:, None] > o[None, :]
+    if USE_G:  # exp(G_t - G_j) <= 1 for t > j; the diagonal blocks masked before exp
+        g1 = _gate_scalar(g, gs, row0, r1, last, i_h, H, G_STATIC)
+        g2 = _gate_scalar(g, gs, row0, r2, last, i_h, H, G_STATIC)
+        g3 = _gate_scalar(g, gs, row0, r3, last, i_h, H, G_STATIC)
+        g4 = _gate_scalar(g, gs, row0, r4, last, i_h, H, G_STATIC)
+        A11 *= tl.exp(tl.where(strict, g1[:, None] - g1[None, :], 0.0))
+        A22 *= tl.exp(tl.where(strict, g2[:, None] - g2[None, :], 0.0))
+        A33 *= tl.exp(tl.where(strict, g3[:, None] - g3[None, :], 0.0))
+        A44 *= tl.exp(tl.where(strict, g4[:, None] - g4[None, :], 0.0))
+        A21 *= tl.exp(g2[:, None] - g1[None, :])
+        A31 *= tl.exp(g3[:, None] - g1[None, :])
+        A32 *= tl.exp(g3[:, None] - g2[None, :])
+        A41 *= tl.exp(g4[:, None] - g1[None, :])
+        A42 *= tl.exp(g4[:, None] - g2[None, :])
+        A43 *= tl.exp(g4[:, None] - g3[None, :])
+    A11, A22 = tl.where(strict, A11, 0.0), tl.where(strict, A22, 0.0)
+    A33, A44 = tl.where(strict, A33, 0.0), tl.where(strict, A44, 0.0)
+    if BETA:
+        be1 = _row_beta(beta, row0, r1, m1, i_h, H)[:, None]
+        be2 = _row_beta(beta, row0, r2, m2, i_h, H)[:, None]
+        be3 = _row_beta(beta, row0, r3, m3, i_h, H)[:, None]
+        be4 = _row_beta(beta, row0, r4, m4, i_h, H)[:, None]
+        A11 *= be1
+        A21, A22 = A21 * be2, A22 * be2
+        A31, A32, A33 = A31 * be3, A32 * be3, A33 * be3
+        A41, A42, A43, A44 = A41 * be4, A42 * be4, A43 * be4, A44 * be4
+    _solve_store(A11, A21, A22, A31, A32, A33, A41, A42, A43, A44, Tm, row0, last, i_h, H, BT)
+
+
 @autotune(
     [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2),
      triton.Config({"BK": 64, "BV": 64}, num_warps=8), triton.Config({"BK": 128, "BV": 128}, num_warps=8)],
-    key=["H", "K", "V", "USE_G", "USE_GK"],
+    key=["H", "K", "V", "USE_G", "USE_GK", "BETA"],
 )
 @triton.jit(do_not_specialize=["T"])
 def delta_wu_kernel(
-    k, v, g, gk, gs, gks, Tm, Bm, Wt, U, cu, chunk_idx, T,
+    k, v, beta, g, gk, gs, gks, Tm, Bm, Wt, U, cu, chunk_idx, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    BETA: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """W̃ = T (k ⊙ Γ) and U = T B v for one chunk (T, B from their buffers; fp32 products)."""
+    """W̃ = T (k ⊙ Γ) and U = T B v for one chunk (T, B from their buffers; fp32 products). With
+    BETA (e = β w, k the key w): W̃ = T (β k ⊙ Γ) and U = T (β v), the values each token writes
+    before the state's part is taken off (B is not read)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
@@ -191,42 +324,57 @@ def delta_wu_kernel(
     r = tl.arange(0, BT)
     m_r = r <= last
     b_T = _load_sq(Tm, row0, r, m_r, i_h, H, BT)
+    if BETA:
+        b_beta = _row_beta(beta, row0, r, m_r, i_h, H)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_k = _load_rows(k, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
+        if BETA:
+            b_k *= b_beta[:, None]
         if USE_GK:
             b_k *= tl.exp(_gate(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC))
         if USE_G:
             b_k *= tl.exp(_gate_scalar(g, gs, row0, r, last, i_h, H, G_STATIC))[:, None]
         b_w = tl.dot(b_T, b_k)
         tl.store(Wt + ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :], b_w.to(Wt.dtype.element_ty), mask=m_r[:, None] & m_k[None, :])
-    b_B = tl.where(r[:, None] > r[None, :], _load_sq(Bm, row0, r, m_r, i_h, H, BT), 0.0)
+    if not BETA:
+        b_B = tl.where(r[:, None] > r[None, :], _load_sq(Bm, row0, r, m_r, i_h, H, BT), 0.0)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V).to(tl.float32)
-        b_u = tl.dot(b_T, tl.dot(b_B, b_v))
+        if BETA:
+            b_u = tl.dot(b_T, b_v * b_beta[:, None])
+        else:
+            b_u = tl.dot(b_T, tl.dot(b_B, b_v))
         tl.store(U + ((row0 + r)[:, None] * H + i_h) * V + o_v[None, :], b_u.to(U.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
 
 
 @autotune(
     [triton.Config({"BV": 32}, num_warps=4, num_stages=2), triton.Config({"BV": 16}, num_warps=4, num_stages=2),
      triton.Config({"BV": 32}, num_warps=8, num_stages=2), triton.Config({"BV": 64}, num_warps=8, num_stages=2),
-     triton.Config({"BV": 16}, num_warps=2, num_stages=3)],
-    key=["H", "K", "V", "USE_G", "USE_GK"],
+     triton.Config({"BV": 16}, num_warps=2, num_stages=3), triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BV": 64}, num_warps=4, num_stages=3), triton.Config({"BV": 32}, num_warps=4, num_stages=3),
+     triton.Config({"BV": 32}, num_warps=2, num_stages=2)],
+    key=["H", "K", "V", "USE_G", "USE_GK", "BETA"],
 )
 @triton.jit(do_not_specialize=["T"])
 def delta_state_fwd_kernel(
-    k, v, w, g, gk, gs, gks, Wt, U, h, R, h0, ht, cu, chunk_off, T,
+    k, v, w, beta, g, gk, gs, gks, Wt, U, h, R, h0, ht, cu, chunk_off, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, BETA: tl.constexpr, BETA_R: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """h[c] = the state before chunk c and R = W̃ h_c + U (the values the chunk's tokens read),
     sequential over the chunks of a sequence; one program per (V tile, sequence·head) holds all
     of K (BK >= K), since R contracts the state over K:
-    h_{c+1} = exp(G_L) ⊙ h_c + (k ⊙ Γ_out)ᵀ v - (w ⊙ Γ_out)ᵀ R."""
+    h_{c+1} = exp(G_L) ⊙ h_c + (k ⊙ Γ_out)ᵀ v - (w ⊙ Γ_out)ᵀ R.
+    With BETA (e = β w, k the key w; U = T (β v) from delta_wu_kernel) the write and the removal
+    share the key, so one product carries both: R holds the new values Ũ = U - W̃ h_c (what each
+    token writes beyond what the memory already holds at its key) and
+    h_{c+1} = exp(G_L) ⊙ h_c + (k ⊙ Γ_out)ᵀ Ũ. BETA_R (the backward's recompute): R holds the
+    general form's values read, β v - Ũ, instead."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn, c0 = _seq_coords(i_n, T, cu, chunk_off, BT, IS_VARLEN)
@@ -244,28 +392,46 @@ def delta_state_fwd_kernel(
         last = tl.minimum(BT, Tn - i_t * BT) - 1
         m_r = r <= last
         b_wt = _load_rows(Wt, row0, r, m_r, i_h, o_k, m_k, H, K)
-        b_r = tl.dot(b_wt, b_h.to(b_wt.dtype)) + _load_rows(U, row0, r, m_r, i_h, o_v, m_v, H, V).to(tl.float32)
-        tl.store(R + ((row0 + r)[:, None] * H + i_h) * V + o_v[None, :], b_r.to(R.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
+        b_u = _load_rows(U, row0, r, m_r, i_h, o_v, m_v, H, V).to(tl.float32)
+        p_R = R + ((row0 + r)[:, None] * H + i_h) * V + o_v[None, :]
+        if BETA:
+            b_r = b_u - tl.dot(b_wt, b_h.to(b_wt.dtype))
+            if BETA_R:
+                b_bv = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V).to(tl.float32) * _row_beta(beta, row0, r, m_r, i_h, H)[:, None]
+                tl.store(p_R, (b_bv - b_r).to(R.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
+            else:
+                tl.store(p_R, b_r.to(R.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
+        else:
+            b_r = tl.dot(b_wt, b_h.to(b_wt.dtype)) + b_u
+            tl.store(p_R, b_r.to(R.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
         b_k = _load_rows(k, row0, r, m_r, i_h, o_k, m_k, H, K)
-        b_w = _load_rows(w, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
-        b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V)
+        if not BETA:
+            b_w = _load_rows(w, row0, r, m_r, i_h, o_k, m_k, H, K).to(tl.float32)
+            b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V)
         if USE_GK:
             b_g = _gate(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC)
             b_gl = _gate_row(gk, gks, row0, last, last, i_h, o_k, m_k, H, K, GK_STATIC)
             b_h *= tl.exp(b_gl)[:, None]
             b_out = tl.exp(b_gl[None, :] - b_g)
             b_k = (b_k * b_out).to(b_k.dtype)
-            b_w *= b_out
+            if not BETA:
+                b_w *= b_out
         if USE_G:
             b_g = _gate_scalar(g, gs, row0, r, last, i_h, H, G_STATIC)
             b_gl = _gate_scalar(g, gs, row0, last, last, i_h, H, G_STATIC)
             b_h *= tl.exp(b_gl)
             b_out = tl.exp(b_gl - b_g)[:, None]
             b_k = (b_k * b_out).to(b_k.dtype)
-            b_w *= b_out
-        # the removal term in fp32 (tf32 on the GPU): with e ∥ w it nearly cancels the write term
-        # when the memory already holds v at k, and rounding R to bf16 would not
-        b_h += tl.dot(tl.trans(b_k), b_v) - tl.dot(tl.trans(b_w), b_r)
+            if not BETA:
+                b_w *= b_out
+        if BETA:
+            # Ũ is already the difference of the write and the removal: rounding it to the key's
+            # dtype for the product loses nothing of the cancellation (fla's form)
+            b_h += tl.dot(tl.trans(b_k), b_r.to(b_k.dtype))
+        else:
+            # the removal term in fp32 (tf32 on the GPU): with e ∥ w it nearly cancels the write
+            # term when the memory already holds v at k, and rounding R to bf16 would not
+            b_h += tl.dot(tl.trans(b_k), b_v) - tl.dot(tl.trans(b_w), b_r)
     if STORE_HT:
         tl.store(ht + (i_nh * K + o_k[:, None]) * V + o_v[None, :], b_h, mask=m_kv)
 
@@ -276,17 +442,18 @@ def delta_state_fwd_kernel(
      triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3),
      triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
      triton.Config({"BK": 64, "BV": 32}, num_warps=2, num_stages=3)],
-    key=["H", "K", "V", "USE_G", "USE_GK"],
+    key=["H", "K", "V", "USE_G", "USE_GK", "BETA"],
 )
 @triton.jit(do_not_specialize=["T"])
 def delta_output_kernel(
     q, k, w, v, h, R, g, gk, gs, gks, P, Q, o, cu, chunk_idx, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    BETA: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """o = (q ⊙ Γ) h_c + P v - Q R for a whole chunk. P, Q come from the scores buffers with a decay
-    along K, else they are (q kᵀ), (q wᵀ) ⊙ exp(G_t - G_j), computed here."""
+    along K, else they are (q kᵀ), (q wᵀ) ⊙ exp(G_t - G_j), computed here. With BETA (e = β w, R
+    the new values Ũ of delta_state_fwd_kernel): P v - Q R = Q Ũ, so P and v are not read."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
@@ -309,7 +476,8 @@ def delta_output_kernel(
             b_o += tl.dot((b_q * tl.exp(b_g)).to(b_q.dtype), b_h.to(b_q.dtype))
         else:
             b_o += tl.dot(b_q, b_h.to(b_q.dtype))
-            b_P += tl.dot(b_q, tl.trans(_load_rows(k, row0, r, m_r, i_h, o_k, m_k, H, K)))
+            if not BETA:
+                b_P += tl.dot(b_q, tl.trans(_load_rows(k, row0, r, m_r, i_h, o_k, m_k, H, K)))
             b_Q += tl.dot(b_q, tl.trans(_load_rows(w, row0, r, m_r, i_h, o_k, m_k, H, K)))
     causal = r[:, None] >= r[None, :]
     if USE_G:
@@ -318,13 +486,17 @@ def delta_output_kernel(
         b_P *= b_lam
         b_Q *= b_lam
     if USE_GK:
-        b_P = _load_sq(P, row0, r, m_r, i_h, H, BT)
+        if not BETA:
+            b_P = _load_sq(P, row0, r, m_r, i_h, H, BT)
         b_Q = _load_sq(Q, row0, r, m_r, i_h, H, BT)
-    b_P = tl.where(causal, b_P, 0.0)
     b_Q = tl.where(causal, b_Q, 0.0)
-    b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V)
     b_r = _load_rows(R, row0, r, m_r, i_h, o_v, m_v, H, V)
-    b_o += tl.dot(b_P.to(b_v.dtype), b_v) - tl.dot(b_Q.to(b_r.dtype), b_r)
+    if BETA:
+        b_o += tl.dot(b_Q.to(b_r.dtype), b_r)
+    else:
+        b_P = tl.where(causal, b_P, 0.0)
+        b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V)
+        b_o += tl.dot(b_P.to(b_v.dtype), b_v) - tl.dot(b_Q.to(b_r.dtype), b_r)
     tl.store(o + ((row0 + r)[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
 
 
@@ -556,13 +728,13 @@ def delta_dM_kernel(
      triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
      triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3),
      triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=3)],
-    key=["H", "K", "V", "USE_G"], reset_to_zero=["dga", "dgb", "dgc"],  # one partial sum per K tile
+    key=["H", "K", "V", "USE_G", "KEYED"], reset_to_zero=["dga", "dgb", "dgc", "dbeta"],  # one partial sum per K tile
 )
 @triton.jit(do_not_specialize=["T"])
 def delta_dqkw_kernel(
-    q, k, w, v, do, h, dh, R, dX, g, gs, dA, dB, dP, dQ, dq, dk, dw, dga, dgb, dgc, cu, chunk_idx, T, NTOT, NC,
+    q, k, w, v, do, h, dh, R, dX, g, gs, dA, dB, dP, dQ, dq, dk, dw, dga, dgb, dgc, beta, dbeta, cu, chunk_idx, T, NTOT, NC,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, G_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, G_STATIC: tl.constexpr, KEYED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dq, dk, dw without a decay along K (none or scalar; dA.. carry exp(G_t - G_j) already):
     dq = (dO hᵀ) ⊙ Γ + dP k + dQ w
@@ -570,7 +742,9 @@ def delta_dqkw_kernel(
     dw = -(R dhᵀ) ⊙ Γ_out + dAᵀ k + dQᵀ q
     With a scalar decay, this K tile's parts of the gate gradient (chunk_gate_grad_kernel):
     dga = Σ_k q ⊙ dq + k ⊙ dk_row - k ⊙ dk_col - w ⊙ dw_col over the s != t terms (the
-    diagonals of P and Q cancel exactly), dgb = Σ_k k ⊙ dk_out + w ⊙ dw_out, dgc = Σ exp(G_L) h ⊙ dh."""
+    diagonals of P and Q cancel exactly), dgb = Σ_k k ⊙ dk_out + w ⊙ dw_out, dgc = Σ exp(G_L) h ⊙ dh.
+    KEYED (k = β w, fla's form): dw receives the key's whole gradient dw + β dk, and dbeta this K
+    tile's part of Σ_k w ⊙ dk (dk itself is not stored)."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
@@ -635,26 +809,27 @@ def delta_dqkw_kernel(
         tl.store(dgb + (i_k * NTOT + row0 + r) * H + i_h, b_gb, mask=m_r)
         tl.store(dgc + (i_k * NC + i_c) * H + i_h, tl.sum(b_hdh) * tl.exp(b_gl))
     tl.store(dq + p, (b_dq + b_pd[:, None] * f_k + b_qd[:, None] * f_w).to(dq.dtype.element_ty), mask=m)
-    tl.store(dk + p, (b_dk + b_dkc + b_dko + b_pd[:, None] * f_q).to(dk.dtype.element_ty), mask=m)
-    tl.store(dw + p, (b_dwc + b_dwo + b_qd[:, None] * f_q).to(dw.dtype.element_ty), mask=m)
+    _store_key_grads(dk, dw, beta, dbeta, p, m, row0, r, m_r, i_h, i_k, NTOT, b_dk + b_dkc + b_dko + b_pd[:, None] * f_q,
+                     b_dwc + b_dwo + b_qd[:, None] * f_q, f_w, H, KEYED)
 
 
 @autotune(
     [triton.Config({"BK": 64, "BV": 64}, num_warps=4), triton.Config({"BK": 32, "BV": 32}, num_warps=2),
      triton.Config({"BK": 64, "BV": 64}, num_warps=8), triton.Config({"BK": 32, "BV": 64}, num_warps=4),
      triton.Config({"BK": 64, "BV": 32}, num_warps=4)],
-    key=["H", "K", "V"],
+    key=["H", "K", "V", "KEYED"], reset_to_zero=["dbeta"],  # one partial sum per K tile
 )
 @triton.jit(do_not_specialize=["T"])
 def delta_dqkw_gk_kernel(
-    q, k, w, v, do, h, dh, R, dX, gk, gks, dA, dB, dP, dQ, dq, dk, dw, dga, dgb, dgc, cu, chunk_idx, T,
+    q, k, w, v, do, h, dh, R, dX, gk, gks, dA, dB, dP, dQ, dq, dk, dw, dga, dgb, dgc, beta, dbeta, cu, chunk_idx, T, NTOT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, GK_STATIC: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GK_STATIC: tl.constexpr, KEYED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dq, dk, dw with a decay along K, one program per sub-chunk of BC rows: the formulas of
     delta_dqkw_kernel with every score product taken through exp(G_t - G_j) along K
     (_intra_forward / _intra_backward: factored at a reference row, the diagonal block element by
-    element), and the parts of the gate gradient along K (dga, dgb per token, dgc per chunk)."""
+    element), and the parts of the gate gradient along K (dga, dgb per token, dgc per chunk);
+    KEYED as there (_store_key_grads)."""
     i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_i = i_tc // (BT // BC), i_tc % (BT // BC)
     i_b, i_h = i_bh // H, i_bh % H
@@ -716,5 +891,5 @@ def delta_dqkw_gk_kernel(
     if i_i == 0:
         tl.store(dgc + (i_c * H + i_h) * K + o_k, b_hdh * tl.exp(b_gl), mask=m_k)
     tl.store(dq + p, (b_dq + b_pd[:, None] * f_k + b_qd[:, None] * f_w).to(dq.dtype.element_ty), mask=m)
-    tl.store(dk + p, (b_dk + b_dkc + b_dko + b_pd[:, None] * f_q).to(dk.dtype.element_ty), mask=m)
-    tl.store(dw + p, (b_dwc + b_dwo + b_qd[:, None] * f_q).to(dw.dtype.element_ty), mask=m)
+    _store_key_grads(dk, dw, beta, dbeta, p, m, row0, ri, m_ri, i_h, i_k, NTOT, b_dk + b_dkc + b_dko + b_pd[:, None] * f_q,
+                     b_dwc + b_dwo + b_qd[:, None] * f_q, f_w, H, KEYED)

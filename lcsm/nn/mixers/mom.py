@@ -185,6 +185,7 @@ class MoMMixer(EOSMixer):
                 t = t[0] if name == "input" else t
                 if name == "expand":  # a delta rule's removal key is the expand key (one layout: the spec checks it)
                     t, decay = osc.with_expand(t)
+                    t, decay = decay.fold_beta(t)  # the memories' paths take the write key β·w formed
                 out[short] = Stream(t[:, skip:], name in self.per_memory, False)
         return out, decay.slice(skip, None)
 
