@@ -254,3 +254,34 @@ def test_a_log_decay_of_minus_inf_resets_the_memory(form):
     assert rel(y, y_ref) < 1e-9 and rel(ht, ht_ref) < 1e-9
     for k in g_ref:
         assert torch.isfinite(grads[k]).all() and rel(grads[k], g_ref[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_beta_is_the_write_key_scaled_on_every_path(backend):
+    # eos_recurrence(s, w, i, w=w, beta=β) is the recurrence with e = β w: the whole sequence, the
+    # decoding step and the transition product, with β's gradient
+    s, _, i, h0, dec = delta_inputs("delta_scalar", 0.3, seed=21)
+    w = dec["w"]
+    beta = torch.rand(B, T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(22)).requires_grad_()
+    y, ht = eos_recurrence(s, w, i, h0=h0, output_final_state=True, beta=beta, backend=backend, **dec)
+    e = w * beta[..., None]
+    y_ref, ht_ref = eos_recurrence(s, e, i, h0=h0, output_final_state=True, backend="reference", **dec)
+    assert rel(y, y_ref) < 1e-10 and rel(ht, ht_ref) < 1e-10
+    (g1,) = torch.autograd.grad(y.sum(), beta)
+    (g2,) = torch.autograd.grad(y_ref.sum(), beta)
+    assert rel(g1, g2) < 1e-10
+    state = h0.clone()
+    for t in range(3):
+        one = Decay(**dec, beta=beta.detach()).at(t)
+        y_t, state = eos_step(s[:, t], w[:, t], i[:, t], state, backend=backend, **one.tensors())
+        assert rel(y_t, y_ref[:, t]) < 1e-6  # the decoding state is fp32
+    P = delta_transition(w, Decay(**dec, beta=beta.detach()), backend=backend)
+    assert rel(P, delta_transition(e.detach(), Decay(**dec), backend=backend)) < 1e-10
+
+
+def test_beta_of_the_wrong_shape_is_refused_by_name():
+    s, e, i, _, dec = delta_inputs("delta", 0.3)
+    with pytest.raises(ValueError, match=r"'beta' has shape \(2, 37\); expected \[B,T,H\] = \[2, 37, 3\] per token or \[H\]"):
+        eos_recurrence(s, e, i, beta=torch.ones(B, T), backend="torch", **dec)
+    with pytest.raises(ValueError, match="transition: fold beta into e first"):
+        Decay(**dec, beta=torch.ones(B, T, H)).transition(torch.zeros(B, H, K, V, dtype=torch.float64), 0, e[:, 0])
