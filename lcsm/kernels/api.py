@@ -201,7 +201,8 @@ def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seq
 def eos_step(s, e, i, state, *, g=None, gk=None, gv=None, dt=None, A=None, w=None, beta=None, backend: str = "auto"):
     """One token: state <- o ⊙ state + e iᵀ (with a removal key w: state <- (I - w eᵀ)(o ⊙ state)
     + e iᵀ), y = stateᵀ s. Shapes: s, e, w [B,H,K], i [B,H,V], state [B,H,K,V] fp32, and the
-    decays of one token (lcsm/kernels/decay.py, `step`).
+    decays of one token (lcsm/kernels/decay.py, `step`; beta [B,H] or [H] scales e, as in
+    eos_recurrence).
 
     Returns (y [B,H,V], new state [B,H,K,V] fp32). The triton backend updates a contiguous fp32
     `state` in place (and returns it); the others return a new tensor."""
