@@ -120,10 +120,11 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"eos_recurrence: chunk_size must be >= 1 (got {chunk_size})")
     shapes = check_inputs(s, e, i, decay, h0, cu_seqlens)
-    # beta with w = e is the Triton delta kernels' own form (delta_autograd.py); elsewhere it is
-    # the same recurrence with the write key beta ⊙ e formed here
+    # beta with w = e is fla's form, which the Triton kernels (delta_autograd.py) and the torch
+    # path (torch/delta.py) take as such; elsewhere it is the same recurrence with the write key
+    # beta ⊙ e formed here
     same_key = decay.beta is not None and decay.w is e
-    if not (backend == "triton" and same_key):
+    if not (backend in ("triton", "torch") and same_key):
         e, decay = decay.fold_beta(e)
     if backend == "triton":
         if chunk_size not in (None, 64):

@@ -18,8 +18,9 @@ the token's expand; `transition` applies it, and the delta backends read w from 
 
 beta lets a caller give the write key as beta·e without forming it (DeltaNet: e = w = k): the
 recurrence is the same as with e replaced by beta ⊙ e. `fold_beta` forms that product; the entry
-points (lcsm/kernels/api.py) fold it for every backend but the Triton delta kernels, which take
-beta with w = e (the same tensor) in fla's form: one state product per chunk instead of three.
+points (lcsm/kernels/api.py) fold it for every path but the Triton kernels and the torch path of
+the delta rule, which take beta with w = e (the same tensor) in fla's form: one state product per
+chunk instead of three.
 
 The second form of g, gk, gv and A is static: the same at every token. A one-token decay
 (`step=True`, for decoding) holds the same tensors without the time axis: g [B,H], gk [B,H,K],

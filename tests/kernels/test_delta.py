@@ -285,3 +285,31 @@ def test_beta_of_the_wrong_shape_is_refused_by_name():
         eos_recurrence(s, e, i, beta=torch.ones(B, T), backend="torch", **dec)
     with pytest.raises(ValueError, match="transition: fold beta into e first"):
         Decay(**dec, beta=torch.ones(B, T, H)).transition(torch.zeros(B, H, K, V, dtype=torch.float64), 0, e[:, 0])
+
+
+def run_keyed_with_grads(backend, s, i, h0, dec, beta, chunk_size=None):
+    """eos_recurrence(s, w, i, w=w, beta=β) (fla's form: the key passed as both e and w) with the
+    gradients of s, w, i, h0, β and the gates."""
+    leaves = {"s": s, "i": i, "h0": h0, "beta": beta, **dec}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    y, ht = eos_recurrence(leaves["s"], leaves["w"], leaves["i"], h0=leaves["h0"], output_final_state=True,
+                           chunk_size=chunk_size, backend=backend, **{k: leaves[k] for k in [*dec, "beta"]})
+    gen = torch.Generator().manual_seed(1)
+    wy, wh = torch.randn(y.shape, generator=gen, dtype=y.dtype), torch.randn(ht.shape, generator=gen, dtype=ht.dtype)
+    ((y * wy).sum() + (ht * wh).sum()).backward()
+    return y, ht, {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("form", DELTA)
+@pytest.mark.parametrize("beta_range", [(0.0, 1.0), (1.0, 1.0)])
+def test_torch_path_in_fla_form_matches_reference(form, beta_range):
+    # the torch path's own form for beta with w = e, at β up to 1 (a projection: the singular case)
+    s, _, i, h0, dec = delta_inputs(form, 0.3, seed=23)
+    lo, hi = beta_range
+    beta = lo + (hi - lo) * torch.rand(B, T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(24))
+    y_ref, ht_ref, g_ref = run_keyed_with_grads("reference", s, i, h0, dec, beta)
+    for chunk_size in (8, None):
+        y, ht, grads = run_keyed_with_grads("torch", s, i, h0, dec, beta, chunk_size=chunk_size)
+        assert rel(y, y_ref) < 1e-10 and rel(ht, ht_ref) < 1e-10, chunk_size
+        for name, g in g_ref.items():
+            assert rel(grads[name], g) < 1e-9, f"d{name} (chunk {chunk_size})"

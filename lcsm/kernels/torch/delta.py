@@ -18,7 +18,9 @@ U = (I + A)⁻¹ B I. Then across chunks, like the separable forms,
     Y      = (S ⊙ Γ) H + P I - Q R,    P = lower(M^{se}), Q = lower(M^{sw}) (diagonal included).
 
 With e = β w (DeltaNet) the two writes merge into w (β i - r)ᵀ, fla's "u - w h"; the general
-form keeps e and w apart. Numerics: every exponent is <= 0 (pairwise differences masked to -inf
+form keeps e and w apart. A decay with beta and w = e (the same tensor: how the model's delta
+oscillation calls it) takes that form here too (docs/kernels.md, "fla's form"): A = diag(β) M^{ww},
+Ũ = T (β I) - W̃ H, H_next = exp(G_C) ⊙ H + (W ⊙ Γ_out)ᵀ Ũ, Y = (S ⊙ Γ) H + Q Ũ — no B, no P. Numerics: every exponent is <= 0 (pairwise differences masked to -inf
 above the diagonal before exp), so strong decays cannot overflow; with ‖w‖·‖e‖ <= 1 the solve is
 well conditioned (its inverse stays O(1), see docs/kernels.md). A decay along K materialises
 [C, C, K] pairwise decays: that path uses chunks of 16 by default.
@@ -34,8 +36,12 @@ from .chunked import _chunks, _pairwise
 
 
 def eos_delta(s, e, i, decay: Decay, h0=None, chunk_size: int = 64):
-    """One batch of sequences, a delta-rule decay (w with g and/or gk). Returns (y [B,T,H,V] in
-    s.dtype, ht [B,H,K,V] fp32/fp64)."""
+    """One batch of sequences, a delta-rule decay (w with g and/or gk; beta with w = e takes fla's
+    form, beta with another w is folded into e). Returns (y [B,T,H,V] in s.dtype, ht [B,H,K,V]
+    fp32/fp64)."""
+    if decay.beta is not None and decay.w is not e:
+        e, decay = decay.fold_beta(e)
+    keyed = decay.beta is not None
     B, T, H, K = s.shape
     V = i.shape[-1]
     dtype = state_dtype(s)
@@ -45,9 +51,13 @@ def eos_delta(s, e, i, decay: Decay, h0=None, chunk_size: int = 64):
     C = chunk_size
     pad = (-T) % C
     q, k, v, w = (x.to(dtype) for x in (s, e, i, decay.w))
+    if keyed:  # β as a [B,T,H,1] column (a static [H] broadcast over tokens)
+        beta = decay.beta.to(dtype).expand(B, T, H)[..., None]
     if pad:  # zero inputs, removal keys and log gates: the padding's transitions are the identity
         q, k, v, w = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, w))
+        beta = F.pad(beta, (0, 0, 0, 0, 0, pad)) if keyed else None
     q, k, v, w = (_chunks(x, C) for x in (q, k, v, w))  # [B,H,NC,C,D]
+    beta = _chunks(beta, C) if keyed else None  # [B,H,NC,C,1]
     L = decay.chunk_cumsum(B, T, C, dtype)[0]
     L = None if L is None else _chunks(L, C)  # [B,H,NC,C,K|1]
     lower = torch.ones(C, C, dtype=torch.bool, device=s.device).tril()
@@ -66,29 +76,47 @@ def eos_delta(s, e, i, decay: Decay, h0=None, chunk_size: int = 64):
                 out = out * pair_s
         return out.masked_fill(~mask, 0.0)
 
-    kk, ww = (k, w) if pair_k is None else (k[..., None, :, :] * pair_k, w[..., None, :, :] * pair_k)
-    A, Bm = scores(k, ww, strict), scores(k, kk, strict)
-    P, Q = scores(q, kk, lower), scores(q, ww, lower)
+    ww = w if pair_k is None else w[..., None, :, :] * pair_k
     gam = None if L is None else torch.exp(L)  # Γ_t
     gam_out = None if L is None else torch.exp(L[..., -1:, :] - L)  # Γ_out
-    k_in = k if gam is None else k * gam
-    # one solve per chunk for both right-hand sides, W̃ = T (E ⊙ Γ) and U = T B I
     eye = torch.eye(C, dtype=dtype, device=s.device)
-    sol = torch.linalg.solve_triangular(eye + A, torch.cat([k_in, Bm @ v], dim=-1), upper=False, unitriangular=True)
-    Wt, U = sol[..., :K], sol[..., K:]
-    k_out = k if gam_out is None else k * gam_out
     w_out = w if gam_out is None else w * gam_out
-    write = k_out.transpose(-1, -2) @ v  # [B,H,NC,K,V]: the known writes, independent of the state
     decay_end = None if L is None else torch.exp(L[..., -1, :])[..., :, None]  # [B,H,NC,K|1,1]
-    starts, Rs = [], []
-    for c in range(q.shape[2]):
-        starts.append(state)
-        R = Wt[:, :, c] @ state + U[:, :, c]
-        Rs.append(R)
-        nxt = state if decay_end is None else state * decay_end[:, :, c]
-        state = nxt + write[:, :, c] - w_out[:, :, c].transpose(-1, -2) @ R
-    Hc, R = torch.stack(starts, dim=2), torch.stack(Rs, dim=2)
     q_in = q if gam is None else q * gam
-    y = q_in @ Hc + P @ v - Q @ R
+    Q = scores(q, ww, lower)
+    starts, Rs = [], []
+    if keyed:
+        # fla's form: one solve for W̃ = T (β w ⊙ Γ) and T (β I); Rs holds the new values Ũ
+        A = beta * scores(w, ww, strict)
+        w_in = w if gam is None else w * gam
+        sol = torch.linalg.solve_triangular(eye + A, torch.cat([beta * w_in, beta * v], dim=-1), upper=False,
+                                            unitriangular=True)
+        Wt, U = sol[..., :K], sol[..., K:]
+        for c in range(q.shape[2]):
+            starts.append(state)
+            new = U[:, :, c] - Wt[:, :, c] @ state
+            Rs.append(new)
+            nxt = state if decay_end is None else state * decay_end[:, :, c]
+            state = nxt + w_out[:, :, c].transpose(-1, -2) @ new
+        Hc, new = torch.stack(starts, dim=2), torch.stack(Rs, dim=2)
+        y = q_in @ Hc + Q @ new
+    else:
+        kk = k if pair_k is None else k[..., None, :, :] * pair_k
+        A, Bm = scores(k, ww, strict), scores(k, kk, strict)
+        P = scores(q, kk, lower)
+        k_in = k if gam is None else k * gam
+        # one solve per chunk for both right-hand sides, W̃ = T (E ⊙ Γ) and U = T B I
+        sol = torch.linalg.solve_triangular(eye + A, torch.cat([k_in, Bm @ v], dim=-1), upper=False, unitriangular=True)
+        Wt, U = sol[..., :K], sol[..., K:]
+        k_out = k if gam_out is None else k * gam_out
+        write = k_out.transpose(-1, -2) @ v  # [B,H,NC,K,V]: the known writes, independent of the state
+        for c in range(q.shape[2]):
+            starts.append(state)
+            R = Wt[:, :, c] @ state + U[:, :, c]
+            Rs.append(R)
+            nxt = state if decay_end is None else state * decay_end[:, :, c]
+            state = nxt + write[:, :, c] - w_out[:, :, c].transpose(-1, -2) @ R
+        Hc, R = torch.stack(starts, dim=2), torch.stack(Rs, dim=2)
+        y = q_in @ Hc + P @ v - Q @ R
     y = y.permute(0, 2, 3, 1, 4).reshape(B, T + pad, H, V)[:, :T]
     return y.to(s.dtype), state
