@@ -173,7 +173,10 @@ def recurrence(s, e, i, decay: Decay, *, h0=None, output_final_state=False, cu_s
     bounds = cu_seqlens.tolist()
     for n in range(shapes.N):
         a, b = bounds[n], bounds[n + 1]
-        y, ht = run(s[:, a:b], e[:, a:b], i[:, a:b], None if h0 is None else h0[n : n + 1], decay.slice(a, b))
+        e_n, decay_n = e[:, a:b], decay.slice(a, b)
+        if decay.beta is not None:  # fla's form (same_key, kept for the torch path): w is e, sliced alike
+            decay_n = replace(decay_n, w=e_n)
+        y, ht = run(s[:, a:b], e_n, i[:, a:b], None if h0 is None else h0[n : n + 1], decay_n)
         ys.append(y)
         hts.append(ht)
     return torch.cat(ys, dim=1), (torch.cat(hts, dim=0) if output_final_state else None)

@@ -37,6 +37,12 @@ CASES = {
     "vector_v_param": ({"kind": "vector_v", "source": "param"}, {"top_k": 1}),
     "scalar_data_bias_shrink_per_memory": ({"kind": "scalar", "source": "data"}, {"per_memory": ["shrink", "expand"], "bias": True}),
     "outer_data": ({"kind": "outer", "source": "data"}, {"memories": 4, "top_k": 3}),
+    # delta memories (fla's form: beta with w = e on the dense and sparse paths, folded in the loop)
+    "delta_scalar_data_per_memory": ({"kind": "delta", "decay": {"kind": "scalar", "source": "data"},
+                                      "beta": {"source": "data", "map": "sigmoid"}},
+                                     {"per_memory": ["expand", "input", "oscillation"]}),
+    "delta_vector_k_fixed_beta": ({"kind": "delta", "decay": {"kind": "vector_k", "source": "data"},
+                                   "beta": {"source": "fixed", "value": 0.7}}, {"per_memory": ["input"]}),
 }
 
 
@@ -45,6 +51,8 @@ def test_paths_agree_on_outputs_and_every_gradient(case):
     osc, routing = CASES[case]
     data = spec(osc, **{k: v for k, v in routing.items() if k != "bias"})
     data["mixer"]["bias"] = routing.get("bias", False)
+    if osc["kind"] == "delta":  # the delta rule's keys are unit vectors (the spec checks it)
+        data["mixer"]["expand"] = {"source": "data", "norm": "l2"}
     model, mixer = mixer_of(data)
     x0 = torch.randn(B, T, D, dtype=torch.float64)
     dy = torch.randn(B, T, D, dtype=torch.float64)
@@ -260,12 +268,19 @@ def test_bench_mom_runs_small_on_the_cpu(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or the Triton interpreter")
-@pytest.mark.parametrize("path", ("dense", "sparse"))
-def test_triton_kernels_run_both_paths(path):
-    """The paths on the Triton kernels (the interpreter on the CPU): packed segments, h0 and ht."""
+@pytest.mark.parametrize("path,osc", [("dense", "vector_k"), ("sparse", "vector_k"), ("dense", "delta"), ("sparse", "delta")])
+def test_triton_kernels_run_both_paths(path, osc):
+    """The paths on the Triton kernels (the interpreter on the CPU): packed segments, h0 and ht;
+    delta memories in fla's form (beta with w = e, the varlen kernels on the sparse path)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = Model.from_spec(spec({"kind": "vector_k", "source": "data"}, memories=3, top_k=2)).to(device)
+    if osc == "delta":
+        data = spec({"kind": "delta", "decay": {"kind": "scalar", "source": "data"}, "beta": {"source": "data"}},
+                    memories=3, top_k=2, per_memory=["expand", "input", "oscillation"])
+        data["mixer"]["expand"] = {"source": "data", "norm": "l2"}
+    else:
+        data = spec({"kind": "vector_k", "source": "data"}, memories=3, top_k=2)
+    model = Model.from_spec(data).to(device)
     mixer = model.blocks[0].mixer
     with torch.no_grad():
         mixer.router.proj.weight.normal_(0.0, 1.0)
@@ -280,8 +295,10 @@ def test_triton_kernels_run_both_paths(path):
         cache = {"state": state}
         y = mixer(x, cache=cache)
         (y.square().sum() + cache["state"].sin().sum()).backward()
+        gate = getattr(mixer.oscillation, "inner", mixer.oscillation).gate  # a delta oscillation wraps its decay
+        extra = (mixer.oscillation.beta_proj.weight.grad,) if osc == "delta" else ()
         out[name] = (y, cache["state"], x.grad, state.grad, mixer.expand.proj.proj.weight.grad,
-                     mixer.oscillation.gate.proj.weight.grad)
+                     gate.proj.weight.grad, *extra)
     for a, b in zip(out[path], out["reference"]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 

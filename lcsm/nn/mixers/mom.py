@@ -27,7 +27,7 @@ computed for every token as in dense. Every path computes the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +185,6 @@ class MoMMixer(EOSMixer):
                 t = t[0] if name == "input" else t
                 if name == "expand":  # a delta rule's removal key is the expand key (one layout: the spec checks it)
                     t, decay = osc.with_expand(t)
-                    t, decay = decay.fold_beta(t)  # the memories' paths take the write key β·w formed
                 out[short] = Stream(t[:, skip:], name in self.per_memory, False)
         return out, decay.slice(skip, None)
 
@@ -193,6 +192,12 @@ class MoMMixer(EOSMixer):
         """The decay's tensors through a Stream layout: layout(stream) -> tensor."""
         per_memory = "oscillation" in self.per_memory
         return decay.map(lambda x, static: layout(Stream(x, per_memory, static)))
+
+    @staticmethod
+    def same_key(decay: Decay, e: torch.Tensor) -> Decay:
+        """A delta decay with beta whose removal key w is the expand key, laid out (and masked) as e
+        [.., H, K] was: w = e itself, so the recurrence takes fla's form (lcsm/kernels/decay.py)."""
+        return replace(decay, w=e) if decay.beta is not None else decay
 
     def set_aux(self, routed: Routed) -> None:
         stats = RoutingStats.of(routed, self.E, self.aux_weight, self.aux_scope)
@@ -227,6 +232,7 @@ class MoMMixer(EOSMixer):
         # an unchosen memory's transition is the identity at that token (o = 1; its e is 0 above)
         keep = mask[..., None].expand(B, T, M, H).reshape(B, T, M * H)
         decay = self.decay_layout(decay, lambda stream: heads(stream.dense(B, T, M, H))).masked(keep)
+        decay = self.same_key(decay, e)
         if h0 is not None:
             h0 = h0.reshape(B, M * H, K, V)
         if sp is not None and decay.delta:  # delta memories: K×K transitions, the exact entering state, then the slice
@@ -279,7 +285,7 @@ class MoMMixer(EOSMixer):
                 st[{"shrink": "s", "expand": "e", "input": "i"}[name]] = Packed(self.project_copies(getattr(self, name).proj, xc, per_memory))
 
         s, e, i = (st[n].gather(tok_s, mem_s, M, H) for n in ("s", "e", "i"))
-        decay = self.decay_layout(decay, lambda stream: stream.gather(tok_s, mem_s, M, H))
+        decay = self.same_key(self.decay_layout(decay, lambda stream: stream.gather(tok_s, mem_s, M, H)), e)
         if want_state and h0 is None:
             h0 = torch.zeros(B, M, H, K, V, device=dev, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
         h0_seg = None if h0 is None else h0[seg_b, seg_m]
@@ -317,6 +323,8 @@ class MoMMixer(EOSMixer):
         weight = weight.to(f64)
         s, e, i = (st[n].dense(B, T, M, H).to(f64) for n in ("s", "e", "i"))
         decay = self.decay_layout(decay, lambda stream: stream.dense(B, T, M, H).flatten(2, 3).to(f64))
+        if decay.beta is not None:  # the write key β·w formed: the loop below writes and reads with e
+            e, decay = e * decay.beta.unflatten(2, (M, H))[..., None], replace(decay, beta=None)
         removal = None if decay.w is None else decay.w.unflatten(2, (M, H))  # [B,T,M,H,K]: a delta rule's keys
         zero = torch.zeros(B, H, K, V, dtype=f64, device=s.device)
         states = [zero if h0 is None else h0[:, m].to(f64) for m in range(M)]
