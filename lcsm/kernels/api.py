@@ -189,8 +189,7 @@ def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seq
 
     s, e, i = s.contiguous(), e.contiguous(), i.contiguous()
     if decay.delta and same_key:
-        B, T, H = e.shape[:3]
-        beta = decay.beta.expand(B, T, H) if decay.is_static("beta") else decay.beta
+        beta = decay.beta_per_token(*e.shape[:2])
         y, ht = ops.delta(s, e, i, None, decay.g, decay.gk, h0, cu_seqlens, output_final_state, beta=beta)
     elif decay.delta:
         y, ht = ops.delta(s, e, i, decay.w, decay.g, decay.gk, h0, cu_seqlens, output_final_state)

@@ -188,6 +188,12 @@ class Decay:
             return e, self
         return e * self.beta.to(e.dtype)[..., None], replace(self, beta=None)
 
+    def beta_per_token(self, B: int, T: int) -> torch.Tensor | None:
+        """beta as [B,T,H] (a static [H] broadcast, a view); None without it."""
+        if self.beta is None:
+            return None
+        return self.beta.expand(B, T, -1) if self.is_static("beta") else self.beta
+
     def floored(self) -> "Decay":
         """Every log decay clamped at LOG_ZERO (dt and w untouched: dt ⊗ A is floored where formed)."""
         return replace(self, **{n: x.clamp_min(LOG_ZERO) for n, x in self.items() if n in ("g", "gk", "gv", "A")})

@@ -52,7 +52,7 @@ def eos_delta(s, e, i, decay: Decay, h0=None, chunk_size: int = 64):
     pad = (-T) % C
     q, k, v, w = (x.to(dtype) for x in (s, e, i, decay.w))
     if keyed:  # β as a [B,T,H,1] column (a static [H] broadcast over tokens)
-        beta = decay.beta.to(dtype).expand(B, T, H)[..., None]
+        beta = decay.beta_per_token(B, T).to(dtype)[..., None]
     if pad:  # zero inputs, removal keys and log gates: the padding's transitions are the identity
         q, k, v, w = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, w))
         beta = F.pad(beta, (0, 0, 0, 0, 0, pad)) if keyed else None

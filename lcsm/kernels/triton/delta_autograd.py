@@ -281,5 +281,5 @@ def delta_eos(q, k, v, decay: Decay, h0=None, output_final_state=False, cu_seqle
         k, decay = decay.fold_beta(k)
     if decay.beta is None:
         return DeltaEOS.apply(q, k, v, decay.w, decay.g, decay.gk, None, h0, output_final_state, cu_seqlens)
-    beta = decay.beta.expand(*k.shape[:3]) if decay.is_static("beta") else decay.beta
-    return DeltaEOS.apply(q, k, v, None, decay.g, decay.gk, beta, h0, output_final_state, cu_seqlens)
+    return DeltaEOS.apply(q, k, v, None, decay.g, decay.gk, decay.beta_per_token(*k.shape[:2]), h0,
+                          output_final_state, cu_seqlens)
