@@ -176,7 +176,7 @@ def _delta_setup_layout(q, cu_seqlens, g, gk):
 def delta_fwd(q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], g: Optional[Tensor], gk: Optional[Tensor],
               beta: Optional[Tensor], h0: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool
               ) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, ht or empty, T = (I + A)⁻¹ per chunk, fp32, which the backward reads); g not with gk.
+    """(o, ht or empty, T = (I + A)⁻¹ per chunk (dtype: solve_config), which the backward reads); g not with gk.
     With beta [B,T,H] (w None): write key β k, removal key k (fla's form, delta_autograd.py)."""
     from .triton.delta_autograd import delta_forward
 
@@ -191,7 +191,9 @@ def _(q, k, v, w, g, gk, beta, h0, cu_seqlens, output_final_state):
     B, T, H, K = q.shape
     V = v.shape[-1]
     ht = q.new_empty(_n(q, cu_seqlens), H, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0)
-    return q.new_empty(B, T, H, V), ht, q.new_empty(B, T, H, BT, dtype=torch.float32)
+    from .triton.delta_autograd import solve_config
+
+    return q.new_empty(B, T, H, V), ht, q.new_empty(B, T, H, BT, dtype=solve_config(k)[0])
 
 
 @custom_op("lcsm::delta_bwd", mutates_args=())

@@ -208,3 +208,21 @@ def test_transition_product_is_the_slice_map():
     _, S = recurrence(s.to(DEVICE), e.to(DEVICE), i.to(DEVICE), decay, output_final_state=True, backend="triton")
     _, full = eos_recurrence(s, e, i, h0=m0, output_final_state=True, backend="reference", **dec)
     assert P.shape == (1, H, K, K) and rel(P.cpu() @ m0 + S.cpu(), full) < TOL
+
+
+@pytest.mark.parametrize("prec", ["ieee", "tf32x3", "tf32"])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_solve_in_the_input_dtype(monkeypatch, prec, keyed):
+    # LCSM_DELTA_T=input keeps T = (I + A)⁻¹ in the inputs' dtype (fp16 here: the interpreter's
+    # bf16 products are wrong) and multiplies W̃ U in it; every solve precision, both forms
+    monkeypatch.setenv("LCSM_DELTA_T", "input")
+    monkeypatch.setenv("LCSM_DELTA_SOLVE", prec)
+    compare("delta_scalar", 0.3, dtype=torch.float16, tol=1e-2, seed=23, keyed=keyed, heads=1)
+
+
+@pytest.mark.parametrize("var, value", [("LCSM_DELTA_T", "bf16"), ("LCSM_DELTA_SOLVE", "fast")])
+def test_a_bad_solve_setting_is_refused_by_name(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    x = torch.randn(1, 8, 1, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=f"{var}='{value}': allowed are"):
+        eos_recurrence(x, x, x, w=x, beta=torch.rand(1, 8, 1, device=DEVICE), backend="triton")

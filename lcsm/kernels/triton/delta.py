@@ -74,7 +74,7 @@ def autotune_rw(configs, key, **hooks):
 
 @triton.jit
 def _load_sq(X, row0, r, m_r, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """Rows r of a chunk's [BT, BT] matrix stored per token X [.., T, H, BT]: [BT, BT] fp32."""
+    """Rows r of a chunk's [BT, BT] matrix stored per token X [.., T, H, BT]: [BT, BT] in X's dtype."""
     return tl.load(X + ((row0 + r)[:, None] * H + i_h) * BT + r[None, :], mask=m_r[:, None], other=0.0)
 
 
@@ -129,21 +129,23 @@ def _inv16x4(N1, N2, N3, N4):
 
 
 @triton.jit
-def _solve_store(A11, A21, A22, A31, A32, A33, A41, A42, A43, A44, Tm, row0, last, i_h, H: tl.constexpr, BT: tl.constexpr):
+def _solve_store(A11, A21, A22, A31, A32, A33, A41, A42, A43, A44, Tm, row0, last, i_h, H: tl.constexpr, BT: tl.constexpr,
+                 PREC: tl.constexpr):
     """Tm = (I + A)⁻¹ of one chunk from the ten 16×16 blocks of its strictly lower A (the diagonal
     ones strictly lower too, fp32): the diagonal blocks by forward substitution, those below from
-    T_ij = -T_ii Σ_{j<=l<i} A_il T_lj, in fp32 (ieee products: tf32 would round the inverse to 10
-    bits). Stores full rows [.., T, H, BT], zero above the diagonal."""
+    T_ij = -T_ii Σ_{j<=l<i} A_il T_lj, fp32 with products of precision PREC ("ieee": exact fp32 on the
+    FMA units; "tf32x3": three tf32 tensor-core products, close to fp32; "tf32": 10 bits). Stores
+    full rows [.., T, H, BT] in Tm's dtype, zero above the diagonal."""
     T11, T22, T33, T44 = _inv16x4(-A11, -A22, -A33, -A44)
-    T21 = -tl.dot(tl.dot(T22, A21, input_precision="ieee"), T11, input_precision="ieee")
-    T32 = -tl.dot(tl.dot(T33, A32, input_precision="ieee"), T22, input_precision="ieee")
-    T43 = -tl.dot(tl.dot(T44, A43, input_precision="ieee"), T33, input_precision="ieee")
-    T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision="ieee") + tl.dot(A32, T21, input_precision="ieee"),
-                  input_precision="ieee")
-    T42 = -tl.dot(T44, tl.dot(A42, T22, input_precision="ieee") + tl.dot(A43, T32, input_precision="ieee"),
-                  input_precision="ieee")
-    T41 = -tl.dot(T44, tl.dot(A41, T11, input_precision="ieee") + tl.dot(A42, T21, input_precision="ieee")
-                  + tl.dot(A43, T31, input_precision="ieee"), input_precision="ieee")
+    T21 = -tl.dot(tl.dot(T22, A21, input_precision=PREC), T11, input_precision=PREC)
+    T32 = -tl.dot(tl.dot(T33, A32, input_precision=PREC), T22, input_precision=PREC)
+    T43 = -tl.dot(tl.dot(T44, A43, input_precision=PREC), T33, input_precision=PREC)
+    T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC),
+                  input_precision=PREC)
+    T42 = -tl.dot(T44, tl.dot(A42, T22, input_precision=PREC) + tl.dot(A43, T32, input_precision=PREC),
+                  input_precision=PREC)
+    T41 = -tl.dot(T44, tl.dot(A41, T11, input_precision=PREC) + tl.dot(A42, T21, input_precision=PREC)
+                  + tl.dot(A43, T31, input_precision=PREC), input_precision=PREC)
     zero = tl.zeros([16, 16], dtype=tl.float32)
     _store16(Tm, T11, row0, 0, 0, last, i_h, H, BT)
     _store16(Tm, zero, row0, 0, 16, last, i_h, H, BT)
@@ -179,7 +181,8 @@ def _block16(A, beta, row0, r0, c0, last, i_h, H: tl.constexpr, BT: tl.constexpr
 @triton.jit
 def _store16(X, b, row0, r0, c0, last, i_h, H: tl.constexpr, BT: tl.constexpr):
     o = tl.arange(0, 16)
-    tl.store(X + ((row0 + r0 + o)[:, None] * H + i_h) * BT + (c0 + o)[None, :], b, mask=((r0 + o) <= last)[:, None])
+    tl.store(X + ((row0 + r0 + o)[:, None] * H + i_h) * BT + (c0 + o)[None, :], b.to(X.dtype.element_ty),
+             mask=((r0 + o) <= last)[:, None])
 
 
 @triton.jit
@@ -200,10 +203,10 @@ def _store_key_grads(dk, dw, beta, dbeta, p, m, row0, r, m_r, i_h, i_k, NTOT, b_
 # --------------------------------------------------------------------------- forward
 
 
-@autotune([triton.Config({}, num_warps=2), triton.Config({}, num_warps=4), triton.Config({}, num_warps=1)], key=["H"])
+@autotune([triton.Config({}, num_warps=2), triton.Config({}, num_warps=4), triton.Config({}, num_warps=1)], key=["H", "PREC"])
 @triton.jit(do_not_specialize=["T"])
 def delta_solve_kernel(A, beta, Tm, cu, chunk_idx, T, H: tl.constexpr, BT: tl.constexpr, BETA: tl.constexpr,
-                       IS_VARLEN: tl.constexpr):
+                       PREC: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Tm = (I + A)⁻¹ per chunk (BT = 64), A strictly lower [.., T, H, BT] fp32 (the kernel reads
     only its strict lower part; with BETA, A's rows are scaled by β [.., T, H] as read): the solve
     of _solve_store on scores computed elsewhere (a decay along K: chunk_scores_decay_kernel)."""
@@ -219,17 +222,18 @@ def delta_solve_kernel(A, beta, Tm, cu, chunk_idx, T, H: tl.constexpr, BT: tl.co
         _block16(A, beta, row0, 32, 32, last, i_h, H, BT, BETA),
         _block16(A, beta, row0, 48, 0, last, i_h, H, BT, BETA), _block16(A, beta, row0, 48, 16, last, i_h, H, BT, BETA),
         _block16(A, beta, row0, 48, 32, last, i_h, H, BT, BETA), _block16(A, beta, row0, 48, 48, last, i_h, H, BT, BETA),
-        Tm, row0, last, i_h, H, BT,
+        Tm, row0, last, i_h, H, BT, PREC,
     )
 
 
 @autotune([triton.Config({"BD": 64}, num_warps=4), triton.Config({"BD": 32}, num_warps=2),
-           triton.Config({"BD": 64}, num_warps=2), triton.Config({"BD": 128}, num_warps=4)],
-          key=["H", "D", "USE_G", "BETA", "SAME"])
+           triton.Config({"BD": 64}, num_warps=2), triton.Config({"BD": 128}, num_warps=4),
+           triton.Config({"BD": 64}, num_warps=1), triton.Config({"BD": 32}, num_warps=1)],
+          key=["H", "D", "USE_G", "BETA", "SAME", "PREC"])
 @triton.jit(do_not_specialize=["T"])
 def delta_kkt_solve_kernel(a, b, beta, g, gs, Tm, cu, chunk_idx, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                            BD: tl.constexpr, USE_G: tl.constexpr, G_STATIC: tl.constexpr, BETA: tl.constexpr,
-                           SAME: tl.constexpr, IS_VARLEN: tl.constexpr):
+                           SAME: tl.constexpr, PREC: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Tm = (I + A)⁻¹ with A = strict_lower((a bᵀ) ⊙ exp(G_t - G_j)) (row-scaled by β with BETA)
     formed here, one chunk per program, for no decay or a scalar one: the scores and the solve in one
     pass (with a decay along K the scores come from chunk_scores_decay_kernel and delta_solve_kernel).
@@ -298,7 +302,7 @@ def delta_kkt_solve_kernel(a, b, beta, g, gs, Tm, cu, chunk_idx, T, H: tl.conste
         A21, A22 = A21 * be2, A22 * be2
         A31, A32, A33 = A31 * be3, A32 * be3, A33 * be3
         A41, A42, A43, A44 = A41 * be4, A42 * be4, A43 * be4, A44 * be4
-    _solve_store(A11, A21, A22, A31, A32, A33, A41, A42, A43, A44, Tm, row0, last, i_h, H, BT)
+    _solve_store(A11, A21, A22, A31, A32, A33, A41, A42, A43, A44, Tm, row0, last, i_h, H, BT, PREC)
 
 
 @autotune(
@@ -313,9 +317,10 @@ def delta_wu_kernel(
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
     BETA: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """W̃ = T (k ⊙ Γ) and U = T B v for one chunk (T, B from their buffers; fp32 products). With
-    BETA (e = β w, k the key w): W̃ = T (β k ⊙ Γ) and U = T (β v), the values each token writes
-    before the state's part is taken off (B is not read)."""
+    """W̃ = T (k ⊙ Γ) and U = T B v for one chunk (T, B from their buffers), the products in T's
+    dtype (fp32 T: tf32; bf16 T: bf16, fp32 sums). With BETA (e = β w, k the key w):
+    W̃ = T (β k ⊙ Γ) and U = T (β v), the values each token writes before the state's part is taken
+    off (B is not read)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bos, Tn, i_tl, i_c = _chunk_coords(i_t, i_b, T, cu, chunk_idx, BT, IS_VARLEN)
@@ -336,7 +341,7 @@ def delta_wu_kernel(
             b_k *= tl.exp(_gate(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC))
         if USE_G:
             b_k *= tl.exp(_gate_scalar(g, gs, row0, r, last, i_h, H, G_STATIC))[:, None]
-        b_w = tl.dot(b_T, b_k)
+        b_w = tl.dot(b_T, b_k.to(b_T.dtype))
         tl.store(Wt + ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :], b_w.to(Wt.dtype.element_ty), mask=m_r[:, None] & m_k[None, :])
     if not BETA:
         b_B = tl.where(r[:, None] > r[None, :], _load_sq(Bm, row0, r, m_r, i_h, H, BT), 0.0)
@@ -345,9 +350,9 @@ def delta_wu_kernel(
         m_v = o_v < V
         b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V).to(tl.float32)
         if BETA:
-            b_u = tl.dot(b_T, b_v * b_beta[:, None])
+            b_u = tl.dot(b_T, (b_v * b_beta[:, None]).to(b_T.dtype))
         else:
-            b_u = tl.dot(b_T, tl.dot(b_B, b_v))
+            b_u = tl.dot(b_T, tl.dot(b_B, b_v).to(b_T.dtype))
         tl.store(U + ((row0 + r)[:, None] * H + i_h) * V + o_v[None, :], b_u.to(U.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
 
 
@@ -524,7 +529,7 @@ def delta_bwd_local_kernel(
     last = tl.minimum(BT, Tn - i_tl * BT) - 1
     r = tl.arange(0, BT)
     m_r = r <= last
-    b_Tt = tl.trans(_load_sq(Tm, row0, r, m_r, i_h, H, BT))
+    b_Tt = tl.trans(_load_sq(Tm, row0, r, m_r, i_h, H, BT).to(tl.float32))
     if USE_GK:
         b_Q = _load_sq(Q, row0, r, m_r, i_h, H, BT)
     else:

@@ -3,12 +3,14 @@
 Shares the separable forms' bookkeeping (autograd.py): Layout (chunk coordinates, varlen),
 Gates (chunk cumsum of the log decays, static gates), chunk_scores (the decayed score matrices)
 and gate_grad (the gate gradient assembled within each chunk). The forward keeps only T = (I + A)⁻¹
-(fp32) for the backward, which recomputes W̃, U, the chunk states and R. With beta (w the key k
+(fp32, or the input's dtype: solve_config) for the backward, which recomputes W̃, U, the chunk states and R. With beta (w the key k
 itself, as the model's delta oscillation calls it) both passes take fla's form (delta_forward,
 keyed_backward).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -18,6 +20,24 @@ from . import delta as td
 from .autograd import Gates, Layout, chunk_scores, gate_grad, gate_grad_parts, state_buffer_dtype
 
 BT, BC = 64, 16  # the chunk (the solve is written for 64 = four 16-row blocks) and its sub-chunks
+T_DTYPES = ("fp32", "input")
+SOLVE_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def solve_config(k: torch.Tensor) -> tuple[torch.dtype, str]:
+    """(the dtype of T = (I + A)⁻¹, the precision of the solve's 16×16 block products).
+
+    LCSM_DELTA_T: "input" (default: k's dtype, as fla-core keeps it; half the traffic of T and the
+    W̃U products in bf16) or "fp32"; LCSM_DELTA_SOLVE: "tf32x3" (default: three tf32 tensor-core
+    products, close to fp32), "ieee" (fp32 on the FMA units) or "tf32". Read on every call, so that
+    scripts/delta_solve_ab.py can set them side by side in one process; docs/benchmarks.md has what
+    each costs and what it does to the bf16 error."""
+    t, prec = os.environ.get("LCSM_DELTA_T", "input"), os.environ.get("LCSM_DELTA_SOLVE", "tf32x3")
+    if t not in T_DTYPES:
+        raise ValueError(f"LCSM_DELTA_T={t!r}: allowed are {', '.join(T_DTYPES)}")
+    if prec not in SOLVE_PRECISIONS:
+        raise ValueError(f"LCSM_DELTA_SOLVE={prec!r}: allowed are {', '.join(SOLVE_PRECISIONS)}")
+    return (torch.float32 if t == "fp32" or not k.dtype.is_floating_point else k.dtype), prec
 
 
 def _scores(a, b, gates: Gates, lay: Layout) -> torch.Tensor:
@@ -35,28 +55,32 @@ def _full_k(K: int) -> int:
     return max(16, triton.next_power_of_2(K))
 
 
-def solve(A: torch.Tensor, lay: Layout, beta=None) -> torch.Tensor:
-    """T = (I + strict_lower(A))⁻¹ per chunk, [B,T,H,BT] fp32; with beta [B,T,H], of diag(β) A."""
+def solve(A: torch.Tensor, lay: Layout, config: tuple[torch.dtype, str], beta=None) -> torch.Tensor:
+    """T = (I + strict_lower(A))⁻¹ per chunk, [B,T,H,BT] (dtype: solve_config); with beta
+    [B,T,H], of diag(β) A."""
     B, T, H = A.shape[:3]
-    Tm = torch.empty_like(A)
+    dtype, prec = config
+    Tm = torch.empty(A.shape, dtype=dtype, device=A.device)
     nt, nbh = lay.chunk_grid(H)
     td.delta_solve_kernel[(nt, nbh)](A, beta, Tm, lay.cu, lay.chunk_idx, T, H=H, BT=BT, BETA=beta is not None,
-                                     IS_VARLEN=lay.varlen)
+                                     PREC=prec, IS_VARLEN=lay.varlen)
     return Tm
 
 
 def kkt_solve(a, b, gates: Gates, lay: Layout, beta=None) -> torch.Tensor:
-    """T = (I + diag(β) strict_lower(M^{ab}))⁻¹ per chunk, [B,T,H,BT] fp32, the scores formed in
-    the solve's own kernel (no decay or a scalar one; b may be a itself); with a decay along K
-    the scores are a kernel of their own (chunk_scores) and `solve` reads them."""
+    """T = (I + diag(β) strict_lower(M^{ab}))⁻¹ per chunk, [B,T,H,BT] (dtype: solve_config), the
+    scores formed in the solve's own kernel (no decay or a scalar one; b may be a itself); with a
+    decay along K the scores are a kernel of their own (chunk_scores) and `solve` reads them."""
+    config = solve_config(a)
     if gates.use["gk"]:
-        return solve(_scores(a, b, gates, lay), lay, beta)
+        return solve(_scores(a, b, gates, lay), lay, config, beta)
     B, T, H, K = a.shape
-    Tm = torch.empty(B, T, H, BT, dtype=torch.float32, device=a.device)
+    Tm = torch.empty(B, T, H, BT, dtype=config[0], device=a.device)
     nt, nbh = lay.chunk_grid(H)
     td.delta_kkt_solve_kernel[(nt, nbh)](
         a, b, beta, gates.cum["g"], gates.stat["g"], Tm, lay.cu, lay.chunk_idx, T, H=H, D=K, BT=BT,
-        USE_G=gates.use["g"], G_STATIC=gates.static["g"], BETA=beta is not None, SAME=a is b, IS_VARLEN=lay.varlen,
+        USE_G=gates.use["g"], G_STATIC=gates.static["g"], BETA=beta is not None, SAME=a is b, PREC=config[1],
+        IS_VARLEN=lay.varlen,
     )
     return Tm
 
@@ -118,7 +142,7 @@ class Prepared:
 
 
 def delta_forward(q, k, v, w, gates: Gates, h0, lay: Layout, store_ht: bool, beta=None):
-    """Returns (o [B,T,H,V] in q.dtype, ht or None, T [B,T,H,BT] fp32).
+    """Returns (o [B,T,H,V] in q.dtype, ht or None, T [B,T,H,BT] in solve_config's dtype).
 
     With beta [B,T,H] the write key is β k and the removal key k itself (w is not read): fla's
     form, in which the scores k kᵀ, T, W̃ = T (β k ⊙ Γ), U = T (β v) and the new values
