@@ -17,16 +17,9 @@ import os
 
 import torch
 
-from lcsm.bench.kernels import BETAS, _rel, delta_case, fwd_bwd, timed
+from lcsm.bench.kernels import BETAS, _rel, delta_case, fwd_bwd, leaf_grads, timed
 
 SETTINGS = [("fp32", "ieee"), ("fp32", "tf32x3"), ("input", "ieee"), ("input", "tf32x3"), ("input", "tf32")]
-
-
-def grads(op, leaves, dy, dtype):
-    x = [t.detach().to(dtype if dtype == torch.float64 or t.dtype != torch.float32 else t.dtype).clone().requires_grad_()
-         for t in leaves]
-    y = op(*x)
-    return [y.detach()] + [g.detach() for g in torch.autograd.grad(y, x, dy.to(y.dtype))]
 
 
 def errors(form, shape, settings, scales=(1e-3, 5.0)) -> dict:
@@ -37,11 +30,11 @@ def errors(form, shape, settings, scales=(1e-3, 5.0)) -> dict:
         for beta in BETAS:
             leaves, ours, _ = delta_case(form, B, T, H, D, torch.bfloat16, "cuda", scale=scale, seed=1, beta=beta)
             dy = torch.randn(B, T, H, D, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda")
-            per_b = [grads(ours("torch"), [t[b:b + 1] for t in leaves], dy[b:b + 1], torch.float64) for b in range(B)]
+            per_b = [leaf_grads(ours("torch"), [t[b:b + 1] for t in leaves], dy[b:b + 1], torch.float64) for b in range(B)]
             oracle = [torch.cat(xs) for xs in zip(*per_b)]
             for s in settings:
                 os.environ["LCSM_DELTA_T"], os.environ["LCSM_DELTA_SOLVE"] = s
-                got = grads(ours("triton"), leaves, dy, torch.bfloat16)
+                got = leaf_grads(ours("triton"), leaves, dy, torch.bfloat16)
                 bad = not all(bool(torch.isfinite(a).all()) for a in got)
                 worst[s] = max(worst[s], float("inf") if bad else max(_rel(a, b) for a, b in zip(got, oracle)))
             del oracle, per_b

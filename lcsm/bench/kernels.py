@@ -419,6 +419,15 @@ def time_delta_form(form, shape, device, bandwidth: float, dtype=torch.bfloat16,
     return row
 
 
+def leaf_grads(op, leaves, dy, dt) -> list[torch.Tensor]:
+    """[y, then the gradient of every leaf] of op(*leaves) against dy, the leaves cast to dt (fp32
+    gates stay fp32 unless dt is fp64): what check_delta_form compares with the fp64 oracle."""
+    x = [t.detach().to(dt if dt == torch.float64 or t.dtype != torch.float32 else t.dtype).clone().requires_grad_()
+         for t in leaves]
+    y = op(*x)
+    return [y.detach()] + [g.detach() for g in torch.autograd.grad(y, x, dy.to(y.dtype))]
+
+
 def check_delta_form(form, shape, device, scale=None, with_fla=True, with_ours=True, dtype=torch.bfloat16,
                      beta: str = "sigmoid"):
     """check_form for a delta form: relative errors of the bf16 output and the gradients of q, k, v, β
@@ -427,25 +436,19 @@ def check_delta_form(form, shape, device, scale=None, with_fla=True, with_ours=T
     leaves, ours, fla = delta_case(form, B, T, H, D, dtype, device, scale=scale, seed=1, beta=beta)
     dy = torch.randn(B, T, H, D, generator=torch.Generator(device=device).manual_seed(2), device=device)
 
-    def grads_of(op, leaves, dy, dt):
-        x = [t.detach().to(dt if dt == torch.float64 or t.dtype != torch.float32 else t.dtype).clone().requires_grad_()
-             for t in leaves]
-        y = op(*x)
-        return [y.detach()] + [g.detach() for g in torch.autograd.grad(y, x, dy.to(y.dtype))]
-
-    per_b = [grads_of(ours("torch"), [t[b:b + 1] for t in leaves], dy[b:b + 1], torch.float64) for b in range(B)]
+    per_b = [leaf_grads(ours("torch"), [t[b:b + 1] for t in leaves], dy[b:b + 1], torch.float64) for b in range(B)]
     oracle = [torch.cat(xs) for xs in zip(*per_b)]
     labels = ["y", "dq", "dk", "dv", "dbeta"] + ([] if DELTA_GATE[form] is None else [f"d{DELTA_GATE[form]}"])
     res = {"form": form, "shape": shape, "scale": scale, "beta": beta}
     if with_ours:
-        got = grads_of(ours("triton"), leaves, dy, dtype)
+        got = leaf_grads(ours("triton"), leaves, dy, dtype)
         res["ours"] = dict(zip(labels, (_rel(a, b) for a, b in zip(got, oracle))))
         finite = all(bool(torch.isfinite(a).all()) for a in got)
         res["ours"]["finite"] = float(finite)
         del got
     if with_fla and fla is not None:
         try:
-            got = grads_of(fla, leaves, dy, dtype)
+            got = leaf_grads(fla, leaves, dy, dtype)
             res["fla"] = dict(zip(labels, (_rel(a, b) for a, b in zip(got, oracle))))
         except Exception as err:
             res["fla"] = f"error: {type(err).__name__}"

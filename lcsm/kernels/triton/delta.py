@@ -9,7 +9,8 @@ e, i, w; G the chunk-local inclusive cumsum of the log decay, Γ = exp(G), Γ_ou
 L the chunk's last row, and M^{xy}_{tj} = Σ_k x_tk y_jk exp(G_tk - G_jk) the decayed scores):
 
     A = strict_lower(M^{kw}), B = strict_lower(M^{kk}), P = lower(M^{qk}), Q = lower(M^{qw})
-    T = (I + A)⁻¹                                 (delta_solve_kernel: 16×16 blocks, fp32)
+    T = (I + A)⁻¹                                 (delta_solve_kernel: 16×16 blocks in fp32,
+                                                   stored in the inputs' dtype: solve_config)
     W̃ = T (K ⊙ Γ),  U = T B V                     (delta_wu_kernel)
     R = W̃ H + U                                   (the values read before each write)
     H_next = exp(G_L) ⊙ H + (K ⊙ Γ_out)ᵀ V - (W ⊙ Γ_out)ᵀ R       (delta_state_fwd_kernel, sequential)

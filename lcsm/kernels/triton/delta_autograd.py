@@ -3,9 +3,9 @@
 Shares the separable forms' bookkeeping (autograd.py): Layout (chunk coordinates, varlen),
 Gates (chunk cumsum of the log decays, static gates), chunk_scores (the decayed score matrices)
 and gate_grad (the gate gradient assembled within each chunk). The forward keeps only T = (I + A)⁻¹
-(fp32, or the input's dtype: solve_config) for the backward, which recomputes W̃, U, the chunk states and R. With beta (w the key k
-itself, as the model's delta oscillation calls it) both passes take fla's form (delta_forward,
-keyed_backward).
+(in the inputs' dtype, or fp32: solve_config) for the backward, which recomputes W̃, U, the chunk
+states and R. With beta (w the key k itself, as the model's delta oscillation calls it) both passes
+take fla's form (delta_forward, keyed_backward).
 """
 
 from __future__ import annotations
