@@ -62,6 +62,31 @@ class Checkpointing(Base):
     every: int = Field(1, ge=1, description="checkpoint every N-th block (1: all of them)")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
+
+
+class Compile(Base):
+    """torch.compile of every block (`compile: true` is `compile: {mode: default}`)."""
+
+    mode: Literal[COMPILE_MODES] = Field(
+        "default", description="torch.compile's mode: default; reduce-overhead (CUDA graphs: the host leaves the "
+        "step, one process only); max-autotune (CUDA graphs and Inductor's GEMM tuning: long first steps); "
+        "max-autotune-no-cudagraphs")
+
+    @property
+    def graphs(self) -> bool:
+        return self.mode in GRAPH_MODES
+
+    def problem_with(self, world: int) -> str | None:
+        """Why this setting cannot run on `world` processes (None if it can): lcsm has not run CUDA
+        graphs under DDP or FSDP, whose communication hooks sit between the compiled blocks."""
+        if self.graphs and world > 1:
+            return (f"mode '{self.mode}' captures CUDA graphs, which lcsm runs in one process only (this run has "
+                    f"{world}); with several ranks use compile: true")
+        return None
+
+
 class Parallel(Base):
     """The device mesh: world size = data × sequence; how the data ranks hold the weights (docs/parallel.md)."""
 
@@ -116,7 +141,8 @@ class Recipe(Base):
                                "strategy (launch with torchrun or --nproc)")
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step: the batch_size rows are split into "
                             "this many forward/backward passes (less activation memory, the same step)")
-    compile: bool = Field(False, description="torch.compile each block (the recurrence is one custom op); first steps compile")
+    compile: Compile | None = Field(None, description="torch.compile each block (the recurrence is one custom op); first "
+                                    "steps compile. true (mode default), or {mode: reduce-overhead} for CUDA graphs")
     checkpointing: Checkpointing | None = Field(None, description="activation checkpointing of blocks, e.g. {every: 1}")
 
     @field_validator("device")
@@ -125,6 +151,18 @@ class Recipe(Base):
         if not DEVICE.match(v):
             raise ValueError(f"unknown device '{v}'; allowed: auto, cpu, cuda, cuda:N, mps")
         return v
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v):
+        # true and false as well as the options: `compile: true` is {mode: default}, false is eager
+        if v is True:
+            return {}
+        if v is False or v is None:
+            return None
+        if isinstance(v, (dict, Compile)):
+            return v
+        raise ValueError(f"true, false or {{mode: ...}} (got {v!r})")
 
     @model_validator(mode="after")
     def _length_and_vocab(self):
@@ -145,6 +183,8 @@ class Recipe(Base):
         if self.batch_size % (self.accumulate * self.parallel.data):
             raise FieldError("accumulate", f"accumulate × parallel.data = {self.accumulate} × {self.parallel.data} must "
                              f"divide batch_size = {self.batch_size} (every micro-batch splits evenly over the data ranks)")
+        if self.compile is not None and self.compile.problem_with(self.parallel.sequence * self.parallel.data):
+            raise FieldError("compile", self.compile.problem_with(self.parallel.sequence * self.parallel.data))
         if self.parallel.sequence > 1 and getattr(self.task, "packing", None) == "documents":
             raise FieldError(("parallel", "sequence"), "packed documents (task.packing: documents) do not run under sequence "
                              "parallelism; use sequence: 1 or task.packing: windows")

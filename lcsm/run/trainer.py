@@ -461,6 +461,9 @@ def train(
     precision = resolve_precision(recipe.precision, device)
     if recipe.backend == "triton" and device.type != "cuda":
         raise RecipeError(f"backend: 'triton' needs a CUDA device (device is {device}); use backend: auto or torch")
+    compiled = recipe.compile
+    if compiled is not None and grid is not None and compiled.problem_with(grid.world):  # torchrun or --nproc
+        raise RecipeError(f"compile: {compiled.problem_with(grid.world)}")
     check_recipe_size(recipe, device)  # absurd sizes fail here, before anything is allocated
     threads = torch.get_num_threads()
     if recipe.threads:
@@ -517,8 +520,10 @@ def train(
         model.train()
         if recipe.checkpointing is not None:
             model.checkpoint_every = recipe.checkpointing.every
-        if recipe.compile:
-            model.compile_blocks()
+        if compiled is not None:
+            if compiled.graphs and device.type != "cuda":
+                note(f"compile.mode '{compiled.mode}': CUDA graphs need a CUDA device; on {device.type} the blocks compile without them")
+            model.compile_blocks(**({} if compiled.mode == "default" else {"mode": compiled.mode}))
         try:
             spe = Batches(data, recipe.batch_size, recipe.seed).steps_per_epoch
         except TaskError as e:

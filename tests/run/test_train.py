@@ -170,3 +170,25 @@ def test_cli_errors_exit_2_with_one_clear_line(tmp_path, capsys):
     assert "no such run directory" in cli_error(["eval", str(tmp_path / "nope")], capsys)
     assert "vocabulary" in cli_error(["eval", str(tmp_path / "run"), "--task", "selective_copying"], capsys)
     assert "no metrics.jsonl" in cli_error(["plot", str(tmp_path)], capsys)
+
+
+@pytest.mark.parametrize("setting, options", [(True, {}), ({"mode": "reduce-overhead"}, {"mode": "reduce-overhead"}),
+                                              (False, None)])
+def test_the_compile_setting_reaches_the_blocks(tmp_path, monkeypatch, setting, options):
+    # torch.compile itself is tests/nn/test_compile.py's; here: what `compile:` asks of the model
+    seen = []
+    monkeypatch.setattr(Model, "compile_blocks", lambda self, **o: seen.append(o) or self)
+    result = train(load_recipe(tiny(tmp_path, steps=2, eval_every=2, compile=setting)), quiet=True)
+    assert result.status == "done" and seen == ([] if options is None else [options])
+    graphs_note = [n for n in result.notes if "CUDA graphs need a CUDA device" in n]
+    assert len(graphs_note) == (setting == {"mode": "reduce-overhead"})
+
+
+def test_cuda_graphs_are_refused_on_several_ranks(tmp_path):
+    with pytest.raises(RecipeError, match=r"compile: mode 'reduce-overhead' captures CUDA graphs, which lcsm runs in "
+                                          r"one process only \(this run has 2\); with several ranks use compile: true"):
+        load_recipe(tiny(tmp_path, compile={"mode": "reduce-overhead"}, parallel={"data": 2}))
+    with pytest.raises(RecipeError, match=r"compile.mode: 'fast' is not allowed; allowed: default, reduce-overhead"):
+        load_recipe(tiny(tmp_path, compile={"mode": "fast"}))
+    with pytest.raises(RecipeError, match=r"compile: true, false or \{mode: \.\.\.\} \(got 'often'\)"):
+        load_recipe(tiny(tmp_path, compile="often"))
