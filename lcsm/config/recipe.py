@@ -78,6 +78,10 @@ class Compile(Base):
     def graphs(self) -> bool:
         return self.mode in GRAPH_MODES
 
+    def options(self) -> dict:
+        """torch.compile's keywords for Model.compile_blocks."""
+        return {} if self.mode == "default" else {"mode": self.mode}
+
     def problem_with(self, world: int) -> str | None:
         """Why this setting cannot run on `world` processes (None if it can): lcsm has not run CUDA
         graphs under DDP or FSDP, whose communication hooks sit between the compiled blocks."""
@@ -183,8 +187,9 @@ class Recipe(Base):
         if self.batch_size % (self.accumulate * self.parallel.data):
             raise FieldError("accumulate", f"accumulate × parallel.data = {self.accumulate} × {self.parallel.data} must "
                              f"divide batch_size = {self.batch_size} (every micro-batch splits evenly over the data ranks)")
-        if self.compile is not None and self.compile.problem_with(self.parallel.sequence * self.parallel.data):
-            raise FieldError("compile", self.compile.problem_with(self.parallel.sequence * self.parallel.data))
+        problem = self.compile and self.compile.problem_with(self.parallel.sequence * self.parallel.data)
+        if problem:
+            raise FieldError("compile", problem)
         if self.parallel.sequence > 1 and getattr(self.task, "packing", None) == "documents":
             raise FieldError(("parallel", "sequence"), "packed documents (task.packing: documents) do not run under sequence "
                              "parallelism; use sequence: 1 or task.packing: windows")

@@ -462,8 +462,9 @@ def train(
     if recipe.backend == "triton" and device.type != "cuda":
         raise RecipeError(f"backend: 'triton' needs a CUDA device (device is {device}); use backend: auto or torch")
     compiled = recipe.compile
-    if compiled is not None and grid is not None and compiled.problem_with(grid.world):  # torchrun or --nproc
-        raise RecipeError(f"compile: {compiled.problem_with(grid.world)}")
+    problem = compiled and grid is not None and compiled.problem_with(grid.world)  # several ranks: torchrun, --nproc
+    if problem:
+        raise RecipeError(f"compile: {problem}")
     check_recipe_size(recipe, device)  # absurd sizes fail here, before anything is allocated
     threads = torch.get_num_threads()
     if recipe.threads:
@@ -523,7 +524,7 @@ def train(
         if compiled is not None:
             if compiled.graphs and device.type != "cuda":
                 note(f"compile.mode '{compiled.mode}': CUDA graphs need a CUDA device; on {device.type} the blocks compile without them")
-            model.compile_blocks(**({} if compiled.mode == "default" else {"mode": compiled.mode}))
+            model.compile_blocks(**compiled.options())
         try:
             spe = Batches(data, recipe.batch_size, recipe.seed).steps_per_epoch
         except TaskError as e:
