@@ -393,6 +393,9 @@ def _launch(args, recipe) -> int:
     if recipe.batch_size % (recipe.accumulate * data):
         raise UsageError(f"--nproc {n}: accumulate × parallel.data = {recipe.accumulate} × {data} must divide "
                          f"batch_size = {recipe.batch_size}")
+    problem = recipe.compile and recipe.compile.problem_with(n)
+    if problem:
+        raise UsageError(f"--nproc {n}: compile: {problem}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lcsm.cli", "train"]
     cmd += [args.recipe] if args.recipe else []
     cmd += [a for x in sets for a in ("--set", x)]

@@ -184,7 +184,11 @@ def test_the_compile_setting_reaches_the_blocks(tmp_path, monkeypatch, setting, 
     assert len(graphs_note) == (setting == {"mode": "reduce-overhead"})
 
 
-def test_cuda_graphs_are_refused_on_several_ranks(tmp_path):
+def test_cuda_graphs_are_refused_on_several_ranks(tmp_path, capsys):
+    # --nproc: before torchrun is launched (a torchrun start of its own meets the same check in train())
+    out = f"out_dir={tmp_path}/x"
+    assert "--nproc 2: compile: mode 'reduce-overhead' captures CUDA graphs" in cli_error(
+        ["train", "--nproc", "2", "--set", "compile.mode=reduce-overhead", "--set", out], capsys)
     with pytest.raises(RecipeError, match=r"compile: mode 'reduce-overhead' captures CUDA graphs, which lcsm runs in "
                                           r"one process only \(this run has 2\); with several ranks use compile: true"):
         load_recipe(tiny(tmp_path, compile={"mode": "reduce-overhead"}, parallel={"data": 2}))
