@@ -19,7 +19,7 @@ import torch
 
 from lcsm.bench import common
 from lcsm.bench.common import BenchError, resized
-from lcsm.config.recipe import Optimizer, Schedule
+from lcsm.config.recipe import Compile, Optimizer, Schedule
 from lcsm.config.spec import ModelSpec
 from lcsm.kernels import state_segments
 from lcsm.nn.model import Model
@@ -37,7 +37,7 @@ DEFAULT_SHAPES = "8x2048,2x8192,1x32768"
 VARIANT_PARTS = {
     "eager": {},
     "compile": {"compile": {}},
-    "graphs": {"compile": {"mode": "reduce-overhead"}},
+    "graphs": {"compile": {"mode": "reduce-overhead"}},  # a recipe's compile setting, as in the YAML
     "segments": {"state_segments": "auto"},
 }
 
@@ -50,6 +50,10 @@ def parse_variant(name: str) -> dict:
             raise BenchError(f"--variants: {part!r} is not one of {', '.join(VARIANT_PARTS)} (join them with '+')")
         out.update(VARIANT_PARTS[part])
     return out
+
+
+def _compile(setting: dict) -> Compile | None:
+    return None if "compile" not in setting else Compile(**setting["compile"])
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -106,20 +110,19 @@ def _timed(step, steps: int, warmup: int, device: torch.device, profile: int, pe
 
 
 def measure(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-            compile: bool | dict = False, profile: int = 0, state_segments_setting: str | None = None) -> dict:
+            compile: Compile | None = None, profile: int = 0, state_segments_setting: str | None = None) -> dict:
     """Mean time of `steps` Trainer steps on random tokens [batch, seq] after `warmup` steps (and
-    with profile > 0 the per-kernel profile of that many more). compile: True or torch.compile's
-    options for Model.compile_blocks; state_segments_setting: LCSM_STATE_SEGMENTS for this run."""
+    with profile > 0 the per-kernel profile of that many more). compile: a recipe's compile setting
+    (None: eager); state_segments_setting: LCSM_STATE_SEGMENTS for this run."""
     with state_segments(state_segments_setting):
         return _measure(spec, batch, seq, steps, warmup, device, compile, profile)
 
 
 def _measure(spec, batch, seq, steps, warmup, device, compile, profile) -> dict:
     torch.manual_seed(0)
-    options = {} if compile is True else compile
     model = Model(spec).to(device)
-    if compile is not False:
-        model.compile_blocks(dynamic=False, **options)
+    if compile is not None:
+        model.compile_blocks(dynamic=False, **compile.options())
     precision = "bf16" if device.type == "cuda" else "fp32"
     trainer = Trainer(model, OPTIMIZER, SCHEDULE, warmup + steps, device=device, precision=precision)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
@@ -131,7 +134,7 @@ def _measure(spec, batch, seq, steps, warmup, device, compile, profile) -> dict:
 
     # CUDA graphs keep their memory in a pool taken while recording (in the warm-up): a peak of
     # the timed steps alone would leave it out
-    graphs = compile is not False and options.get("mode") == "reduce-overhead"
+    graphs = compile is not None and compile.graphs
     out = _timed(step, steps, warmup, device, profile, peak_from_start=graphs)
     return {"params_M": model.num_parameters() / 1e6, "tokens_per_s": batch * seq / (out["ms_per_step"] / 1e3),
             "loss": losses[-1], **out}
@@ -209,7 +212,7 @@ def run(args) -> int:
         for spec in specs:
             for variant, setting in settings.items():
                 run_one = (lambda spec=spec, setting=setting: measure(
-                    spec, batch, seq, args.steps, args.warmup, device, setting.get("compile", False), args.profile,
+                    spec, batch, seq, args.steps, args.warmup, device, _compile(setting), args.profile,
                     setting.get("state_segments")))
                 row = {"model": spec.name, "impl": "lcsm", "variant": variant, "B": batch, "T": seq,
                        **common.guard(run_one, catch_all=True)}
