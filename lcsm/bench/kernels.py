@@ -260,18 +260,30 @@ def profile_form(form, shape, device, dtype=torch.bfloat16, steps: int = 5) -> s
 
 
 def tuned_configs() -> str:
-    """The configuration each of our autotuned kernels settled on, per key."""
+    """The configuration each of our autotuned kernels settled on, per key, and the time of every
+    configuration its last tuning in this process measured (an A/B of the tile and code-path choices
+    from one run: the tuner's own do_bench, same inputs)."""
     from lcsm.kernels.triton import chunk as triton_chunk
+    from lcsm.kernels.triton import delta as triton_delta
     from lcsm.kernels.triton import scan as triton_scan
 
     lines = []
-    for mod in (triton_chunk, triton_scan):
+    for mod in (triton_chunk, triton_scan, triton_delta):
         for name, obj in vars(mod).items():
             cache = getattr(obj, "cache", None)
             if isinstance(cache, dict) and cache:
                 for key, cfg in cache.items():
                     lines.append(f"  tuned {name} {key}: {cfg}")
+                timings = getattr(obj, "configs_timings", None) or {}
+                # a tuning read back from Triton's cache gives no timings
+                for cfg, ms in sorted(timings.items(), key=lambda kv: _first(kv[1])) if isinstance(timings, dict) else ():
+                    lines.append(f"    {_first(ms):8.4f} ms  {cfg}")
     return "\n".join(lines)
+
+
+def _first(ms) -> float:
+    # do_bench answers a float, or a list (median and quantiles) in some Triton releases
+    return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
 
 
 # --------------------------------------------------------------------------- correctness

@@ -35,9 +35,10 @@ def layer_spec(base: str, d_model: int, heads: int, routing: dict | None) -> Mod
     return common.validated(data, f"lcsm bench mom --model {base}")
 
 
-def time_layer(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device, dtype) -> dict:
+def time_layer(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, device, dtype, profile: int = 0) -> dict:
     """Mean ms of the token mixer's forward (no grad) and of its forward + backward (gradients of
-    x [batch, seq, d_model] and of the weights), on the host clock."""
+    x [batch, seq, d_model] and of the weights), on the host clock; with profile > 0 also the
+    per-kernel device time of that many more forward + backward calls (common.kernel_profile)."""
     torch.manual_seed(0)
     ctx = LayerContext(spec.d_model, spec.n_heads, layer_idx=0, n_layers=1, norm_eps=spec.norm_eps)
     mixer = build_mixer(spec.mixer, ctx).to(device)
@@ -65,6 +66,8 @@ def time_layer(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, d
         common.reset_peak(device)
         forward_backward()
         out["peak_GiB"] = common.peak_gib(device)
+    if profile:
+        out["profile"] = common.kernel_profile(forward_backward, profile, device)
     return out
 
 
@@ -133,6 +136,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--small", action="store_true", help="a tiny shape for the CPU: B=2, T=128, d_model 64, 2 heads, fp32")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N more forward + backward calls of every layer with torch.profiler: device "
+                        "time per kind of kernel side by side, and each layer's longest kernels")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--table", nargs="+", metavar="RUN",
                    help="instead of timing: the MQAR comparison table of finished runs (e.g. runs/mqar_mom_256 runs/mqar_mom_single_256)")
@@ -144,7 +150,7 @@ def run(args) -> int:
     if args.table:
         return table(args.table, args.json)
     common.positive(args, "batch", "seq", "d_model", "heads", "memories", "top_k", "steps")
-    common.non_negative(args, "warmup")
+    common.non_negative(args, "warmup", "profile")
     if args.small:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         args.batch, args.seq, args.d_model, args.heads, args.steps, args.warmup = 2, 128, 64, 2, 2, 1
@@ -161,9 +167,10 @@ def run(args) -> int:
     specs = [(label, layer_spec(args.model, args.d_model, args.heads, r)) for label, r in configs]  # all checked first
     rows = []
     for label, spec in specs:
-        row = {"layer": label, **common.guard(lambda spec=spec: time_layer(spec, args.batch, args.seq, args.steps, args.warmup, device, dtype))}
+        row = {"layer": label, **common.guard(lambda spec=spec: time_layer(spec, args.batch, args.seq, args.steps, args.warmup, device, dtype,
+                                                                         args.profile))}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         common.free_cache(device)
     base = rows[0] if "fwd_bwd_ms" in rows[0] else None
     budget = (args.top_k + int(shared)) * 1.2  # the issue's bar: (k + shared) memories' work, plus 20%
@@ -183,6 +190,12 @@ def run(args) -> int:
     if base and "fwd_bwd_ratio" in sparse:
         verdict = "within" if sparse["fwd_bwd_ratio"] <= budget else "over"
         print(f"\nsparse fwd+bwd = {sparse['fwd_bwd_ratio']:.2f}× single: {verdict} the budget (k + shared)·1.2 = {budget:.1f}×")
+    done = {r["layer"]: r["profile"] for r in rows if "profile" in r}
+    if done:
+        print("\nforward + backward, device time per call\n\n" + common.profile_table(done))
+        for label, prof in done.items():
+            print(f"\n{label}, longest kernels (ms per call, launches per call):")
+            print("\n".join(f"  {ms:8.3f}  {calls:5.0f}×  [{kind}] {name[:100]}" for name, kind, ms, calls in prof["kernels"][:16]))
     if args.json:
         common.write_json(args.json, {"env": env, "args": common.arguments(args), "budget_ratio": budget, "rows": rows})
     return 0

@@ -115,6 +115,24 @@ def _load_rows(X, row0, r, m_r, i_h, cols, m_cols, H: tl.constexpr, D: tl.conste
     return tl.load(X + ((row0 + r)[:, None] * H + i_h) * D + cols[None, :], mask=m_r[:, None] & m_cols[None, :], other=0.0)
 
 
+@triton.jit
+def _load_cols(X, row0, r, m_r, i_h, cols, m_cols, H: tl.constexpr, D: tl.constexpr):
+    """The same tile transposed, [C, R]: loaded in the layout a product's left operand wants
+    (kᵀ v in the state kernels), so that no transpose happens in registers."""
+    return tl.load(X + ((row0 + r)[None, :] * H + i_h) * D + cols[:, None], mask=m_cols[:, None] & m_r[None, :], other=0.0)
+
+
+@triton.jit
+def _gate_t(G, gs, row0, r, last, i_h, cols, m_cols, H: tl.constexpr, D: tl.constexpr, STATIC: tl.constexpr):
+    """_gate transposed: [C, R]."""
+    rr = tl.minimum(r, last)
+    if STATIC:
+        b = tl.load(gs + i_h * D + cols, mask=m_cols, other=0.0)[:, None] * (rr + 1).to(tl.float32)[None, :]
+    else:
+        b = tl.load(G + ((row0 + rr)[None, :] * H + i_h) * D + cols[:, None], mask=m_cols[:, None], other=0.0)
+    return b
+
+
 # --------------------------------------------------------------------------- cumsum
 
 
@@ -148,6 +166,9 @@ STATE_CONFIGS = [
     triton.Config({"BK": 32, "BV": 32}, num_warps=2, num_stages=3),
     triton.Config({"BK": 64, "BV": 64}, num_warps=8, num_stages=3),
     triton.Config({"BK": 32, "BV": 64}, num_warps=4, num_stages=4),
+    # all of K = 128 in one tile: v (do) read once per chunk instead of once per K tile
+    triton.Config({"BK": 128, "BV": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BK": 128, "BV": 64}, num_warps=8, num_stages=2),
 ]
 
 
@@ -179,13 +200,13 @@ def chunk_state_fwd_kernel(
         row0 = bos + i_t * BT
         last = tl.minimum(BT, Tn - i_t * BT) - 1
         m_r = r <= last
-        b_k = _load_rows(k, row0, r, m_r, i_h, o_k, m_k, H, K)
+        b_k = _load_cols(k, row0, r, m_r, i_h, o_k, m_k, H, K)  # [BK, BT]
         b_v = _load_rows(v, row0, r, m_r, i_h, o_v, m_v, H, V)
         if USE_GK:
-            b_g = _gate(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC)
+            b_g = _gate_t(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC)
             b_gl = _gate_row(gk, gks, row0, last, last, i_h, o_k, m_k, H, K, GK_STATIC)
             b_h *= tl.exp(b_gl)[:, None]
-            b_k = (b_k * tl.exp(b_gl[None, :] - b_g)).to(b_k.dtype)
+            b_k = (b_k * tl.exp(b_gl[:, None] - b_g)).to(b_k.dtype)
         if USE_GV:
             b_g = _gate(gv, gvs, row0, r, last, i_h, o_v, m_v, H, V, GV_STATIC)
             b_gl = _gate_row(gv, gvs, row0, last, last, i_h, o_v, m_v, H, V, GV_STATIC)
@@ -196,7 +217,7 @@ def chunk_state_fwd_kernel(
             b_gl = _gate_scalar(g, gs, row0, last, last, i_h, H, G_STATIC)
             b_h *= tl.exp(b_gl)
             b_v = (b_v * tl.exp(b_gl - b_g)[:, None]).to(b_v.dtype)
-        b_h += tl.dot(tl.trans(b_k), b_v)
+        b_h = tl.dot(b_k, b_v, b_h)
     if STORE_HT:
         tl.store(ht + (i_nh * K + o_k[:, None]) * V + o_v[None, :], b_h, mask=m_kv)
 
@@ -492,10 +513,10 @@ def chunk_state_bwd_kernel(
         row0 = bos + i_t * BT
         last = tl.minimum(BT, Tn - i_t * BT) - 1
         m_r = r <= last
-        b_q = _load_rows(q, row0, r, m_r, i_h, o_k, m_k, H, K)
+        b_q = _load_cols(q, row0, r, m_r, i_h, o_k, m_k, H, K)  # [BK, BT]
         b_do = _load_rows(do, row0, r, m_r, i_h, o_v, m_v, H, V)
         if USE_GK:
-            b_g = _gate(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC)
+            b_g = _gate_t(gk, gks, row0, r, last, i_h, o_k, m_k, H, K, GK_STATIC)
             b_dh *= tl.exp(_gate_row(gk, gks, row0, last, last, i_h, o_k, m_k, H, K, GK_STATIC))[:, None]
             b_q = (b_q * tl.exp(b_g)).to(b_q.dtype)
         if USE_GV:
@@ -506,7 +527,7 @@ def chunk_state_bwd_kernel(
             b_g = _gate_scalar(g, gs, row0, r, last, i_h, H, G_STATIC)
             b_dh *= tl.exp(_gate_scalar(g, gs, row0, last, last, i_h, H, G_STATIC))
             b_do = (b_do * tl.exp(b_g)[:, None]).to(b_do.dtype)
-        b_dh += tl.dot(tl.trans(b_q), b_do)
+        b_dh = tl.dot(b_q, b_do, b_dh)
     if STORE_DH0:
         tl.store(dh0 + (i_nh * K + o_k[:, None]) * V + o_v[None, :], b_dh, mask=m_kv)
 
