@@ -68,34 +68,9 @@ def _rows(X, bos, rows, m_rows, i_h, cols, m_c, H: tl.constexpr, D: tl.constexpr
     return tl.load(X + ((bos + rows)[:, None] * H + i_h) * D + cols[None, :], mask=m_rows[:, None] & m_c[None, :], other=0.0).to(tl.float32)
 
 
-@triton.jit
-def _scan_block(q, k, v, g, gk, gv, gs, gks, gvs, dt, A, b_A, b_m, y, i_b, r, bos, Tn, i_h, i_k, o_k, m_k, o_v, m_v, NTOT,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
-                USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, USE_DT: tl.constexpr, A_MODE: tl.constexpr):
-    """One block of BS tokens as an associative scan over time; writes its y and returns the state after it."""
-    rows = i_b * BS + r
-    m_r = rows < Tn
-    lo = _log_decay(rows, m_r, bos, i_h, o_k, m_k, o_v, m_v, g, gk, gv, gs, gks, gvs, dt, A, b_A, H, K, V, BS, BK, BV,
-                    USE_G, G_STATIC, USE_GK, GK_STATIC, USE_GV, GV_STATIC, USE_DT, A_MODE)
-    b_a = tl.exp(lo)
-    b_e = _rows(k, bos, rows, m_r, i_h, o_k, m_k, H, K)
-    b_i = _rows(v, bos, rows, m_r, i_h, o_v, m_v, H, V)
-    b_b = b_e[:, :, None] * b_i[:, None, :] + tl.where((r == 0)[:, None, None], b_a * b_m[None, :, :], 0.0)
-    _, b_ms = tl.associative_scan((b_a, b_b), 0, _combine)
-    b_s = _rows(q, bos, rows, m_r, i_h, o_k, m_k, H, K)
-    b_y = tl.sum(b_ms * b_s[:, :, None], axis=1)
-    tl.store(y + ((i_k * NTOT + bos + rows)[:, None] * H + i_h) * V + o_v[None, :], b_y.to(y.dtype.element_ty),
-             mask=m_r[:, None] & m_v[None, :])
-    return tl.sum(tl.where((r == BS - 1)[:, None, None], b_ms, 0.0), axis=0)  # padded rows keep the state
-
-
 # The V tile is tuned, not fixed: with a small K (Mamba's 16) the grid is only N·H·V/BV programs
 # long, and narrower tiles buy the parallelism that hides the latency of the sequential block loop.
-# LOOP picks how a block of BS tokens is walked: one token at a time on a [BK, BV] state held in
-# registers (one multiply-add per state element and token), or as an associative scan over a
-# [BS, BK, BV] tile (log-depth: four combines per element and token at BS = 16, and three such tiles live).
-FWD_CONFIGS = [triton.Config({"BV": bv, "LOOP": loop}, num_warps=w) for loop in (True, False) for bv, w in
+FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=w) for bv, w in
                ((32, 4), (16, 1), (16, 2), (32, 2), (32, 8), (64, 4), (64, 8), (128, 8))]
 
 
@@ -116,7 +91,6 @@ def scan_fwd_kernel(
     USE_G: tl.constexpr, G_STATIC: tl.constexpr, USE_GK: tl.constexpr, GK_STATIC: tl.constexpr,
     USE_GV: tl.constexpr, GV_STATIC: tl.constexpr, USE_DT: tl.constexpr, A_MODE: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_STATES: tl.constexpr,
-    LOOP: tl.constexpr,
 ):
     """y (partial over K tiles: y[i_k], in y's dtype) and, for the backward, the state at every block start."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -143,24 +117,20 @@ def scan_fwd_kernel(
     for i_b in range(tl.cdiv(Tn, BS)):
         if STORE_STATES:
             tl.store(states + (((c0 + i_b) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], b_m, mask=m_kv)
-        if LOOP:
-            for j in tl.static_range(BS):
-                # one token as a block of one row: the helpers' [1, ..] tiles, summed over that row
-                row = i_b * BS + j + tl.arange(0, 1)
-                m_1 = row < Tn  # past the end: o = 1 and e = 0, the state stays
-                lo = _log_decay(row, m_1, bos, i_h, o_k, m_k, o_v, m_v, g, gk, gv, gs, gks, gvs, dt, A, b_A, H, K, V, 1, BK, BV,
-                                USE_G, G_STATIC, USE_GK, GK_STATIC, USE_GV, GV_STATIC, USE_DT, A_MODE)
-                b_e = tl.sum(_rows(k, bos, row, m_1, i_h, o_k, m_k, H, K), axis=0)
-                b_i = tl.sum(_rows(v, bos, row, m_1, i_h, o_v, m_v, H, V), axis=0)
-                b_m = tl.exp(tl.sum(lo, axis=0)) * b_m + b_e[:, None] * b_i[None, :]
-                b_s = _rows(q, bos, row, m_1, i_h, o_k, m_k, H, K)  # [1, BK]
-                b_y = tl.sum(b_m[None, :, :] * b_s[:, :, None], axis=1)  # [1, BV]
-                tl.store(y + ((i_k * NTOT + bos + row)[:, None] * H + i_h) * V + o_v[None, :], b_y.to(y.dtype.element_ty),
-                         mask=m_1[:, None] & m_v[None, :])
-        else:
-            b_m = _scan_block(q, k, v, g, gk, gv, gs, gks, gvs, dt, A, b_A, b_m, y, i_b, r, bos, Tn, i_h, i_k, o_k, m_k,
-                              o_v, m_v, NTOT, H, K, V, BS, BK, BV, USE_G, G_STATIC, USE_GK, GK_STATIC, USE_GV,
-                              GV_STATIC, USE_DT, A_MODE)
+        rows = i_b * BS + r
+        m_r = rows < Tn
+        lo = _log_decay(rows, m_r, bos, i_h, o_k, m_k, o_v, m_v, g, gk, gv, gs, gks, gvs, dt, A, b_A, H, K, V, BS, BK, BV,
+                        USE_G, G_STATIC, USE_GK, GK_STATIC, USE_GV, GV_STATIC, USE_DT, A_MODE)
+        b_a = tl.exp(lo)
+        b_e = _rows(k, bos, rows, m_r, i_h, o_k, m_k, H, K)
+        b_i = _rows(v, bos, rows, m_r, i_h, o_v, m_v, H, V)
+        b_b = b_e[:, :, None] * b_i[:, None, :] + tl.where((r == 0)[:, None, None], b_a * b_m[None, :, :], 0.0)
+        _, b_ms = tl.associative_scan((b_a, b_b), 0, _combine)
+        b_s = _rows(q, bos, rows, m_r, i_h, o_k, m_k, H, K)
+        b_y = tl.sum(b_ms * b_s[:, :, None], axis=1)
+        tl.store(y + ((i_k * NTOT + bos + rows)[:, None] * H + i_h) * V + o_v[None, :], b_y.to(y.dtype.element_ty),
+                 mask=m_r[:, None] & m_v[None, :])
+        b_m = tl.sum(tl.where((r == BS - 1)[:, None, None], b_ms, 0.0), axis=0)  # padded rows keep the state
     if STORE_HT:
         tl.store(ht + (i_nh * K + o_k[:, None]) * V + o_v[None, :], b_m, mask=m_kv)
 
