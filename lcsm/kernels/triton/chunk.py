@@ -300,8 +300,9 @@ def chunk_scores_decay_kernel(
         s = r0 + j
         b_bj = tl.load(b + ((row0 + s) * H + i_h) * D + cols, mask=m_c, other=0.0).to(tl.float32)
         b_lj = _gate_row(L, Ls, row0, s, last, i_h, cols, m_c, H, D, L_STATIC)
-        keep = (ri >= s)[:, None]
-        col = tl.sum(b_a * b_bj[None, :] * tl.exp(tl.where(keep, b_la - b_lj[None, :], 0.0)), axis=1)
+        # rows above s get a positive exponent, maybe inf (and inf·0 = nan): the where drops those
+        # whole rows, so the exponent itself is not masked (one select less per element)
+        col = tl.sum(b_a * b_bj[None, :] * tl.exp(b_la - b_lj[None, :]), axis=1)
         col = tl.where(ri >= s, col, 0.0)
         tl.store(S + ((row0 + ri) * H + i_h) * BT + s, col, mask=m_ri)
 
