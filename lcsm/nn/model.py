@@ -94,6 +94,7 @@ class Model(nn.Module):
         # activation checkpointing: every N-th block keeps only its input for the backward and is
         # recomputed there (0: none); set from a recipe's `checkpointing: {every: N}`
         self.checkpoint_every = 0
+        self.blocks_compiled = False  # compile_blocks: every forward then starts a CUDA-graph step
 
     @classmethod
     def from_spec(cls, spec: str | Path | dict | ModelSpec) -> "Model":
@@ -149,6 +150,14 @@ class Model(nn.Module):
             # one packed sequence [1, B·T]: the kernels take cu_seqlens with a batch of one
             tokens = tokens.reshape(1, -1)
             labels = None if labels is None else labels.reshape(1, -1)
+        if self.blocks_compiled and not torch.compiler.is_compiling():
+            # Under a CUDA-graph mode the graphs' outputs live in a pool that the next replay
+            # overwrites; training marks a new step at each backward, but evaluation and decoding
+            # (no backward) would read overwritten blocks' outputs ("accessing tensor output of
+            # CUDAGraphs that has been overwritten", seen on the H200 at the first evaluation).
+            # One mark per forward tells the pool that the last forward's outputs are done with.
+            # Without CUDA graphs it only counts a step.
+            torch.compiler.cudagraph_mark_step_begin()
         x = self.embed(tokens)
         every = self.checkpoint_every if (self.training and cache is None and torch.is_grad_enabled()) else 0
         for idx, (block, layer_cache) in enumerate(zip(self.blocks, cache or [None] * len(self.blocks))):
@@ -196,6 +205,7 @@ class Model(nn.Module):
         torch._dynamo.reset()
         for block in self.blocks:
             block.compile(**{"fullgraph": True, **options})
+        self.blocks_compiled = True
         return self
 
     def generate(self, prompt, max_new_tokens: int = 256, **sampling):

@@ -88,6 +88,30 @@ def test_compile_blocks_compiles_every_block_in_place():
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_every_forward_of_compiled_blocks_starts_a_cuda_graph_step(monkeypatch):
+    # compile: {mode: reduce-overhead} replays CUDA graphs whose outputs the next replay
+    # overwrites; without a step mark per forward, the first evaluation of an H200 run read
+    # overwritten outputs and failed. The mark comes from Model.forward, once per call, only
+    # with compiled blocks and never from inside a whole-model capture.
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = tiny("gla", "torch", n_layers=2)
+    tokens = torch.randint(0, 48, (2, 11), generator=torch.Generator().manual_seed(3))
+    model(tokens, tokens)
+    assert marks == []  # eager blocks: nothing to mark
+    torch._dynamo.reset()
+    model.compile_blocks(backend="aot_eager")
+    model(tokens, tokens).backward()
+    with torch.no_grad():  # evaluation: no backward to end the step
+        model(tokens, tokens, reduction="sum", return_logits=True)
+        model(tokens)
+    assert marks == [1, 1, 1]
+    whole = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        whole(tokens)
+    assert marks == [1, 1, 1]
+
+
 @pytest.mark.parametrize("name", ["hgrn2", "retnet", "gla"])
 def test_compiled_blocks_share_one_graph_across_many_layers(name):
     # Model.compile_blocks (`compile: true`) compiles Block.forward once for every layer: a block
