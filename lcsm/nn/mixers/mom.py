@@ -306,11 +306,12 @@ class MoMMixer(EOSMixer):
         M, H = self.M, self.H
         W = proj.proj.weight.view(M, -1, proj.proj.weight.shape[-1])
         b = None if proj.proj.bias is None else proj.proj.bias.view(M, -1)
-        parts, start = [], 0
-        for m, n in enumerate(per_memory):
-            if n:
-                parts.append(F.linear(xc[start : start + n], W[m], None if b is None else b[m]))
-            start += n
+        # split, not slices: a slice's backward writes its gradient into a zero tensor of all N
+        # rows and autograd then adds those up, an [N, d] fill and add per memory and projection
+        # (on the H200 most of the sparse path's copies: docs/benchmarks.md, sixth session);
+        # split's backward is one concatenation
+        parts = [F.linear(rows, W[m], None if b is None else b[m])
+                 for m, rows in enumerate(xc.split(per_memory)) if per_memory[m]]
         return proj.finish(proj.feature_map(torch.cat(parts)).view(1, -1, H, proj.D))
 
     # ------------------------------------------------------------------ reference
