@@ -2,7 +2,8 @@
 with a single memory: forward, and forward + backward, of the token mixer alone.
 
 Default shape: B = 8, T = 4096, d_model 2048, E = 4 memories, top-2, a shared memory,
-bf16 autocast over fp32 weights (as `lcsm train` runs on the GPU). `--small` is a tiny shape that
+bf16 autocast over fp32 weights and the mixer's input in bf16 (as `lcsm train` runs on the GPU;
+before 2026-12-01's sixth session the input was fp32). `--small` is a tiny shape that
 runs on the CPU in seconds (a smoke test of the command, not a measurement).
 """
 
@@ -43,8 +44,10 @@ def time_layer(spec: ModelSpec, batch: int, seq: int, steps: int, warmup: int, d
     ctx = LayerContext(spec.d_model, spec.n_heads, layer_idx=0, n_layers=1, norm_eps=spec.norm_eps)
     mixer = build_mixer(spec.mixer, ctx).to(device)
     mixer.apply(Model._init)
-    x = torch.randn(batch, seq, spec.d_model, device=device, requires_grad=True)
-    dy = torch.randn(batch, seq, spec.d_model, device=device)
+    # in the autocast dtype, as a block hands its mixer the normed input (lcsm/nn/model.py,
+    # _compute_dtype); an fp32 x would make every gather and copy of the sparse path twice as large
+    x = torch.randn(batch, seq, spec.d_model, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(batch, seq, spec.d_model, device=device, dtype=dtype)
 
     def amp():  # bf16 autocast over fp32 weights, as `lcsm train` runs on the GPU
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
