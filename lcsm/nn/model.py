@@ -152,9 +152,9 @@ class Model(nn.Module):
             labels = None if labels is None else labels.reshape(1, -1)
         if self.blocks_compiled and not torch.compiler.is_compiling():
             # Under a CUDA-graph mode the graphs' outputs live in a pool that the next replay
-            # overwrites; training marks a new step at each backward, but evaluation and decoding
-            # (no backward) would read overwritten blocks' outputs ("accessing tensor output of
-            # CUDAGraphs that has been overwritten", seen on the H200 at the first evaluation).
+            # overwrites; training marks a new step at each backward, but evaluation (no backward)
+            # would read overwritten blocks' outputs ("accessing tensor output of CUDAGraphs that
+            # has been overwritten", seen on the H200 at a run's first evaluation).
             # One mark per forward tells the pool that the last forward's outputs are done with.
             # Without CUDA graphs it only counts a step.
             torch.compiler.cudagraph_mark_step_begin()

@@ -60,3 +60,25 @@ def test_bench_parallel_outside_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     err = cli_error(["bench", "parallel", "--longest-start", "99"], capsys)
     assert "--longest-start 99 must be a multiple of the number of processes (2)" in err
+
+
+def test_profile_lists_every_tuned_config_with_its_time(monkeypatch):
+    # `lcsm bench kernels --profile` ends with what each autotuned kernel chose and, from the
+    # tuner's own timings, every configuration it tried, fastest first: the A/B of tiles in one run
+    import triton
+
+    from lcsm.bench import kernels as bench_kernels
+    from lcsm.kernels.triton import scan
+
+    class Tuned:  # what a triton.autotune object holds after tuning (timings: a float, or a list)
+        def __init__(self, timings):
+            self.cache = {("key",): min(timings, key=lambda c: timings[c] if isinstance(timings[c], float) else timings[c][0])}
+            self.configs_timings = timings
+
+    slow, fast = triton.Config({"BV": 64}, num_warps=8), triton.Config({"BV": 16}, num_warps=1)
+    monkeypatch.setattr(scan, "fake_kernel", Tuned({slow: [2.5, 2.4, 2.6], fast: 0.75}), raising=False)
+    lines = bench_kernels.tuned_configs().splitlines()
+    at = next(n for n, line in enumerate(lines) if "tuned fake_kernel ('key',)" in line)
+    assert "BV: 16" in lines[at]
+    assert lines[at + 1].split()[:2] == ["0.7500", "ms"] and "BV: 16" in lines[at + 1]
+    assert lines[at + 2].split()[:2] == ["2.5000", "ms"] and "BV: 64" in lines[at + 2]

@@ -260,11 +260,13 @@ def test_bench_mom_runs_small_on_the_cpu(tmp_path, capsys):
 
     from lcsm.cli.main import main
 
-    assert main(["bench", "mom", "--small", "--json", str(tmp_path / "b.json")]) == 0
+    assert main(["bench", "mom", "--small", "--profile", "1", "--json", str(tmp_path / "b.json")]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["layer"] for r in rows] == ["single memory", "MoM dense", "MoM sparse"]
     assert all(r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 for r in rows)
-    assert "| MoM sparse |" in capsys.readouterr().out
+    assert all(r["profile"]["ms"] > 0 and r["profile"]["kernels"] for r in rows)  # --profile: per-kernel times
+    out = capsys.readouterr().out
+    assert "| MoM sparse |" in out and "forward + backward, device time per call" in out and "MoM sparse, longest kernels" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or the Triton interpreter")
