@@ -50,6 +50,16 @@ from lcsm.parallel import lasp
 AUTO_MIN_TOKENS = 4096
 
 
+def mix_memories(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_c w[b,t,c] · y[b,t,c]: y [B,T,C,H,V] (one read-out per memory or copy), w [B,T,C] -> [B,T,H,V].
+
+    A broadcast product and sum, not an einsum: the einsum is a batched matmul over B·T tiny
+    [H·V, C] × [C, 1] products, which CUDA runs on a slow small-GEMM kernel (a 4.7 ms fp32
+    `magma_sgemmEx` per forward+backward of both MoM paths at 8×4096 on the H200 is the likely
+    one: docs/benchmarks.md, sixth session), where the sum is a pass over y."""
+    return (y * w.to(y.dtype)[..., None, None]).sum(2)
+
+
 @dataclass
 class Stream:
     """One canonical tensor with its memory layout.
@@ -244,7 +254,7 @@ class MoMMixer(EOSMixer):
             if sp is not None:
                 y = lasp.lasp2(y, ht, s, decay, sp)
                 ht = ht if want_state else None
-        y = torch.einsum("btmhv,btm->bthv", y.view(B, T, M, H, V), w.to(y.dtype))
+        y = mix_memories(y.view(B, T, M, H, V), w)
         return y, (None if ht is None else ht.view(B, M, H, K, V))
 
     # ------------------------------------------------------------------ sparse
@@ -293,7 +303,7 @@ class MoMMixer(EOSMixer):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=dev)
         y = y[0][inverse].view(B, T, C, H, V)
-        y = torch.einsum("btchv,btc->bthv", y, w.to(y.dtype))
+        y = mix_memories(y, w)
         if not want_state:
             return y, None
         # memories no token of a row chose keep their state: index_put only the visited segments
