@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lcsm.nn.fused import swiglu
+from lcsm.nn.fused import ACTS, act_linear
 
 from lcsm.nn.moe import MoE
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "identity": lambda x: x}
+ACTIVATIONS = {name: ACTS[name][0] for name in ("silu", "gelu", "relu", "identity")}
 
 
 def round_hidden(d_model: int, ratio: float, multiple: int = 8) -> int:
@@ -24,18 +24,22 @@ class GLU(nn.Module):
     def __init__(self, spec, d_model: int, hidden: int | None = None):
         super().__init__()
         hidden = hidden or round_hidden(d_model, spec.hidden_ratio)
-        self.act = ACTIVATIONS[spec.activation]
+        self.activation = spec.activation
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
+    # False: the down projection runs as its own module on the hidden activation, so that hooks on
+    # down_proj see that activation (lcsm/run/upcycle.py's neuron statistics); same values
+    fused = True
+
     def forward(self, x):
-        if self.act is F.silu:
-            # one GEMM for both projections (x is read and kept once) and a SwiGLU that keeps
-            # only its inputs for the backward
-            a, b = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-            return self.down_proj(swiglu(a, b))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        # one GEMM for both projections (x is read and kept once); the activation, product and down
+        # projection keep only the two halves for the backward (lcsm/nn/fused.py act_linear)
+        a, b = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        if not self.fused:
+            return self.down_proj(ACTS[self.activation][0](a) * b)
+        return act_linear(a, b, self.down_proj.weight.to(a.dtype), self.activation)
 
 
 class MLP(nn.Module):
@@ -44,12 +48,13 @@ class MLP(nn.Module):
     def __init__(self, spec, d_model: int):
         super().__init__()
         hidden = round_hidden(d_model, spec.hidden_ratio)
-        self.act = ACTIVATIONS[spec.activation]
+        self.activation = spec.activation
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.up_proj(x)))
+        a = self.up_proj(x)
+        return act_linear(a, None, self.down_proj.weight.to(a.dtype), self.activation)  # keeps a, not act(a)
 
 
 def _moe(spec, d_model: int) -> nn.Module:

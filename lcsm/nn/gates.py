@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lcsm.nn.context import LayerContext
+from lcsm.nn.fused import bounded_sigmoid_log, sigmoid_log
 from lcsm.nn.stages.common import gate_dtype, keep_constant, on_device
 
 
@@ -106,8 +107,8 @@ class Gate(nn.Module):
         if self.source == "param":
             z = self.z.to(dtype)
         else:
-            z = self.proj(x).to(dtype).unflatten(-1, self.dims)
-        return self.activate(z)
+            z = self.proj(x).unflatten(-1, self.dims)  # in the projection's dtype: the gate computes in `dtype`
+        return self.activate(z, dtype)
 
     def layer_bound(self) -> torch.Tensor:
         """β of this layer, [*dims] (the layer-wise lower bound)."""
@@ -115,16 +116,18 @@ class Gate(nn.Module):
         beta = torch.cumsum(F.softmax(gamma, dim=0), dim=0)
         return (beta.index_select(0, self.layer_row) - beta[0]).view(self.dims)
 
-    def activate(self, z: torch.Tensor):
+    def activate(self, z: torch.Tensor, dtype: torch.dtype):
+        """(log o in `dtype`, Δ or None) from the pre-activation z (any float dtype). The sigmoid
+        gates run as fused functions (lcsm/nn/fused.py) that keep z, not fp32 copies of it."""
         if self.parametrization == "sigmoid_tau":
-            return F.logsigmoid(z) / self.tau, None
+            return sigmoid_log(z, self.tau), None
         if self.parametrization == "exp_softplus":
-            delta = F.softplus(z)
-            return (-delta * torch.exp(self.A_log.to(z.dtype)) if self.own_A else -delta), delta
+            delta = F.softplus(z.to(dtype))
+            return (-delta * torch.exp(self.A_log.to(dtype)) if self.own_A else -delta), delta
         # lower_bound: o = b + (1 - b) σ(z)
-        bound = self.lower_bound if self.bounds is None else self.layer_bound().to(z.dtype)
+        bound = self.lower_bound if self.bounds is None else self.layer_bound().to(dtype)
         if isinstance(bound, float) and bound == 0.0:
-            return F.logsigmoid(z), None
-        return torch.log(bound + (1 - bound) * torch.sigmoid(z)), None
+            return sigmoid_log(z), None
+        return bounded_sigmoid_log(z, bound), None
 
 

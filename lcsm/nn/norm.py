@@ -16,6 +16,8 @@ import torch.nn.functional as F
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same parameter `weight`) with the weight in the input's dtype."""
 
+    centres = False  # subtracts no mean (lcsm.nn.fused.gated_norm reads it)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.to(x.dtype)
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
@@ -23,6 +25,8 @@ class RMSNorm(nn.RMSNorm):
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters) with weight and bias in the input's dtype."""
+
+    centres = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = None if self.weight is None else self.weight.to(x.dtype)

@@ -214,6 +214,7 @@ def neuron_statistics(model: Model, recipe: Recipe, run_dir: Path, batches: int,
     seen: list[dict] = [{} for _ in glus]
     hooks = []
     for glu, box in zip(glus, seen):
+        glu.fused = False  # the down projection as a module, its input seen by the hook below
         hooks.append(glu.register_forward_pre_hook(lambda m, a, box=box: box.update(x=a[0])))
         hooks.append(glu.down_proj.register_forward_pre_hook(lambda m, a, box=box: box.update(a=a[0])))
     xs, scores = [[] for _ in glus], [[] for _ in glus]
@@ -235,6 +236,8 @@ def neuron_statistics(model: Model, recipe: Recipe, run_dir: Path, batches: int,
     finally:
         for h in hooks:
             h.remove()
+        for glu in glus:
+            del glu.fused  # back to the class default
     out = []
     gen = torch.Generator().manual_seed(seed)
     for x, s in zip(xs, scores):

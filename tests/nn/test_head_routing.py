@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lcsm.config.spec import SpecError, load_model_spec
 from lcsm.nn.cache import new_cache
+from lcsm.nn.mixers import eos
 from lcsm.nn.model import Model
 
 D, VOCAB = 24, 40
@@ -42,13 +43,19 @@ def pair(name: str, routing: dict, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
-def test_routed_readout_matches_a_reference(name):
+def test_routed_readout_matches_a_reference(name, monkeypatch):
     """out = o_proj(Σ_g scale·w_g·y_g) with w the renormalised top-k of softmax(W_r x), y the plain
     mixer's per-head output before its projection."""
     routed, plain = pair(name, {"groups": 2, "top_k": 1, "scale": 1.5})
     x = torch.randn(2, 9, D, dtype=torch.float64)
     mixer, ref_mixer = routed.blocks[0].mixer, plain.blocks[0].mixer
     seen = {}
+
+    def norm_then_projection(y, weight, g, proj, eps, **kw):  # the plain EOS read-out fuses its projection
+        seen["y"] = eos.gated_norm(y, weight, g, eps, **kw).flatten(2)
+        return F.linear(seen["y"], proj)
+
+    monkeypatch.setattr(eos, "gated_norm_linear", norm_then_projection)
     hook = ref_mixer.o_proj.register_forward_pre_hook(lambda m, a: seen.update(y=a[0]))  # (returns None: inputs kept)
     ref_mixer(x)
     hook.remove()

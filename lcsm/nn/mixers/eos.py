@@ -12,8 +12,8 @@ from lcsm.kernels.decay import Decay
 from lcsm.nn.cache import store, sub
 from lcsm.nn.context import LayerContext
 from lcsm.nn.head_routing import HeadRouting
-from lcsm.nn.fused import gated_rms_norm
-from lcsm.nn.norm import RMSNorm, make_norm
+from lcsm.nn.fused import gated_norm, gated_norm_linear
+from lcsm.nn.norm import make_norm
 from lcsm.nn.oscillations import build_oscillation
 from lcsm.nn.packing import current as packing
 from lcsm.nn.stages.expand import Expand
@@ -113,15 +113,17 @@ class EOSMixer(nn.Module):
     def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y [B,T,H,V] -> norm, output gate, projection -> [B,T,d]."""
         out = self.spec.output
-        if self.gate_proj is not None and isinstance(self.out_norm, RMSNorm):
-            # the norm and the gate in one function that keeps only its inputs for the backward
-            pre = self.gate_proj(x)
-            if out.norm_scope == "head":
-                y = gated_rms_norm(y, self.out_norm.weight, pre.unflatten(-1, (self.H, self.V)), self.out_norm.eps,
-                                   out.gate, out.gate_first)
-            else:
-                y = gated_rms_norm(y.flatten(-2), self.out_norm.weight, pre, self.out_norm.eps, out.gate,
-                                   out.gate_first).unflatten(-1, (self.H, self.V))
+        if self.gate_proj is not None and self.out_norm is not None:
+            # the norm, the gate (and without head routing the output projection) in one function
+            # that keeps only its inputs for the backward (lcsm/nn/fused.py)
+            pre, norm = self.gate_proj(x), self.out_norm
+            args = dict(act=out.gate, gate_first=out.gate_first, bias=getattr(norm, "bias", None), layer=norm.centres)
+            g = pre.unflatten(-1, (self.H, self.V)) if out.norm_scope == "head" else pre
+            yn = y if out.norm_scope == "head" else y.flatten(-2)
+            if self.head_routing is None:
+                o = gated_norm_linear(yn, norm.weight, g, self.o_proj.weight.to(y.dtype), norm.eps, **args)
+                return o if self.o_proj.bias is None else o + self.o_proj.bias.to(o.dtype)
+            y = gated_norm(yn, norm.weight, g, norm.eps, **args).view_as(y)
         else:
             gate = None
             if self.gate_proj is not None:

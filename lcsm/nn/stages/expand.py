@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .common import Projection, key_scale, rotate
+from lcsm.nn.fused import one_minus_exp
 from lcsm.nn.oscillations import OscillationOut
 
 
@@ -28,7 +29,7 @@ class Expand(nn.Module):
     def forward(self, x: torch.Tensor, osc: OscillationOut, cache: dict | None = None) -> torch.Tensor:
         if self.tie == "one_minus_oscillation":
             B, T, _ = x.shape
-            e = (-torch.expm1(osc.log_k)).expand(B, T, self.H, self.K).to(x.dtype)
+            e = one_minus_exp(osc.log_k, x.dtype).expand(B, T, self.H, self.K)
         else:
             e = self.proj(x, cache)
         if osc.angles is not None:
