@@ -789,6 +789,7 @@ BENCHMARKS = [
     ("kernels", "kernels", "the Triton recurrence beside fla-core, SDPA and the torch path, and a bf16 check"),
     ("train", "train", "training tokens/s of zoo models at one size (default ~125M), beside attention"),
     ("mom", "mom", "one Mixture-of-Memories layer (dense, sparse) against the single-memory layer, fwd and fwd+bwd"),
+    ("activations", "activations", "activation memory one block keeps for its backward, bytes per token (CPU or GPU)"),
     ("decode", "decode", "decoding: ms/token and memory against context length (EOS vs KV cache), one-layer step"),
     ("parallel", "parallel", "sequence parallelism on N GPUs: SP = N against one process, tokens/s per GPU "
      "for SP against DP, the longest sequence that trains (--nproc N, or under torchrun)"),

@@ -20,13 +20,15 @@ from helpers import cli_error  # tests/ is on sys.path (tests/conftest.py's fold
     (["bench", "kernels", "--shapes", "8,4096,16"], "--shapes: expected B,T,H,D with four positive integers"),
     (["bench", "parallel", "--steps", "0"], "--steps must be at least 1 (got 0)"),
     (["bench", "parallel", "--nproc", "1"], "--nproc must be at least 2 (got 1)"),
+    (["bench", "activations", "--seq", "0"], "--seq must be at least 1 (got 0)"),
+    (["bench", "activations", "--device", "tpu"], "--device: 'tpu' is not cpu or cuda"),
 ])
 def test_bad_flags_name_the_flag(args, words, capsys):
     assert words in cli_error(args, capsys)
 
 
 @pytest.mark.parametrize("bench", [["train"], ["kernels"], ["decode", "--small", "--device", "cpu"], ["mom", "--small"],
-                                   ["parallel"]])
+                                   ["parallel"], ["activations", "--device", "cpu"]])
 def test_bad_json_paths(bench, tmp_path, capsys):
     err = cli_error(["bench", *bench, "--json", str(tmp_path / "results.txt")], capsys)
     assert "must end in .json" in err
@@ -82,3 +84,25 @@ def test_profile_lists_every_tuned_config_with_its_time(monkeypatch):
     assert "BV: 16" in lines[at]
     assert lines[at + 1].split()[:2] == ["0.7500", "ms"] and "BV: 16" in lines[at + 1]
     assert lines[at + 2].split()[:2] == ["2.5000", "ms"] and "BV: 64" in lines[at + 2]
+
+
+def test_bench_activations_counts_what_grows_with_the_sequence(tmp_path, capsys):
+    """Bytes kept per token on the CPU: positive, weights not counted (the same model at another
+    batch keeps about the same per token: only tensors of one sequence's length, such as
+    positions, are shared by the batch), the largest origins named."""
+    import json
+
+    from lcsm.cli.main import main
+
+    def per_token(*extra):
+        out = tmp_path / "a.json"
+        assert main(["bench", "activations", "--models", "gla", "transformer", "--d-model", "32", "--heads", "2",
+                     "--seq", "64", "--top", "3", "--device", "cpu", "--json", str(out), *extra]) == 0
+        return {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+
+    one, two = per_token(), per_token("--batch", "2")
+    for name in ("gla", "transformer"):
+        assert one[name]["bytes_per_token"] > 0
+        assert one[name]["bytes_per_token"] == pytest.approx(two[name]["bytes_per_token"], rel=0.05)
+        assert one[name]["top"] and all(b > 0 for _, b in one[name]["top"])
+    assert "bytes / token" in capsys.readouterr().out
