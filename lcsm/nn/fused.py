@@ -156,27 +156,32 @@ def _normalise(x, eps: float, layer: bool):
     return xc * rstd, mean, rstd
 
 
-def _gated_norm_fwd(y, weight, bias, g, eps: float, act: str, gate_first: bool, layer: bool):
+def _gated_norm_fwd(y, weight, bias, g, eps: float, act: str | None, gate_first: bool, layer: bool):
+    """act None: no gate (g is None)."""
     yf = _up(y)
-    gate = ACTS[act][0](_up(g))
-    x = yf * gate if gate_first else yf
+    gate = None if act is None else ACTS[act][0](_up(g))
+    x = yf * gate if gate is not None and gate_first else yf
     xhat, mean, rstd = _normalise(x, eps, layer)
     out = xhat * weight.to(x.dtype)
     if bias is not None:
         out = out + bias.to(x.dtype)
-    if not gate_first:
+    if gate is not None and not gate_first:
         out = out * gate
     return out.to(y.dtype), (rstd if mean is None else torch.cat([mean, rstd], -1))
 
 
 def _gated_norm_bwd(y, weight, bias, g, stats, grad, act: str, gate_first: bool, layer: bool, want_out: bool = False):
     """(dy, dw, db, dg) and with want_out also the recomputed forward output (for a projection's
-    weight gradient)."""
-    f, df = ACTS[act]
-    yf, gf, go = _up(y), _up(g), _up(grad)
+    weight gradient). act None: no gate (dg None)."""
+    yf, go = _up(y), _up(grad)
     w = weight.to(yf.dtype)
-    gate = f(gf)
-    x = yf * gate if gate_first else yf
+    if act is None:
+        gate_first, gate = True, None  # the gate-first formulas with a gate of one
+    else:
+        f, df = ACTS[act]
+        gf = _up(g)
+        gate = f(gf)
+    x = yf * gate if gate is not None and gate_first else yf
     mean, rstd = (stats[..., :1], stats[..., 1:]) if layer else (None, stats)
     xhat = (x - mean) * rstd if layer else x * rstd
     dn = go if gate_first else go * gate  # the gradient of x̂ ⊙ w + b
@@ -188,11 +193,13 @@ def _gated_norm_bwd(y, weight, bias, g, stats, grad, act: str, gate_first: bool,
     else:
         dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
     pre = xhat * w if bias is None else xhat * w + bias.to(yf.dtype)
-    if gate_first:
+    if gate is None:
+        dy, dg = dx, None
+    elif gate_first:
         dy, dg = dx * gate, dx * yf * df(gf)
     else:
         dy, dg = dx, go * pre * df(gf)
-    grads = (dy.to(y.dtype), dw.to(weight.dtype), db, dg.to(g.dtype))
+    grads = (dy.to(y.dtype), dw.to(weight.dtype), db, None if dg is None else dg.to(g.dtype))
     return (*grads, (pre if gate_first else pre * gate).to(y.dtype)) if want_out else grads
 
 
@@ -213,6 +220,7 @@ def _gated_norm_fns(act: str, gate_first: bool, layer: bool, want_out: bool = Fa
 class _GatedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, g, eps: float, act: str, gate_first: bool, layer: bool):
+        act = None if g is None else act
         out, stats = _gated_norm_fns(act, gate_first, layer)[0](y, weight, bias, g, eps)
         ctx.save_for_backward(y, weight, bias, g, stats)
         ctx.act, ctx.gate_first, ctx.layer = act, gate_first, layer
@@ -225,10 +233,11 @@ class _GatedNorm(torch.autograd.Function):
         return dy, dw, db, dg, None, None, None, None
 
 
-def gated_norm(y: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, eps: float, act: str = "silu",
+def gated_norm(y: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | None, eps: float, act: str = "silu",
                gate_first: bool = False, bias: torch.Tensor | None = None, layer: bool = False) -> torch.Tensor:
     """norm(y)·w (+ b) ⊙ act(g), or norm(y ⊙ act(g))·w (+ b) with gate_first (Mamba2's gated norm),
-    over the last axis; norm is RMSNorm, or LayerNorm with layer. y, g [..., D], weight and bias [D].
+    over the last axis; norm is RMSNorm, or LayerNorm with layer. y, g [..., D], weight and bias [D];
+    g None: the norm alone.
     Keeps y, g, w, b and the statistics (the reciprocal RMS; with layer also the mean) for the backward."""
     return _GatedNorm.apply(y, weight, bias, g, eps, act, gate_first, layer)
 
@@ -236,6 +245,7 @@ def gated_norm(y: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, eps: floa
 class _GatedNormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, g, proj, eps: float, act: str, gate_first: bool, layer: bool, lead: int):
+        act = None if g is None else act
         out, stats = _gated_norm_fns(act, gate_first, layer)[0](y, weight, bias, g, eps)
         ctx.save_for_backward(y, weight, bias, g, stats, proj)
         ctx.args = (act, gate_first, layer)
@@ -250,7 +260,7 @@ class _GatedNormLinear(torch.autograd.Function):
         return dy, dw, db, dg, dproj, None, None, None, None, None
 
 
-def gated_norm_linear(y: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, proj: torch.Tensor, eps: float,
+def gated_norm_linear(y: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | None, proj: torch.Tensor, eps: float,
                       act: str = "silu", gate_first: bool = False, bias: torch.Tensor | None = None,
                       layer: bool = False, lead: int = 2) -> torch.Tensor:
     """gated_norm(y, ...) flattened from dim `lead` on and projected by proj [d, n] (in y's dtype;

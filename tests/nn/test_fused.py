@@ -108,12 +108,14 @@ def test_gated_layer_norm_equals_the_plain_expression(gate_first, bias):
 
 
 @pytest.mark.parametrize("layer", [False, True])
-@pytest.mark.parametrize("gate_first", [False, True])
+@pytest.mark.parametrize("gate_first", [False, True, None])  # None: no gate
 @pytest.mark.parametrize("heads", [True, False])
 def test_gated_norm_linear_equals_norm_then_projection_and_keeps_less(layer, gate_first, heads):
     gen = torch.Generator().manual_seed(6)
     shape = (2, 5, 3, 4) if heads else (2, 5, 12)  # per head ([B,T,H,V], norm over V) or over all of H·V
     y, g = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    if gate_first is None:
+        g, gate_first = None, False
     D = shape[-1]
     w = (1 + 0.1 * torch.randn(D, generator=gen, dtype=torch.float64)).requires_grad_()
     b = (0.1 * torch.randn(D, generator=gen, dtype=torch.float64)).requires_grad_() if layer else None
@@ -130,6 +132,9 @@ def test_gated_norm_linear_equals_norm_then_projection_and_keeps_less(layer, gat
     torch.testing.assert_close(out, plain(y, w, g, proj, b))
     assert torch.autograd.gradcheck(fused, (y, w, g, proj, b))
     assert saved_bytes(fused, y, w, g, proj, b) < saved_bytes(plain, y, w, g, proj, b)
+    if g is None:  # the norm alone is torch's norm
+        norm = F.layer_norm(y, (D,), w, b, 1e-5) if layer else F.rms_norm(y, (D,), w, 1e-5)
+        torch.testing.assert_close(gated_norm(y, w, None, 1e-5, bias=b, layer=layer), norm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

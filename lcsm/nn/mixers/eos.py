@@ -113,27 +113,21 @@ class EOSMixer(nn.Module):
     def readout(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y [B,T,H,V] -> norm, output gate, projection -> [B,T,d]."""
         out = self.spec.output
-        if self.gate_proj is not None and self.out_norm is not None:
-            # the norm, the gate (and without head routing the output projection) in one function
-            # that keeps only its inputs for the backward (lcsm/nn/fused.py)
-            pre, norm = self.gate_proj(x), self.out_norm
+        if self.out_norm is not None:
+            # the norm, the gate if any (and without head routing the output projection) in one
+            # function that keeps only its inputs for the backward (lcsm/nn/fused.py)
+            norm, g = self.out_norm, None
+            if self.gate_proj is not None:
+                g = self.gate_proj(x)
+                g = g.unflatten(-1, (self.H, self.V)) if out.norm_scope == "head" else g
             args = dict(act=out.gate, gate_first=out.gate_first, bias=getattr(norm, "bias", None), layer=norm.centres)
-            g = pre.unflatten(-1, (self.H, self.V)) if out.norm_scope == "head" else pre
             yn = y if out.norm_scope == "head" else y.flatten(-2)
             if self.head_routing is None:
                 o = gated_norm_linear(yn, norm.weight, g, self.o_proj.weight.to(y.dtype), norm.eps, **args)
                 return o if self.o_proj.bias is None else o + self.o_proj.bias.to(o.dtype)
             y = gated_norm(yn, norm.weight, g, norm.eps, **args).view_as(y)
-        else:
-            gate = None
-            if self.gate_proj is not None:
-                gate = (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
-            if gate is not None and out.gate_first:
-                y = y * gate
-            if self.out_norm is not None:
-                y = self.out_norm(y) if out.norm_scope == "head" else self.out_norm(y.flatten(-2)).unflatten(-1, (self.H, self.V))
-            if gate is not None and not out.gate_first:
-                y = y * gate
+        elif self.gate_proj is not None:  # a gate without a norm
+            y = y * (F.silu if out.gate == "silu" else torch.sigmoid)(self.gate_proj(x)).unflatten(-1, (self.H, self.V))
         if self.head_routing is not None:  # after the norm, which would undo the weights
             y = self.head_routing(y, x)
         return self.o_proj(y.flatten(-2))
