@@ -38,8 +38,10 @@ def kept(block: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, whe
     """(bytes autograd keeps for block(x)'s backward, {origin: bytes} when `where`)."""
     seen: dict[int, int] = {}
     origins: Counter = Counter()
+    held = []  # every saved tensor stays alive until counted, so no two share a storage address
 
     def pack(t: torch.Tensor):
+        held.append(t)
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen[key] = t.untyped_storage().nbytes()
@@ -51,7 +53,7 @@ def kept(block: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, whe
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = block(x)  # held until counted: a freed graph's storage could be handed to a later tensor
     total = sum(seen.values())
-    del out
+    del out, held
     return total, origins
 
 

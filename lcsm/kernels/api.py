@@ -195,7 +195,7 @@ def _compiled_triton(s, e, i, decay: Decay, h0, output_final_state: bool, cu_seq
         y, ht = ops.delta(s, e, i, decay.w, decay.g, decay.gk, h0, cu_seqlens, output_final_state)
     elif decay.separable:
         d = decay.fold_scalar()
-        y, ht, _, _ = ops.chunk_fwd(s, e, i, d.g, d.gk, d.gv, h0, cu_seqlens, output_final_state)
+        y, ht, *_ = ops.chunk_fwd(s, e, i, d.g, d.gk, d.gv, h0, cu_seqlens, output_final_state)
     else:
         y, ht, _ = ops.scan_fwd(s, e, i, decay.g, decay.gk, decay.gv, decay.dt, decay.A, h0, cu_seqlens, output_final_state)
     return y, ht

@@ -34,12 +34,14 @@ def _n(q: Tensor, cu_seqlens: Optional[Tensor]):
 
 @custom_op("lcsm::chunk_fwd", mutates_args=())
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], gk: Optional[Tensor], gv: Optional[Tensor],
-              h0: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(o, ht or empty, scores A or empty, o_strict or empty); q, k, v contiguous, g not with gk."""
+              h0: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(o, ht or empty, scores A or empty, o_strict or empty, the chunk states h, empty for packed
+    sequences, whose number of chunks the fake cannot know); q, k, v contiguous, g not with gk."""
     from .triton.autograd import chunk_fwd as run
 
-    o, ht, A, o_strict = run(q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens)
-    return o, _empty(ht, q), _empty(A, q), _empty(o_strict, q)
+    o, ht, A, o_strict, h = run(q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens)
+    return o, _empty(ht, q), _empty(A, q), _empty(o_strict, q), (h if cu_seqlens is None else q.new_empty(0))
 
 
 @chunk_fwd.register_fake
@@ -50,22 +52,27 @@ def _(q, k, v, g, gk, gv, h0, cu_seqlens, output_final_state):
     ht = q.new_empty(_n(q, cu_seqlens), H, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0)
     A = q.new_empty(B, T, H, BT, **f32) if (gk is not None or gv is not None) else q.new_empty(0)
     o_strict = q.new_empty(B, T, H, V, **f32) if gv is not None else q.new_empty(0)
-    return q.new_empty(B, T, H, V), ht, A, o_strict
+    from .triton.autograd import state_buffer_dtype
+
+    h = (q.new_empty(B * ((T + BT - 1) // BT), H, K, V, dtype=state_buffer_dtype(q)) if cu_seqlens is None
+         else q.new_empty(0))
+    return q.new_empty(B, T, H, V), ht, A, o_strict, h
 
 
 @custom_op("lcsm::chunk_bwd", mutates_args=())
 def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], gk: Optional[Tensor], gv: Optional[Tensor], h0: Optional[Tensor],
-              A: Tensor, o_strict: Tensor, cu_seqlens: Optional[Tensor], do: Tensor, dht: Optional[Tensor]
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dg, dgk, dgv, dh0), empty where the input is None."""
+              A: Tensor, o_strict: Tensor, cu_seqlens: Optional[Tensor], do: Tensor, dht: Optional[Tensor],
+              h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dg, dgk, dgv, dh0), empty where the input is None; h empty: walked again."""
     from .triton.autograd import chunk_bwd as run
 
-    dq, dk, dv, dg, dgk, dgv, dh0 = run(q, k, v, g, gk, gv, h0, _none(A), _none(o_strict), cu_seqlens, do.contiguous(), dht)
+    dq, dk, dv, dg, dgk, dgv, dh0 = run(q, k, v, g, gk, gv, h0, _none(A), _none(o_strict), cu_seqlens, do.contiguous(), dht,
+                                        _none(h))
     return dq, dk, dv, _empty(dg, q), _empty(dgk, q), _empty(dgv, q), _empty(dh0, q)
 
 
 @chunk_bwd.register_fake
-def _(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht):
+def _(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht, h):
     def like(x):
         return q.new_empty(0) if x is None else torch.empty_like(x)
 
@@ -75,14 +82,14 @@ def _(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht):
 
 def _chunk_setup(ctx, inputs, output):
     q, k, v, g, gk, gv, h0, cu_seqlens, _ = inputs
-    ctx.save_for_backward(q, k, v, g, gk, gv, h0, output[2], output[3], cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, gk, gv, h0, output[2], output[3], cu_seqlens, output[4])
     ctx.has_ht = output[1].numel() > 0
 
 
-def _chunk_backward(ctx, do, dht, dA, dstrict):
-    q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens = ctx.saved_tensors
+def _chunk_backward(ctx, do, dht, dA, dstrict, dh):
+    q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, h = ctx.saved_tensors
     dht = dht if ctx.has_ht else None
-    dq, dk, dv, dg, dgk, dgv, dh0 = chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht)
+    dq, dk, dv, dg, dgk, dgv, dh0 = chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht, h)
     return (dq, dk, dv, _none_like(dg, g), _none_like(dgk, gk), _none_like(dgv, gv),
             None if h0 is None else dh0.to(h0.dtype), None, None)
 

@@ -210,3 +210,23 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     if not x.is_cuda:
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             eos_recurrence(x, x, x, backend="triton")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_backward_reuses_the_forward_chunk_states(packed, monkeypatch):
+    """One walk over the chunks for the states per forward+backward: the backward reads the states
+    the forward kept (it walked them again until 2026-12-02), packed sequences included."""
+    from lcsm.kernels.triton import autograd as ag
+
+    walks = []
+    real = ag._state_fwd
+    monkeypatch.setattr(ag, "_state_fwd", lambda *a: walks.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    B, T = (1, 150) if packed else (2, 100)
+    cu = torch.tensor([0, 40, 150]).to(DEVICE) if packed else None
+    s, e, i = (torch.randn(B, T, H, D, generator=gen).to(DEVICE).requires_grad_() for D in (K, K, V))
+    gk = (-torch.rand(B, T, H, K, generator=gen)).to(DEVICE).requires_grad_()
+    y, _ = eos_recurrence(s, e, i, gk=gk, backend="triton", cu_seqlens=cu)
+    assert len(walks) == 1
+    y.sum().backward()
+    assert len(walks) == 1 and all(x.grad is not None for x in (s, e, i, gk))

@@ -173,7 +173,9 @@ def chunk_scores(a, b, L_cum, L_stat, G_cum, G_stat, lay: Layout) -> torch.Tenso
 
 def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool, seg=None):
     """Returns (o [B,T,H,V] in q.dtype, ht, A or None, o without its s = t terms (fp32)
-    or None). The last exists only with a decay along V, whose gradient needs it. seg: see chunk_states."""
+    or None, h [n_chunks,H,K,V] the state before every chunk). o_strict exists only with a decay
+    along V, whose gradient needs it; h is what the backward would otherwise walk again.
+    seg: see chunk_states."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     h, ht = chunk_states(k, v, gates, h0, lay, store_ht, seg)
@@ -200,17 +202,18 @@ def chunk_forward(q, k, v, gates: Gates, h0, lay: Layout, store_ht: bool, seg=No
             q, k, v, h, gates.cum["g"], gates.cum["gk"], gates.stat["g"], gates.stat["gk"], A, o,
             lay.cu, lay.chunk_idx, T, USE_A=A is not None, **common,
         )
-    return o, ht, A, o_strict
+    return o, ht, A, o_strict, h
 
 
-def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout, seg=None):
+def chunk_backward(q, k, v, o_strict, do, dht, gates: Gates, h0, A, lay: Layout, seg=None, h=None):
     """Gradients: (dq, dk, dv in the input dtype, dh0 fp32 or None, {g, gk, gv: per-token fp32 or None}).
-    seg: see chunk_states."""
+    seg: see chunk_states; h: the forward's chunk states (None: walked again here)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     do = do.contiguous()
     c, s, kw = gates.cum, gates.stat, gates.kwargs()
-    h, _ = chunk_states(k, v, gates, h0, lay, False, seg)
+    if h is None:
+        h, _ = chunk_states(k, v, gates, h0, lay, False, seg)
     dh, dh0 = chunk_state_grads(q, do, gates, dht, h0 is not None, lay, seg)
     dA = None
     if gates.use["gk"] or gates.use["gv"]:
@@ -313,26 +316,27 @@ def segments_of(gates: Gates, lay: Layout, H: int, device):
 
 def chunk_fwd(q, k, v, g, gk, gv, h0, output_final_state: bool, cu_seqlens):
     """The chunked forward: (o [B,T,H,V] in q.dtype, ht [N,H,K,V] fp32 or None, and what the
-    backward reads: the scores A or None, o without its s = t terms (fp32, decays along V) or None).
-    q, k, v contiguous; g is never given with gk (Decay.fold_scalar)."""
+    backward reads: the scores A or None, o without its s = t terms (fp32, decays along V) or None,
+    the chunk states h [n_chunks,H,K,V] in the state buffer's dtype). q, k, v contiguous; g is never
+    given with gk (Decay.fold_scalar)."""
     h0 = None if h0 is None else h0.float().contiguous()
     lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
     gates = Gates(Decay(g=g, gk=gk, gv=gv), lay)
     seg = segments_of(gates, lay, q.shape[2], q.device)
-    o, ht, A, o_strict = chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state, seg=seg)
-    return o, ht, A, o_strict
+    return chunk_forward(q, k, v, gates, h0, lay, store_ht=output_final_state, seg=seg)
 
 
-def chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht):
+def chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht, h=None):
     """The chunked backward: (dq, dk, dv in their inputs' dtypes, dg, dgk, dgv in the gates'
-    dtypes (static gates summed over tokens) or None, dh0 fp32 or None)."""
+    dtypes (static gates summed over tokens) or None, dh0 fp32 or None). h: the forward's chunk
+    states, kept for the backward (one state walk fewer per call; None: walked again)."""
     lay = Layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
     decay = Decay(g=g, gk=gk, gv=gv)
     gates = Gates(decay, lay)
     h0 = None if h0 is None else h0.float().contiguous()
     dht = None if dht is None else dht.float().contiguous()
     seg = segments_of(gates, lay, q.shape[2], q.device)
-    dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, gates, h0, A, lay, seg)
+    dq, dk, dv, dh0, dG = chunk_backward(q, k, v, o_strict, do, dht, gates, h0, A, lay, seg, h)
     grads = []
     for name, x in (("g", g), ("gk", gk), ("gv", gv)):
         d = dG[name]
@@ -350,14 +354,16 @@ class ChunkEOS(torch.autograd.Function):
     def forward(ctx, q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ctx.h0_dtype = None if h0 is None else h0.dtype
-        o, ht, A, o_strict = chunk_fwd(q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens)
-        ctx.save_for_backward(q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens)
+        o, ht, A, o_strict, h = chunk_fwd(q, k, v, g, gk, gv, h0, output_final_state, cu_seqlens)
+        # the chunk states too: the backward would walk the chunks again for them (a state per
+        # chunk of 64 tokens, in bf16 under bf16 inputs: H·K·V/32 bytes per token)
+        ctx.save_for_backward(q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens, h)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens = ctx.saved_tensors
-        *grads, dh0 = chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht)
+        q, k, v, g, gk, gv, h0, o_strict, A, cu_seqlens, h = ctx.saved_tensors
+        *grads, dh0 = chunk_bwd(q, k, v, g, gk, gv, h0, A, o_strict, cu_seqlens, do, dht, h)
         return (*grads, None if dh0 is None else dh0.to(ctx.h0_dtype), None, None)
 
 
