@@ -10,7 +10,8 @@ kernels. On a GPU each pointwise forward and backward is compiled (torch.compile
 on the CPU they run as written.
 
   act_linear           a channel mixer's activation (GLU or plain) and down projection
-  gated_norm           the output norm (RMSNorm or LayerNorm) and gate of a token mixer
+  gated_norm           the output norm (RMSNorm or LayerNorm) and gate, if any, of a token mixer
+  gated_norm_linear    the same with the token mixer's output projection
   sigmoid_log          log σ(z)/τ (GLA's gate)
   bounded_sigmoid_log  log(b + (1-b)σ(z)) (HGRN2's lower-bounded gate)
   one_minus_exp        1 - o from log o (HGRN2's tied key)
